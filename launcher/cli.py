@@ -1,0 +1,175 @@
+"""`launch`: argument parsing only; each command calls one stage.
+
+    launch RECIPE.toml [--set KEY=VALUE ...] [--run-dir DIR] [--dry-run] [--procs-per-node N]
+    launch check RECIPE.toml [--set KEY=VALUE ...]
+    launch merge RUN_DIR [--overwrite]
+    launch eval RUN_DIR [--overwrite]
+    launch status [RUN_DIR]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tomllib
+from pathlib import Path
+
+from rich.console import Console
+
+from launcher.recipe import Recipe, RecipeError, load_recipe, validate_recipe
+
+COMMANDS = ("run", "check", "merge", "eval", "status")
+USER_ERRORS = (RecipeError, FileExistsError)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] not in COMMANDS and not argv[0].startswith("-"):
+        argv.insert(0, "run")  # `launch RECIPE.toml` means `launch run RECIPE.toml`
+    args = build_parser().parse_args(argv)
+    if not getattr(args, "handler", None):
+        build_parser().print_help()
+        return 2
+    console = Console(highlight=False, soft_wrap=True)
+    try:
+        return args.handler(args, console)
+    except USER_ERRORS as err:
+        for line in getattr(err, "lines", [str(err)]):
+            print(f"error: {line}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="launch", description="Validate, render, train, merge and evaluate a PEFT fine-tuning recipe.",
+        epilog="`launch RECIPE.toml ...` is short for `launch run RECIPE.toml ...`. "
+               "Run `launch COMMAND --help` for each command's options.")
+    commands = parser.add_subparsers(title="commands", metavar="COMMAND")
+
+    run = commands.add_parser("run", help="train a recipe end to end (the default command)",
+                              description="Render the run dir, train on every rank, then merge and evaluate. "
+                                          "Re-running on an existing run dir continues it.")
+    add_recipe_arguments(run)
+    run.add_argument("--run-dir", type=Path, help="where the run writes (default: runs/<recipe name>)")
+    run.add_argument("--dry-run", action="store_true", help="write the rendered files, print where, and stop")
+    run.add_argument("--executor", choices=["auto", "local"], default="auto",
+                     help="where the ranks run (auto: local when there is no SLURM cluster)")
+    run.add_argument("--procs-per-node", type=int, metavar="N", help="worker processes per node (overrides distributed.procs_per_node)")
+    run.set_defaults(handler=command_run)
+
+    check = commands.add_parser("check", help="validate a recipe and render it, running nothing",
+                                description="Validate the recipe and its DeepSpeed template; print the resolved settings.")
+    add_recipe_arguments(check)
+    check.set_defaults(handler=command_check)
+
+    for name, stage in (("merge", "merge the final adapter into the base model (RUN_DIR/merged)"),
+                        ("eval", "evaluate base vs adapter on the held-out split (RUN_DIR/eval)")):
+        sub = commands.add_parser(name, help=stage, description=f"Re-run one stage of a finished run: {stage}.")
+        sub.add_argument("run_dir", type=Path, metavar="RUN_DIR")
+        sub.add_argument("--overwrite", action="store_true", help="replace this stage's existing output")
+        sub.set_defaults(handler=command_stage, stage=name)
+
+    status = commands.add_parser("status", help="state of one run, or of every run under runs/",
+                                 description="Show state, steps done and outputs from the run dirs' manifests.")
+    status.add_argument("run_dir", type=Path, nargs="?", metavar="RUN_DIR")
+    status.set_defaults(handler=command_status)
+    return parser
+
+
+def add_recipe_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("recipe", type=Path, metavar="RECIPE.toml", help="the experiment's recipe")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a recipe key, e.g. --set train.learning_rate=2e-4 (repeatable)")
+
+
+def recipe_from(args: argparse.Namespace) -> Recipe:
+    overrides = list(args.overrides)
+    if getattr(args, "procs_per_node", None) is not None:
+        overrides.append(f"distributed.procs_per_node={args.procs_per_node}")
+    return load_recipe(args.recipe, overrides)
+
+
+def command_run(args: argparse.Namespace, console: Console) -> int:
+    from launcher.pipeline import describe_dry_run, execute, prepare
+    from launcher.runs import default_run_dir
+
+    recipe = recipe_from(args)
+    run = prepare(recipe, args.run_dir or default_run_dir(recipe), console)
+    if args.dry_run:
+        describe_dry_run(run, console)
+        return 0
+    return 0 if execute(recipe, run, console) else 1
+
+
+def command_check(args: argparse.Namespace, console: Console) -> int:
+    from launcher.render import render_deepspeed, zero_stage
+
+    recipe = recipe_from(args)
+    ds_config = render_deepspeed(recipe)
+    t = recipe.train
+    console.print(f"{args.recipe}: valid", highlight=False)
+    console.print(f"  model {recipe.model.name_or_path} ({recipe.model.dtype}), peft {recipe.peft.method} r={recipe.peft.r}, "
+                  f"targets {recipe.peft.target_modules}", highlight=False)
+    console.print(f"  {recipe.world_size()} ranks, DeepSpeed {recipe.distributed.deepspeed} (ZeRO-{zero_stage(ds_config)}), "
+                  f"global batch {ds_config['train_batch_size']} = {t.micro_batch_size} x {t.gradient_accumulation_steps} "
+                  f"accumulation x {recipe.world_size()} ranks", highlight=False)
+    return 0
+
+
+def load_run_recipe(run_dir: Path) -> Recipe:
+    path = run_dir / "recipe.toml"
+    if not path.is_file():
+        raise RecipeError([f"{run_dir}: not a run dir (no recipe.toml); pass the folder a `launch` run wrote"])
+    return validate_recipe(tomllib.loads(path.read_text()), source=str(path))
+
+
+def command_stage(args: argparse.Namespace, console: Console) -> int:
+    from launcher.runs import RunDir
+
+    recipe, run = load_run_recipe(args.run_dir), RunDir(args.run_dir)
+    if not run.adapter.exists():
+        raise RecipeError([f"{run.adapter}: no final adapter yet; finish training first (launch {run.recipe})"])
+    if args.stage == "merge":
+        from launcher.merge import merge_run
+
+        console.print(f"merged model: {merge_run(recipe, run, overwrite=args.overwrite)}")
+    else:
+        from launcher.evaluate import evaluate_run
+
+        metrics = evaluate_run(recipe, run, overwrite=args.overwrite)
+        console.print(json.dumps(metrics, indent=2))
+        console.print(f"report: {run.eval / 'report.md'}")
+    return 0
+
+
+def command_status(args: argparse.Namespace, console: Console) -> int:
+    from launcher.runs import RunDir
+
+    roots = [args.run_dir] if args.run_dir else sorted(p.parent for p in Path("runs").glob("*/manifest.json"))
+    if not roots:
+        console.print("no runs under runs/")
+    for root in roots:
+        run = RunDir(root)
+        manifest = run.read_manifest()
+        if not manifest:
+            raise RecipeError([f"{root}: not a run dir (no manifest.json)"])
+        step = last_metrics_row(run)
+        progress = f"step {step['step']}/{step['max_steps']} loss {step['loss']:.4f}" if step else "no steps yet"
+        console.print(f"{root}: {manifest.get('state')}, {progress}", highlight=False)
+        if (run.eval / "report.md").exists():
+            console.print(f"  report: {run.eval / 'report.md'}", highlight=False)
+    return 0
+
+
+def last_metrics_row(run) -> dict | None:
+    if not run.metrics_log.exists():
+        return None
+    lines = run.metrics_log.read_text().splitlines()
+    return json.loads(lines[-1]) if lines else None
+
+
+if __name__ == "__main__":
+    sys.exit(main())

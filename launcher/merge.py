@@ -1,0 +1,68 @@
+"""The final adapter: validation (no silent empty ZeRO-3 adapters) and merging into the base model."""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+from launcher.recipe import Recipe
+from launcher.runs import RunDir
+
+
+class AdapterError(Exception):
+    """The adapter on disk is unusable; the message says what is wrong with which tensor."""
+
+
+def validate_adapter(adapter_dir: Path, trained: bool = True) -> str:
+    """Check every tensor is non-empty, LoRA shapes match the config, and (after training) lora_B moved off zero."""
+    from safetensors import safe_open
+
+    adapter_dir = Path(adapter_dir)
+    weights = adapter_dir / "adapter_model.safetensors"
+    config_path = adapter_dir / "adapter_config.json"
+    for path in (weights, config_path):
+        if not path.is_file():
+            raise AdapterError(f"{path}: missing; the adapter was not saved")
+    config = json.loads(config_path.read_text())
+    rank = config.get("r")
+    moved, count, params = False, 0, 0
+    with safe_open(str(weights), framework="pt") as tensors:
+        names = list(tensors.keys())
+        if not names:
+            raise AdapterError(f"{weights}: holds no tensors (the ZeRO-3 empty-adapter failure); nothing to save")
+        for name in names:
+            tensor = tensors.get_tensor(name)
+            if tensor.numel() == 0:
+                raise AdapterError(f"{weights}: tensor {name} is empty {tuple(tensor.shape)} "
+                                   "(ZeRO-3 saved a shard placeholder; set stage3_gather_16bit_weights_on_model_save)")
+            if rank and "lora_A" in name and tensor.shape[0] != rank:
+                raise AdapterError(f"{weights}: {name} has shape {tuple(tensor.shape)}, expected rank {rank} rows")
+            if rank and "lora_B" in name:
+                if tensor.shape[-1] != rank:
+                    raise AdapterError(f"{weights}: {name} has shape {tuple(tensor.shape)}, expected rank {rank} columns")
+                moved = moved or bool(tensor.abs().max() > 0)
+            count, params = count + 1, params + tensor.numel()
+    if trained and rank and not moved:
+        raise AdapterError(f"{weights}: every lora_B is all zeros: training did not change the adapter")
+    return f"{count} tensors, {params} parameters, valid"
+
+
+def merge_run(recipe: Recipe, run: RunDir, overwrite: bool = False) -> Path:
+    """Merge adapter/ into the base model and save merged/ (safetensors, plain transformers format)."""
+    from peft import PeftModel
+
+    from launcher.models import load_base_model, load_tokenizer
+
+    validate_adapter(run.adapter)
+    if run.merged.exists() and not overwrite:
+        raise FileExistsError(f"{run.merged}: exists; pass --overwrite to replace it")
+    base = load_base_model(recipe)
+    merged = PeftModel.from_pretrained(base, str(run.adapter)).merge_and_unload()
+    staging = run.root / "merged.partial"
+    shutil.rmtree(staging, ignore_errors=True)  # our own leftover from a killed merge
+    merged.save_pretrained(str(staging), safe_serialization=True)
+    load_tokenizer(recipe).save_pretrained(str(staging))
+    if run.merged.exists():
+        shutil.rmtree(run.merged)  # asked for with --overwrite
+    staging.rename(run.merged)
+    return run.merged

@@ -1,0 +1,89 @@
+"""The one flow: recipe -> run dir -> train -> merge -> eval -> summary. Each finished stage is skipped on a re-run."""
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+
+from launcher.recipe import Recipe
+from launcher.render import render_run, worker_command
+from launcher.runs import RunDir, claim_run_dir
+
+
+def prepare(recipe: Recipe, run_dir: Path, console: Console) -> RunDir:
+    """Claim (or find again) the run dir and write the rendered files into it."""
+    run = RunDir(run_dir)
+    resumed = claim_run_dir(run, recipe)
+    render_run(recipe, run)
+    if resumed:
+        console.print(f"run dir {run.root} exists with this recipe: continuing it (state: {run.read_manifest().get('state')})",
+                      highlight=False)
+    return run
+
+
+def describe_dry_run(run: RunDir, console: Console) -> None:
+    console.print(f"rendered into {run.root}:", highlight=False)
+    for path in (run.recipe, run.accelerate_config, run.deepspeed_config, run.manifest_path):
+        console.print(f"  {path}", highlight=False)
+    console.print("workers would start with:\n  " + " ".join(worker_command(run)), highlight=False)
+
+
+def execute(recipe: Recipe, run: RunDir, console: Console) -> bool:
+    """Train (unless the adapter exists already), merge, evaluate; True on success."""
+    from launcher.executors.local import train_local
+
+    started = time.time()
+    if not run.adapter.exists():
+        run.set_state("training")
+        if not train_local(recipe, run, console):
+            run.set_state("failed")
+            return False
+        run.update_manifest(train_wall_s=round(time.time() - started, 1), **first_step_latency(run, started))
+    run.set_state("trained")
+    finish(recipe, run, console)
+    run.update_manifest(state="completed", wall_s=round(time.time() - started, 1))
+    print_summary(recipe, run, console, time.time() - started)
+    return True
+
+
+def finish(recipe: Recipe, run: RunDir, console: Console) -> None:
+    from launcher.evaluate import evaluate_run
+    from launcher.merge import merge_run
+
+    if recipe.merge.enabled and not run.merged.exists():
+        with console.status("merging the adapter into the base model"):
+            merge_run(recipe, run)
+        run.set_state("merged")
+    if recipe.eval.enabled and not (run.eval / "metrics.json").exists():
+        with console.status("evaluating base and adapter on the held-out split"):
+            evaluate_run(recipe, run)
+        run.set_state("evaluated")
+
+
+def first_step_latency(run: RunDir, started: float) -> dict:
+    if not run.metrics_log.exists():
+        return {}
+    first = json.loads(run.metrics_log.read_text().splitlines()[0])
+    return {"launch_to_first_step_s": round(first["time"] - started, 1)}
+
+
+def print_summary(recipe: Recipe, run: RunDir, console: Console, wall_s: float) -> None:
+    console.print(f"\n[bold green]done[/bold green] in {wall_s:.0f} s — run dir {run.root}", highlight=False)
+    console.print(f"  adapter: {run.adapter}", highlight=False)
+    if run.merged.exists():
+        console.print(f"  merged:  {run.merged}", highlight=False)
+    metrics_path = run.eval / "metrics.json"
+    if metrics_path.exists():
+        console.print(f"  report:  {run.eval / 'report.md'}", highlight=False)
+        metrics = json.loads(metrics_path.read_text())
+        table = Table(title=f"held-out evaluation ({metrics['examples']} examples)")
+        names = list(metrics["base"])
+        table.add_column("system")
+        for name in names:
+            table.add_column(name, justify="right")
+        for system in ("base", "adapter"):
+            table.add_row(system, *(f"{metrics[system][n]:.4f}" for n in names))
+        console.print(table)

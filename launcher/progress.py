@@ -1,0 +1,68 @@
+"""Following a training job from the outside: rank 0's metrics log -> a progress bar; failures -> log tails."""
+from __future__ import annotations
+
+import json
+import re
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+from launcher.runs import RunDir
+
+
+class MetricsTail:
+    """Reads rows appended to logs/train_metrics.jsonl since the last call."""
+
+    def __init__(self, path: Path):
+        self.path, self.offset = path, 0
+
+    def new_rows(self) -> list[dict]:
+        if not self.path.exists():
+            return []
+        with open(self.path) as handle:
+            handle.seek(self.offset)
+            text = handle.read()
+        complete = text[: text.rfind("\n") + 1]  # a row still being written waits for the next call
+        self.offset += len(complete)
+        return [json.loads(line) for line in complete.splitlines() if line.strip()]
+
+
+def follow_training(run: RunDir, still_running: Callable[[], bool], console: Console, poll_s: float = 0.5) -> dict | None:
+    """Show steps, loss, tokens/s and ETA until the job ends; return the last metrics row."""
+    tail, last = MetricsTail(run.metrics_log), None
+    columns = [TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+               TextColumn("loss {task.fields[loss]}"), TextColumn("{task.fields[speed]} tok/s"),
+               TextColumn("ETA"), TimeRemainingColumn()]
+    with Progress(*columns, console=console, transient=False) as bar:
+        task = bar.add_task("starting", total=None, loss="-", speed="-")
+        while True:
+            running = still_running()
+            for row in tail.new_rows():
+                last = row
+                bar.update(task, description="training", completed=row["step"], total=row["max_steps"],
+                           loss=f"{row['loss']:.4f}", speed=f"{row['tokens_per_second']:.0f}")
+            if not running:
+                return last
+            time.sleep(poll_s)
+
+
+def failed_rank_logs(run: RunDir, lines: int = 25) -> list[tuple[Path, list[str]]]:
+    """The last lines of every rank log that ends in a traceback (the ranks that failed)."""
+    failures = []
+    for log in sorted(run.logs.glob("rank*.log"), key=lambda p: int(re.sub(r"\D", "", p.stem) or 0)):
+        text = log.read_text(errors="replace").splitlines()
+        if any(line.startswith("Traceback") for line in text):
+            failures.append((log, text[-lines:]))
+    return failures
+
+
+def report_failure(run: RunDir, console: Console, fallback_log: Path | None = None) -> None:
+    failures = failed_rank_logs(run)
+    if not failures and fallback_log and fallback_log.exists():
+        failures = [(fallback_log, fallback_log.read_text(errors="replace").splitlines()[-25:])]
+    for log, lines in failures:
+        console.print(f"[red]{log.stem} failed[/red]; last lines of {log}:", highlight=False)
+        console.print("\n".join("    " + line for line in lines), markup=False, highlight=False)

@@ -1,0 +1,316 @@
+"""TOML recipe -> typed, validated Recipe.
+
+Every default lives in the field definitions below, and nowhere else. Problems are collected
+as `RecipeError` lines ("key.path: what is wrong; how to fix") so the CLI can print one clear
+line per problem instead of a traceback.
+"""
+from __future__ import annotations
+
+import difflib
+import hashlib
+import json
+import tomllib
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]*$"
+
+
+class RecipeError(Exception):
+    """A user error in a recipe: one or more lines, each saying what, where and how to fix."""
+
+    def __init__(self, lines: list[str]):
+        self.lines = lines
+        super().__init__("\n".join(lines))
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, use_attribute_docstrings=True)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_control_characters(cls, data: Any) -> Any:
+        # Values may end up in shell scripts and YAML; a newline or control character in a
+        # string is never what a user meant.
+        if isinstance(data, dict):
+            for key, value in data.items():
+                if isinstance(value, str) and any(ord(c) < 32 or ord(c) == 127 for c in value):
+                    raise ValueError(f"{key}: contains a newline or control character; remove it")
+        return data
+
+
+class ModelSection(Section):
+    name_or_path: str
+    """Base model: a local directory (relative paths are resolved against the recipe file) or a hub id."""
+    revision: str | None = None
+    """Hub revision (branch, tag or commit) to pin the base model to."""
+    trust_remote_code: bool = False
+    """Allow the model's own Python code from the hub to run (needed by TransNormer, ChatGLM)."""
+    dtype: Literal["fp32", "bf16", "fp16"] = "fp32"
+    """Dtype the base weights are loaded in and training runs in (mixed precision for bf16/fp16)."""
+
+
+class DataSection(Section):
+    train_file: str
+    """Training data: a local .json/.jsonl file (relative paths resolved against the recipe file)."""
+    eval_file: str | None = None
+    """Held-out data for the final evaluation; when unset, `eval_fraction` of train_file is held out."""
+    eval_fraction: float = Field(0.1, ge=0.0, lt=1.0)
+    """Fraction of train_file held out for evaluation when eval_file is not given."""
+    format: Literal["alpaca"] = "alpaca"
+    """Row format. alpaca: instruction / input (optional) / output columns."""
+    instruction_column: str = "instruction"
+    """Column holding the instruction."""
+    input_column: str = "input"
+    """Column holding the optional input appended to the instruction."""
+    output_column: str = "output"
+    """Column holding the target response."""
+    template: Literal["plain", "chatml"] = "plain"
+    """Prompt template. plain: 'instruction\\ninput\\n'; chatml: <|im_start|>user ... <|im_start|>assistant."""
+    max_length: int = Field(256, gt=0)
+    """Maximum tokens per example (prompt + response); longer examples are truncated and counted."""
+    seed: int = 0
+    """Seed of the train/eval split."""
+
+
+class PeftSection(Section):
+    method: Literal["lora"] = "lora"
+    """Adapter method. More methods come with their own issue."""
+    r: int = Field(8, gt=0)
+    """LoRA rank."""
+    alpha: float = Field(16.0, gt=0)
+    """LoRA alpha; the update is scaled by alpha / r."""
+    dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    """Dropout on the LoRA input."""
+    target_modules: list[str] | Literal["all-linear"] = "all-linear"
+    """Module names (or suffixes) that get adapters, or "all-linear"."""
+
+    @field_validator("r", mode="before")
+    @classmethod
+    def _rank_is_integer(cls, value: Any) -> Any:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ValueError(f"must be a positive integer, got {json.dumps(value)}")
+        return value
+
+
+class TrainSection(Section):
+    learning_rate: float = Field(2e-4, gt=0)
+    """Peak learning rate."""
+    epochs: float = Field(1.0, gt=0)
+    """Passes over the training data (ignored when max_steps > 0)."""
+    max_steps: int = Field(-1, ge=-1)
+    """Optimizer steps to run; -1 means derive from epochs."""
+    micro_batch_size: int = Field(4, gt=0)
+    """Examples per rank per forward pass."""
+    gradient_accumulation_steps: int = Field(1, gt=0)
+    """Micro-batches per optimizer step."""
+    warmup_steps: int = Field(0, ge=0)
+    """Linear warm-up steps."""
+    lr_scheduler: Literal["linear", "cosine", "constant", "constant_with_warmup"] = "linear"
+    """Learning-rate schedule after warm-up."""
+    weight_decay: float = Field(0.0, ge=0)
+    """AdamW weight decay."""
+    max_grad_norm: float = Field(1.0, ge=0)
+    """Gradient clipping norm (0 disables)."""
+    save_steps: int = Field(50, gt=0)
+    """Save a checkpoint every this many optimizer steps."""
+    save_total_limit: int | None = Field(None, gt=0)
+    """Keep at most this many checkpoints (oldest removed first); unset keeps all."""
+    logging_steps: int = Field(1, gt=0)
+    """Write a row to logs/train_metrics.jsonl every this many steps."""
+    gradient_checkpointing: bool = False
+    """Recompute activations in the backward pass to save memory."""
+    seed: int = 42
+    """Seed of model init, adapter init and data order."""
+
+
+class DistributedSection(Section):
+    procs_per_node: int = Field(1, gt=0)
+    """Worker processes per node (one per GPU on GPU machines)."""
+    nodes: int = Field(1, gt=0)
+    """Nodes to run on (more than one needs the SLURM executor)."""
+    deepspeed: str = "zero2"
+    """DeepSpeed template: a name in ds_configs/ (zero2, zero3, zero3-offload) or a path to a JSON file."""
+    deepspeed_overrides: dict[str, Any] = {}
+    """Keys merged into the DeepSpeed template (nested tables merge key by key)."""
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    """Where workers run; auto picks cuda when nvidia-smi sees a GPU."""
+
+
+class EvalSection(Section):
+    enabled: bool = True
+    """Run the batch evaluation (base vs adapter) after training."""
+    max_examples: int = Field(200, gt=0)
+    """Evaluate at most this many held-out examples."""
+    batch_size: int = Field(16, gt=0)
+    """Prompts per generation batch."""
+    max_new_tokens: int = Field(32, gt=0)
+    """Generation budget per prompt."""
+
+
+class MergeSection(Section):
+    enabled: bool = True
+    """Merge the adapter into the base model after training (merged/)."""
+
+
+class SlurmSection(Section):
+    partition: str | None = None
+    """SLURM partition (used by the SLURM executor)."""
+    time: str = "01:00:00"
+    """Wall-time limit of the training job."""
+
+
+class Recipe(Section):
+    name: str = Field(pattern=NAME_PATTERN)
+    """Run name: the default run dir is runs/<name>."""
+    model: ModelSection
+    data: DataSection
+    peft: PeftSection = PeftSection()
+    train: TrainSection = TrainSection()
+    distributed: DistributedSection = DistributedSection()
+    eval: EvalSection = EvalSection()
+    merge: MergeSection = MergeSection()
+    slurm: SlurmSection = SlurmSection()
+
+    def world_size(self) -> int:
+        return self.distributed.nodes * self.distributed.procs_per_node
+
+    def to_dict(self) -> dict[str, Any]:
+        return self.model_dump(mode="json", exclude_none=True)
+
+    def fingerprint(self) -> str:
+        """Hash of the resolved recipe: two runs with the same hash train the same thing."""
+        canonical = json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(canonical.encode()).hexdigest()[:16]
+
+
+# ---------------------------------------------------------------- loading and overrides
+
+PATH_KEYS = ("model.name_or_path", "data.train_file", "data.eval_file")
+
+
+def load_recipe(path: str | Path, overrides: list[str] = ()) -> Recipe:
+    """Read, override, resolve paths and validate a recipe; raise RecipeError on any problem."""
+    path = Path(path)
+    if not path.is_file():
+        raise RecipeError([f"{path}: recipe file not found"])
+    try:
+        raw = tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as err:
+        raise RecipeError([f"{path}: TOML syntax error: {err}"]) from None
+    raw.setdefault("name", path.stem)
+    _resolve_paths(raw, base=path.parent.resolve())
+    for item in overrides:
+        _apply_override(raw, item)
+    return validate_recipe(raw, source=str(path))
+
+
+def validate_recipe(raw: dict[str, Any], source: str = "recipe") -> Recipe:
+    try:
+        recipe = Recipe.model_validate(raw)
+    except ValidationError as err:
+        raise RecipeError([_describe(e) for e in err.errors()]) from None
+    missing = _missing_files(recipe)
+    if missing:
+        raise RecipeError(missing)
+    return recipe
+
+
+def _apply_override(raw: dict[str, Any], item: str) -> None:
+    """`--set key.path=value`: value parsed as TOML (so 2e-4, true, [..] keep their types)."""
+    key, sep, text = item.partition("=")
+    key = key.strip()
+    if not sep or not key:
+        raise RecipeError([f"--set {item}: expected KEY=VALUE, for example --set train.learning_rate=2e-4"])
+    _check_known_path(key)
+    try:
+        value = tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = text  # a bare word: take it as a string
+    if key in PATH_KEYS and isinstance(value, str) and _looks_like_path(value):
+        value = str(Path(value).expanduser().resolve())  # --set paths are relative to the cwd
+    *parents, leaf = key.split(".")
+    node = raw
+    for part in parents:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise RecipeError([f"--set {key}: {part} is not a table"])
+    node[leaf] = value
+
+
+def _check_known_path(key: str) -> None:
+    model: type[BaseModel] = Recipe
+    walked = []
+    for part in key.split("."):
+        fields = model.model_fields
+        if part not in fields:
+            where = ".".join(walked + [part])
+            raise RecipeError([f"--set {where}: unknown key{_suggestion(part, fields, walked)}"])
+        walked.append(part)
+        annotation = fields[part].annotation
+        if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
+            return  # a leaf, or a free-form table such as deepspeed_overrides
+        model = annotation
+
+
+def _looks_like_path(value: str) -> bool:
+    return value.startswith(("/", "./", "../", "~")) or value in (".", "..")
+
+
+def _resolve_paths(raw: dict[str, Any], base: Path) -> None:
+    """Paths written in a recipe are relative to the recipe file, so recipes travel with their data."""
+    for key in PATH_KEYS:
+        section, leaf = key.split(".")
+        value = raw.get(section, {}).get(leaf) if isinstance(raw.get(section), dict) else None
+        if not isinstance(value, str):
+            continue
+        is_model = key == "model.name_or_path"
+        if is_model and not _looks_like_path(value) and not (base / value).exists():
+            continue  # a hub id
+        if not Path(value).expanduser().is_absolute():
+            raw[section][leaf] = str((base / Path(value).expanduser()).resolve())
+
+
+def _missing_files(recipe: Recipe) -> list[str]:
+    problems = []
+    for key in PATH_KEYS:
+        section, leaf = key.split(".")
+        value = getattr(getattr(recipe, section), leaf)
+        if value is None or (key == "model.name_or_path" and not Path(value).is_absolute()):
+            continue
+        if not Path(value).exists():
+            problems.append(f"{key}: {value} does not exist; fix the path (relative paths are read from the recipe's folder)")
+    return problems
+
+
+def _suggestion(word: str, choices, walked: list[str]) -> str:
+    close = difflib.get_close_matches(word, list(choices), n=1, cutoff=0.6)
+    if close:
+        return f"; did you mean {'.'.join(walked + close)}?"
+    return f"; valid keys: {', '.join(choices)}"
+
+
+def _describe(error: dict[str, Any]) -> str:
+    """One line for one pydantic error, in the recipe's own vocabulary."""
+    loc = [str(p) for p in error["loc"]]
+    where = ".".join(loc) or "recipe"
+    kind = error["type"]
+    if kind == "extra_forbidden":
+        parent: type[BaseModel] = Recipe
+        for part in loc[:-1]:
+            annotation = parent.model_fields[part].annotation
+            parent = annotation if isinstance(annotation, type) and issubclass(annotation, BaseModel) else parent
+        return f"{where}: unknown key{_suggestion(loc[-1], parent.model_fields, loc[:-1])}"
+    if kind == "missing":
+        return f"{where}: required key is missing; add it to the recipe"
+    given = error.get("input")
+    message = error["msg"].removeprefix("Value error, ")
+    if kind == "value_error":
+        return f"{where}: {message}"
+    if kind == "literal_error":
+        return f"{where}: {message}, got {json.dumps(given, default=str)}"
+    if kind == "string_pattern_mismatch":
+        return f"{where}: {json.dumps(given)} may use only letters, digits, '.', '_' and '-'"
+    return f"{where}: {message.lower()}, got {json.dumps(given, default=str)}"

@@ -1,0 +1,163 @@
+"""Per-rank entry point: `accelerate launch --config_file RUN/accelerate.yaml -m launcher.worker RUN`.
+
+Each rank writes its own log under RUN/logs/; rank 0 also writes logs/train_metrics.jsonl.
+The worker trains with HF Trainer and the run's rendered deepspeed.json, then gathers and
+validates the final adapter into RUN/adapter/.
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+import tomllib
+import traceback
+from pathlib import Path
+
+from launcher.recipe import Recipe, validate_recipe
+from launcher.runs import RunDir
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    run = RunDir(Path(argv[0]))
+    rank = int(os.environ.get("RANK", "0"))
+    redirect_output(run.rank_log(rank))
+    try:
+        recipe = validate_recipe(tomllib.loads(run.recipe.read_text()), source=str(run.recipe))
+        train(recipe, run, rank)
+    except BaseException:
+        traceback.print_exc()
+        sys.stderr.flush()
+        return 1
+    return 0
+
+
+def redirect_output(log_path: Path) -> None:
+    """Send this process's stdout and stderr (C level too) to its own log file."""
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.dup2(fd, 1)
+    os.dup2(fd, 2)
+    os.close(fd)
+    sys.stdout = os.fdopen(1, "w", buffering=1)
+    sys.stderr = os.fdopen(2, "w", buffering=1)
+
+
+def training_arguments(recipe: Recipe, run: RunDir):
+    from transformers import TrainingArguments
+
+    from launcher.render import resolve_device
+
+    t = recipe.train
+    return TrainingArguments(
+        output_dir=str(run.checkpoints),
+        deepspeed=str(run.deepspeed_config),
+        per_device_train_batch_size=t.micro_batch_size,
+        gradient_accumulation_steps=t.gradient_accumulation_steps,
+        learning_rate=t.learning_rate,
+        num_train_epochs=t.epochs,
+        max_steps=t.max_steps,
+        warmup_steps=t.warmup_steps,
+        lr_scheduler_type=t.lr_scheduler,
+        weight_decay=t.weight_decay,
+        max_grad_norm=t.max_grad_norm,
+        logging_steps=t.logging_steps,
+        save_strategy="steps",
+        save_steps=t.save_steps,
+        save_total_limit=t.save_total_limit,
+        gradient_checkpointing=t.gradient_checkpointing,
+        seed=t.seed,
+        bf16=recipe.model.dtype == "bf16",
+        fp16=recipe.model.dtype == "fp16",
+        use_cpu=resolve_device(recipe.distributed.device) == "cpu",
+        include_num_input_tokens_seen="non_padding",
+        remove_unused_columns=False,
+        report_to="none",
+        disable_tqdm=True,
+    )
+
+
+def metrics_logger(run: RunDir):
+    """A Trainer callback writing one JSON row per logged step to logs/train_metrics.jsonl (rank 0)."""
+    from transformers import TrainerCallback
+
+    class MetricsLogger(TrainerCallback):
+        last = (0.0, 0)  # (time, tokens seen) at the previous row
+
+        def on_train_begin(self, args, state, control, **kwargs):
+            self.last = (time.time(), state.num_input_tokens_seen)
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if not state.is_world_process_zero or not logs or "loss" not in logs:
+                return
+            clock, tokens = time.time(), state.num_input_tokens_seen
+            previous, self.last = self.last, (clock, tokens)
+            row = {
+                "step": state.global_step, "max_steps": state.max_steps, "epoch": logs.get("epoch"),
+                "loss": logs["loss"], "learning_rate": logs.get("learning_rate"),
+                "grad_norm": logs.get("grad_norm"), "tokens_seen": tokens,
+                "tokens_per_second": (tokens - previous[1]) / max(clock - previous[0], 1e-9),
+                "time": clock,
+            }
+            with open(run.metrics_log, "a") as handle:
+                handle.write(json.dumps(row) + "\n")
+
+    return MetricsLogger()
+
+
+def train(recipe: Recipe, run: RunDir, rank: int) -> None:
+    import torch
+    from peft import get_peft_model
+    from transformers import DataCollatorForSeq2Seq, Trainer, set_seed
+    from transformers.trainer_utils import get_last_checkpoint
+
+    from launcher.data import build_train_dataset
+    from launcher.models import load_base_model, load_tokenizer, peft_config
+
+    args = training_arguments(recipe, run)  # before the model: it turns on ZeRO-3 sharded loading
+    tokenizer = load_tokenizer(recipe)
+    with args.main_process_first(local=False, desc="tokenize"):
+        dataset, stats = build_train_dataset(recipe, tokenizer, run.cache)
+    if rank == 0:
+        print(f"data: {stats['examples']} examples, {stats['tokens']} tokens, "
+              f"{stats['truncated']} truncated to data.max_length={recipe.data.max_length}")
+        run.update_manifest(data=stats)
+    set_seed(recipe.train.seed)
+    model = get_peft_model(load_base_model(recipe), peft_config(recipe))
+    if rank == 0:
+        trainable, total = model.get_nb_trainable_parameters()
+        print(f"world size {torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1}; "
+              f"trainable parameters {trainable} of {total}")
+    trainer = Trainer(
+        model=model, args=args, train_dataset=dataset,
+        data_collator=DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100),
+        callbacks=[metrics_logger(run)],
+    )
+    last = get_last_checkpoint(str(run.checkpoints)) if run.checkpoints.is_dir() else None
+    if last and rank == 0:
+        print(f"resuming from {last}")
+    trainer.train(resume_from_checkpoint=last)
+    save_final_adapter(trainer, run, rank)
+
+
+def save_final_adapter(trainer, run: RunDir, rank: int) -> None:
+    """Gather the adapter (a collective under ZeRO-3), validate it, then publish it with a rename."""
+    import torch.distributed as dist
+
+    from launcher.merge import validate_adapter
+
+    staging = run.root / "adapter.partial"
+    trainer.save_model(str(staging))  # every rank takes part in the ZeRO-3 gather
+    if dist.is_initialized():
+        dist.barrier()
+    if rank == 0:
+        summary = validate_adapter(staging, trained=True)
+        staging.rename(run.adapter)
+        print(f"adapter: {summary}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
