@@ -129,7 +129,11 @@ def load_run_recipe(run_dir: Path) -> Recipe:
 def command_stage(args: argparse.Namespace, console: Console) -> int:
     from launcher.runs import RunDir
 
+    from launcher.models import quiet_libraries
+    from launcher.render import resolve_device
+
     recipe, run = load_run_recipe(args.run_dir), RunDir(args.run_dir)
+    quiet_libraries(resolve_device(recipe.distributed.device))
     if not run.adapter.exists():
         raise RecipeError([f"{run.adapter}: no final adapter yet; finish training first (launch {run.recipe})"])
     if args.stage == "merge":

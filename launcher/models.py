@@ -1,9 +1,26 @@
 """Base model and tokenizer loading, and the PEFT config built from [peft]."""
 from __future__ import annotations
 
+import os
+import warnings
+
 from launcher.recipe import Recipe
 
 TORCH_DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
+
+
+def quiet_libraries(device: str) -> None:
+    """Keep library chatter (progress bars, deprecation notices) out of the user's terminal."""
+    if device == "cpu":
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")  # said, not guessed: no detection warning
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", category=UserWarning, module="peft")
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
 
 
 def torch_dtype(recipe: Recipe):

@@ -52,7 +52,10 @@ def execute(recipe: Recipe, run: RunDir, console: Console) -> bool:
 def finish(recipe: Recipe, run: RunDir, console: Console) -> None:
     from launcher.evaluate import evaluate_run
     from launcher.merge import merge_run
+    from launcher.models import quiet_libraries
+    from launcher.render import resolve_device
 
+    quiet_libraries(resolve_device(recipe.distributed.device))
     if recipe.merge.enabled and not run.merged.exists():
         with console.status("merging the adapter into the base model"):
             merge_run(recipe, run)

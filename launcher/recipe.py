@@ -90,7 +90,7 @@ class PeftSection(Section):
     @field_validator("r", mode="before")
     @classmethod
     def _rank_is_integer(cls, value: Any) -> Any:
-        if isinstance(value, bool) or not isinstance(value, int):
+        if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
             raise ValueError(f"must be a positive integer, got {json.dumps(value)}")
         return value
 
@@ -307,10 +307,11 @@ def _describe(error: dict[str, Any]) -> str:
         return f"{where}: required key is missing; add it to the recipe"
     given = error.get("input")
     message = error["msg"].removeprefix("Value error, ")
+    message = message[:1].lower() + message[1:]
     if kind == "value_error":
         return f"{where}: {message}"
     if kind == "literal_error":
         return f"{where}: {message}, got {json.dumps(given, default=str)}"
     if kind == "string_pattern_mismatch":
         return f"{where}: {json.dumps(given)} may use only letters, digits, '.', '_' and '-'"
-    return f"{where}: {message.lower()}, got {json.dumps(given, default=str)}"
+    return f"{where}: {message}, got {json.dumps(given, default=str)}"

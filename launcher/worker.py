@@ -125,6 +125,7 @@ def train(recipe: Recipe, run: RunDir, rank: int) -> None:
         print(f"data: {stats['examples']} examples, {stats['tokens']} tokens, "
               f"{stats['truncated']} truncated to data.max_length={recipe.data.max_length}")
         run.update_manifest(data=stats)
+    init_deepspeed_comm(recipe)  # before loading: ZeRO-3 shards the weights as they load
     set_seed(recipe.train.seed)
     model = get_peft_model(load_base_model(recipe), peft_config(recipe))
     if rank == 0:
@@ -141,6 +142,20 @@ def train(recipe: Recipe, run: RunDir, rank: int) -> None:
         print(f"resuming from {last}")
     trainer.train(resume_from_checkpoint=last)
     save_final_adapter(trainer, run, rank)
+
+
+def init_deepspeed_comm(recipe: Recipe) -> None:
+    """Hand the process group TrainingArguments made to DeepSpeed's comm layer.
+
+    With use_cpu, accelerate opens a plain gloo group and DeepSpeed's own comm layer stays
+    uninitialised; ZeRO-3's sharded loading (zero.Init) then sees a world of one and
+    rejects the batch sizes. Initialising it here wraps the existing group.
+    """
+    import deepspeed
+
+    from launcher.render import resolve_device
+
+    deepspeed.init_distributed(dist_backend="gloo" if resolve_device(recipe.distributed.device) == "cpu" else "nccl")
 
 
 def save_final_adapter(trainer, run: RunDir, rank: int) -> None:

@@ -10,7 +10,7 @@ from rich.console import Console
 
 from launcher.progress import follow_training, report_failure
 from launcher.recipe import Recipe
-from launcher.render import worker_command
+from launcher.render import resolve_device, worker_command
 from launcher.runs import RunDir
 
 
@@ -23,8 +23,10 @@ def free_port() -> int:
 def worker_env(recipe: Recipe) -> dict[str, str]:
     """Split the cores between ranks so two ranks do not fight over the same threads."""
     threads = max(1, (os.cpu_count() or 1) // recipe.world_size())
-    return os.environ | {"OMP_NUM_THREADS": str(threads), "PYTHONUNBUFFERED": "1",
-                         "TOKENIZERS_PARALLELISM": "false"}
+    env = os.environ | {"OMP_NUM_THREADS": str(threads), "PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false"}
+    if resolve_device(recipe.distributed.device) == "cpu":
+        env["DS_ACCELERATOR"] = "cpu"
+    return env
 
 
 def train_local(recipe: Recipe, run: RunDir, console: Console) -> bool:

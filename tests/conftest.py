@@ -1,0 +1,56 @@
+"""Fixtures build their own tiny real model, tokenizer and data: nothing comes from a hub."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="session")
+def tiny_assets(tmp_path_factory) -> dict[str, Path]:
+    from launcher.assets import build_quickstart_assets
+
+    return build_quickstart_assets(tmp_path_factory.mktemp("assets"))
+
+
+def write_recipe(folder: Path, text: str, name: str = "recipe.toml") -> Path:
+    path = folder / name
+    path.write_text(text)
+    return path
+
+
+def tiny_recipe_text(assets: dict[str, Path], name: str = "tiny", extra: str = "") -> str:
+    return f"""
+name = "{name}"
+[model]
+name_or_path = "{assets['model']}"
+[data]
+train_file = "{assets['train_file']}"
+eval_fraction = 0.1
+max_length = 64
+[train]
+learning_rate = 3e-3
+max_steps = 12
+micro_batch_size = 8
+save_steps = 5
+warmup_steps = 2
+[distributed]
+procs_per_node = 2
+deepspeed = "zero2"
+[eval]
+max_examples = 24
+max_new_tokens = 3
+{extra}
+"""
+
+
+def run_launch(*args: str, cwd: Path | None = None, timeout: int = 600) -> subprocess.CompletedProcess:
+    """The real console entry point in a fresh process, as a user runs it."""
+    env = os.environ | {"COLUMNS": "120"}
+    return subprocess.run([sys.executable, "-m", "launcher.cli", *map(str, args)], cwd=cwd or REPO,
+                          capture_output=True, text=True, timeout=timeout, env=env)

@@ -1,0 +1,108 @@
+"""End to end, for real: 2 processes, DeepSpeed ZeRO on CPU (gloo), LoRA on a tiny Llama built here."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from conftest import run_launch, tiny_recipe_text, write_recipe
+from launcher.merge import validate_adapter
+from launcher.runs import RunDir
+
+STEPS = 30
+
+
+@pytest.fixture(scope="module", params=["zero3", "zero2"])
+def finished_run(request, tmp_path_factory, tiny_assets):
+    folder = tmp_path_factory.mktemp(request.param)
+    recipe = write_recipe(folder, tiny_recipe_text(tiny_assets))
+    args = [recipe, "--run-dir", folder / "run", "--set", f"distributed.deepspeed={request.param}",
+            "--set", f"train.max_steps={STEPS}"]
+    result = run_launch(*args)
+    assert result.returncode == 0, result.stdout + result.stderr
+    return RunDir(folder / "run"), result, args, tiny_assets
+
+
+def metrics_rows(run: RunDir) -> list[dict]:
+    return [json.loads(line) for line in run.metrics_log.read_text().splitlines()]
+
+
+def test_training_logs_every_step_and_the_loss_goes_down(finished_run):
+    run, *_ = finished_run
+    rows = metrics_rows(run)
+    assert [r["step"] for r in rows] == list(range(1, STEPS + 1))
+    assert all(r["tokens_per_second"] > 0 and r["learning_rate"] is not None for r in rows)
+    first, last = sum(r["loss"] for r in rows[:3]) / 3, sum(r["loss"] for r in rows[-3:]) / 3
+    assert last < 0.5 * first, (first, last)
+
+
+def test_checkpoints_hold_every_ranks_sharded_state(finished_run):
+    run, *_ = finished_run
+    names = sorted(p.name for p in run.checkpoints.iterdir())
+    assert names == [f"checkpoint-{n}" for n in (10, 15, 20, 25, 30, 5)]
+    last = run.checkpoints / f"checkpoint-{STEPS}"
+    shards = {p.name for p in (last / f"global_step{STEPS}").iterdir()}
+    # ZeRO-2 keeps one model-states file (parameters are not sharded); optimizer state is per rank.
+    assert {f"zero_pp_rank_{r}_mp_rank_00_optim_states.pt" for r in (0, 1)} <= shards
+    assert any(name.endswith("model_states.pt") for name in shards)
+    assert {"rng_state_0.pth", "rng_state_1.pth", "scheduler.pt", "trainer_state.json"} <= {p.name for p in last.iterdir()}
+    assert json.loads((last / "trainer_state.json").read_text())["global_step"] == STEPS
+
+
+def test_final_adapter_is_gathered_and_valid(finished_run):
+    run, *_ = finished_run
+    assert "valid" in validate_adapter(run.adapter, trained=True)
+    config = json.loads((run.adapter / "adapter_config.json").read_text())
+    assert config["r"] == 8 and config["peft_type"] == "LORA"
+
+
+def test_merged_model_equals_base_plus_adapter(finished_run):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    run, _, _, assets = finished_run
+    tokenizer = AutoTokenizer.from_pretrained(run.merged)
+    inputs = tokenizer(["Is this number even or odd?\n1234\n", "Is this number even or odd?\n7\n"],
+                       return_tensors="pt", padding=True)
+    merged = AutoModelForCausalLM.from_pretrained(run.merged, dtype=torch.float32).eval()
+    base = AutoModelForCausalLM.from_pretrained(assets["model"], dtype=torch.float32)
+    with_adapter = PeftModel.from_pretrained(base, run.adapter).eval()
+    with torch.no_grad():
+        expected, got = with_adapter(**inputs).logits, merged(**inputs).logits
+        with with_adapter.disable_adapter():
+            untouched = with_adapter(**inputs).logits
+    assert (got - expected).abs().max().item() <= 1e-5
+    assert (got - untouched).abs().max().item() > 1e-2  # the adapter changed something
+
+
+def test_evaluation_compares_base_and_adapter(finished_run):
+    run, result, *_ = finished_run
+    metrics = json.loads((run.eval / "metrics.json").read_text())
+    assert set(metrics["base"]) == set(metrics["adapter"]) >= {"exact_match", "loss", "perplexity"}
+    assert metrics["adapter"]["loss"] < metrics["base"]["loss"]
+    assert metrics["adapter"]["exact_match"] > metrics["base"]["exact_match"]
+    rows = [json.loads(line) for line in (run.eval / "predictions.jsonl").read_text().splitlines()]
+    assert len(rows) == metrics["examples"] and set(rows[0]) == {"prompt", "reference", "base", "adapter"}
+    assert "| adapter |" in (run.eval / "report.md").read_text()
+    assert str(run.eval / "report.md") in result.stdout and "exact_match" in result.stdout
+
+
+def test_rerun_finds_the_finished_run_and_changes_nothing(finished_run):
+    run, _, args, _ = finished_run
+    before = {p: p.stat().st_mtime_ns for p in run.root.rglob("*") if p.is_file() and p.name != "manifest.json"}
+    again = run_launch(*args)
+    assert again.returncode == 0, again.stderr
+    assert "continuing it (state: completed)" in again.stdout
+    after = {p: p.stat().st_mtime_ns for p in run.root.rglob("*") if p.is_file() and p.name != "manifest.json"}
+    assert after == before
+    assert json.loads(run.manifest_path.read_text())["state"] == "completed"
+
+
+def test_stages_rerun_alone_and_refuse_to_overwrite(finished_run):
+    run, *_ = finished_run
+    refused = run_launch("merge", run.root)
+    assert refused.returncode == 2 and "pass --overwrite" in refused.stderr
+    redone = run_launch("eval", run.root, "--overwrite")
+    assert redone.returncode == 0, redone.stderr
+    assert json.loads((run.eval / "metrics.json").read_text())["examples"] > 0
