@@ -64,5 +64,7 @@ def report_failure(run: RunDir, console: Console, fallback_log: Path | None = No
     if not failures and fallback_log and fallback_log.exists():
         failures = [(fallback_log, fallback_log.read_text(errors="replace").splitlines()[-25:])]
     for log, lines in failures:
-        console.print(f"[red]{log.stem} failed[/red]; last lines of {log}:", highlight=False)
+        headline = next((line for line in reversed(lines) if line.strip()), "")
+        console.print(f"[red]{log.stem} failed[/red]: {headline}", markup=True, highlight=False)
+        console.print(f"last lines of {log}:", highlight=False)
         console.print("\n".join("    " + line for line in lines), markup=False, highlight=False)

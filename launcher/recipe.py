@@ -164,7 +164,7 @@ class SlurmSection(Section):
 
 class Recipe(Section):
     name: str = Field(pattern=NAME_PATTERN)
-    """Run name: the default run dir is runs/<name>."""
+    """Run name (default: the recipe file's name without .toml); the default run dir is runs/<name>."""
     model: ModelSection
     data: DataSection
     peft: PeftSection = PeftSection()
@@ -184,6 +184,33 @@ class Recipe(Section):
         """Hash of the resolved recipe: two runs with the same hash train the same thing."""
         canonical = json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(canonical.encode()).hexdigest()[:16]
+
+
+def reference_rows() -> list[tuple[str, str, str]]:
+    """(key, default, meaning) for every recipe key: the README's recipe reference is made from this."""
+    rows = []
+    for section_name, section in Recipe.model_fields.items():
+        annotation = section.annotation
+        if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
+            rows.append((section_name, "file name", section.description or ""))
+            continue
+        for key, field in annotation.model_fields.items():
+            rows.append((f"{section_name}.{key}", _default_text(field), field.description or ""))
+    return rows
+
+
+def _default_text(field) -> str:
+    if field.is_required():
+        return "required"
+    return json.dumps(field.default) if not isinstance(field.default, BaseModel) else ""
+
+
+def reference_markdown() -> str:
+    lines = ["| key | default | what it does |", "|---|---|---|"]
+    for key, default, meaning in reference_rows():
+        shown = f"`{default}`" if default else ""
+        lines.append(f"| `{key}` | {shown} | {meaning.replace('|', chr(92) + '|')} |")
+    return "\n".join(lines) + "\n"
 
 
 # ---------------------------------------------------------------- loading and overrides
