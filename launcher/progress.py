@@ -8,6 +8,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from launcher.runs import RunDir
@@ -65,6 +66,6 @@ def report_failure(run: RunDir, console: Console, fallback_log: Path | None = No
         failures = [(fallback_log, fallback_log.read_text(errors="replace").splitlines()[-25:])]
     for log, lines in failures:
         headline = next((line for line in reversed(lines) if line.strip()), "")
-        console.print(f"[red]{log.stem} failed[/red]: {headline}", markup=True, highlight=False)
+        console.print(f"[red]{log.stem} failed[/red]: {escape(headline)}", highlight=False)
         console.print(f"last lines of {log}:", highlight=False)
         console.print("\n".join("    " + line for line in lines), markup=False, highlight=False)

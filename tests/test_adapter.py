@@ -51,7 +51,7 @@ def test_failing_ranks_are_reported_with_their_log_lines(tmp_path, tiny_assets):
     assert result.returncode == 1
     assert "training failed" in result.stdout
     for rank in (0, 1):
-        assert f"rank{rank} failed: safetensors_rust.SafetensorError: Error while deserializing header" in result.stdout
+        assert f"rank{rank} failed: safetensors._safetensors_rust.SafetensorError: Error while deserializing header" in result.stdout
         assert f"last lines of {tmp_path / 'run' / 'logs' / f'rank{rank}.log'}" in result.stdout
     assert json.loads((tmp_path / "run" / "manifest.json").read_text())["state"] == "failed"
     assert not (tmp_path / "run" / "adapter").exists()
