@@ -5,12 +5,15 @@
     launch merge RUN_DIR [--overwrite]
     launch eval RUN_DIR [--overwrite]
     launch status [RUN_DIR]
+    launch logs RUN_DIR [--rank N] [-f]
+    launch cancel RUN_DIR
 """
 from __future__ import annotations
 
 import argparse
 import json
 import sys
+import time
 import tomllib
 from pathlib import Path
 
@@ -18,7 +21,7 @@ from rich.console import Console
 
 from launcher.recipe import Recipe, RecipeError, load_recipe, validate_recipe
 
-COMMANDS = ("run", "check", "merge", "eval", "status")
+COMMANDS = ("run", "check", "merge", "eval", "status", "logs", "cancel")
 USER_ERRORS = (RecipeError, FileExistsError)
 
 
@@ -55,14 +58,16 @@ def build_parser() -> argparse.ArgumentParser:
     add_recipe_arguments(run)
     run.add_argument("--run-dir", type=Path, help="where the run writes (default: runs/<recipe name>)")
     run.add_argument("--dry-run", action="store_true", help="write the rendered files, print where, and stop")
-    run.add_argument("--executor", choices=["auto", "local"], default="auto",
-                     help="where the ranks run (auto: local when there is no SLURM cluster)")
-    run.add_argument("--procs-per-node", type=int, metavar="N", help="worker processes per node (overrides distributed.procs_per_node)")
+    run.add_argument("--executor", choices=["auto", "local", "slurm"], default="auto",
+                     help="where the ranks run (auto: SLURM when sbatch answers and a partition is known, else local)")
+    run.add_argument("--detach", action="store_true", help="with SLURM: return after submitting instead of following the job")
+    add_topology_arguments(run)
     run.set_defaults(handler=command_run)
 
     check = commands.add_parser("check", help="validate a recipe and render it, running nothing",
                                 description="Validate the recipe and its DeepSpeed template; print the resolved settings.")
     add_recipe_arguments(check)
+    add_topology_arguments(check)
     check.set_defaults(handler=command_check)
 
     for name, stage in (("merge", "merge the final adapter into the base model (RUN_DIR/merged)"),
@@ -76,7 +81,26 @@ def build_parser() -> argparse.ArgumentParser:
                                  description="Show state, steps done and outputs from the run dirs' manifests.")
     status.add_argument("run_dir", type=Path, nargs="?", metavar="RUN_DIR")
     status.set_defaults(handler=command_status)
+
+    logs = commands.add_parser("logs", help="print (or follow) one rank's log", description="Print a rank's log from RUN_DIR/logs.")
+    logs.add_argument("run_dir", type=Path, metavar="RUN_DIR")
+    logs.add_argument("--rank", type=int, default=0, help="which rank (default 0)")
+    logs.add_argument("-f", "--follow", action="store_true", help="keep printing new lines until the job ends")
+    logs.set_defaults(handler=command_logs)
+
+    cancel = commands.add_parser("cancel", help="cancel a run's job", description="Cancel the run's running job (SLURM or local).")
+    cancel.add_argument("run_dir", type=Path, metavar="RUN_DIR")
+    cancel.set_defaults(handler=command_cancel)
     return parser
+
+
+def add_topology_arguments(parser: argparse.ArgumentParser) -> None:
+    """CLI flags: they win over the recipe and the SLURM profile."""
+    parser.add_argument("--nodes", type=int, metavar="N", help="nodes (distributed.nodes); more than one needs SLURM")
+    parser.add_argument("--procs-per-node", type=int, metavar="N", help="ranks per node (distributed.procs_per_node)")
+    parser.add_argument("--time", metavar="HH:MM:SS", help="SLURM time limit (slurm.time)")
+    parser.add_argument("--partition", metavar="NAME", help="SLURM partition (slurm.partition)")
+    parser.add_argument("--profile", metavar="NAME", help="SLURM cluster profile slurm/profiles/NAME.toml (slurm.profile)")
 
 
 def add_recipe_arguments(parser: argparse.ArgumentParser) -> None:
@@ -85,10 +109,16 @@ def add_recipe_arguments(parser: argparse.ArgumentParser) -> None:
                         help="override a recipe key, e.g. --set train.learning_rate=2e-4 (repeatable)")
 
 
+FLAG_KEYS = {"nodes": "distributed.nodes", "procs_per_node": "distributed.procs_per_node",
+             "time": "slurm.time", "partition": "slurm.partition", "profile": "slurm.profile"}
+
+
 def recipe_from(args: argparse.Namespace) -> Recipe:
     overrides = list(args.overrides)
-    if getattr(args, "procs_per_node", None) is not None:
-        overrides.append(f"distributed.procs_per_node={args.procs_per_node}")
+    for flag, key in FLAG_KEYS.items():
+        value = getattr(args, flag, None)
+        if value is not None:
+            overrides.append(f"{key}={value}" if isinstance(value, int) else f"{key}={json.dumps(value)}")
     return load_recipe(args.recipe, overrides)
 
 
@@ -97,11 +127,30 @@ def command_run(args: argparse.Namespace, console: Console) -> int:
     from launcher.runs import default_run_dir
 
     recipe = recipe_from(args)
+    executor = choose_executor(args.executor, recipe)
     run = prepare(recipe, args.run_dir or default_run_dir(recipe), console)
+    if executor == "slurm":
+        from launcher.executors.slurm import write_sbatch
+
+        write_sbatch(recipe, run)
     if args.dry_run:
-        describe_dry_run(run, console)
+        describe_dry_run(run, console, executor)
         return 0
-    return 0 if execute(recipe, run, console) else 1
+    return 0 if execute(recipe, run, console, executor=executor, detach=args.detach) else 1
+
+
+def choose_executor(asked: str, recipe: Recipe) -> str:
+    from launcher.executors.slurm import default_partition, require_slurm_for, slurm_available
+
+    if asked == "local":
+        if recipe.distributed.nodes > 1:
+            raise RecipeError([f"--executor local: distributed.nodes={recipe.distributed.nodes} needs SLURM; use --executor slurm"])
+        return "local"
+    if asked == "slurm" or recipe.distributed.nodes > 1:
+        require_slurm_for(recipe, asked == "slurm")
+        return "slurm"
+    known_partition = recipe.slurm.partition or default_partition()
+    return "slurm" if slurm_available() and known_partition else "local"
 
 
 def command_check(args: argparse.Namespace, console: Console) -> int:
@@ -111,6 +160,8 @@ def command_check(args: argparse.Namespace, console: Console) -> int:
     ds_config = render_deepspeed(recipe)
     t = recipe.train
     console.print(f"{args.recipe}: valid", highlight=False)
+    if recipe.slurm.profile:
+        console.print(f"  SLURM profile {recipe.slurm.profile}: partition {recipe.slurm.partition}, time {recipe.slurm.time}", highlight=False)
     console.print(f"  model {recipe.model.name_or_path} ({recipe.model.dtype}), peft {recipe.peft.method} r={recipe.peft.r}, "
                   f"targets {recipe.peft.target_modules}", highlight=False)
     console.print(f"  {recipe.world_size()} ranks, DeepSpeed {recipe.distributed.deepspeed} (ZeRO-{zero_stage(ds_config)}), "
@@ -156,15 +207,63 @@ def command_status(args: argparse.Namespace, console: Console) -> int:
     if not roots:
         console.print("no runs under runs/")
     for root in roots:
-        run = RunDir(root)
-        manifest = run.read_manifest()
-        if not manifest:
-            raise RecipeError([f"{root}: not a run dir (no manifest.json)"])
-        step = last_metrics_row(run)
-        progress = f"step {step['step']}/{step['max_steps']} loss {step['loss']:.4f}" if step else "no steps yet"
-        console.print(f"{root}: {manifest.get('state')}, {progress}", highlight=False)
-        if (run.eval / "report.md").exists():
-            console.print(f"  report: {run.eval / 'report.md'}", highlight=False)
+        console.print(describe_run(RunDir(root)), highlight=False)
+    return 0
+
+
+def describe_run(run) -> str:
+    from launcher.executors import job_summary
+
+    manifest = run.read_manifest()
+    if not manifest:
+        raise RecipeError([f"{run.root}: not a run dir (no manifest.json)"])
+    step = last_metrics_row(run)
+    progress = f"step {step['step']}/{step['max_steps']}, loss {step['loss']:.4f}" if step else "no steps yet"
+    lines = [f"{run.root}: {manifest.get('state')}, {progress}"]
+    jobs = manifest.get("jobs", [])
+    if jobs:
+        lines.append(f"  job: {job_summary(jobs[-1])}")
+    if (run.eval / "report.md").exists():
+        lines.append(f"  report: {run.eval / 'report.md'}")
+    return "\n".join(lines)
+
+
+def command_logs(args: argparse.Namespace, console: Console) -> int:
+    from launcher.executors import job_active
+    from launcher.runs import RunDir
+
+    run = RunDir(args.run_dir)
+    log = run.rank_log(args.rank)
+    if not run.manifest_path.exists():
+        raise RecipeError([f"{args.run_dir}: not a run dir (no manifest.json)"])
+    offset = 0
+    while True:
+        if log.exists():
+            with open(log, errors="replace") as handle:
+                handle.seek(offset)
+                chunk = handle.read()
+                offset = handle.tell()
+            sys.stdout.write(chunk)
+            sys.stdout.flush()
+        elif not args.follow:
+            raise RecipeError([f"{log}: no log for rank {args.rank} yet"])
+        jobs = run.read_manifest().get("jobs", [])
+        if not args.follow or not jobs or not job_active(jobs[-1]):
+            return 0
+        time.sleep(1)
+
+
+def command_cancel(args: argparse.Namespace, console: Console) -> int:
+    from launcher.executors import cancel_job, job_active
+    from launcher.runs import RunDir
+
+    run = RunDir(args.run_dir)
+    jobs = run.read_manifest().get("jobs", [])
+    if not jobs or not job_active(jobs[-1]):
+        raise RecipeError([f"{args.run_dir}: no running job to cancel"])
+    cancel_job(jobs[-1])
+    run.set_state("cancelled")
+    console.print(f"cancelled {jobs[-1]['executor']} job {jobs[-1].get('id')}")
     return 0
 
 

@@ -24,37 +24,54 @@ def prepare(recipe: Recipe, run_dir: Path, console: Console) -> RunDir:
     return run
 
 
-def describe_dry_run(run: RunDir, console: Console) -> None:
+def describe_dry_run(run: RunDir, console: Console, executor: str = "local") -> None:
     console.print(f"rendered into {run.root}:", highlight=False)
-    for path in (run.recipe, run.accelerate_config, run.deepspeed_config, run.manifest_path):
+    files = [run.recipe, run.accelerate_config, run.deepspeed_config, run.manifest_path]
+    for path in files + ([run.root / "sbatch.sh"] if executor == "slurm" else []):
         console.print(f"  {path}", highlight=False)
-    console.print("workers would start with:\n  " + " ".join(worker_command(run)), highlight=False)
+    if executor == "slurm":
+        console.print(f"would submit {run.root / 'sbatch.sh'} with sbatch (through submitit)", highlight=False)
+    else:
+        console.print("workers would start with:\n  " + " ".join(worker_command(run)), highlight=False)
 
 
-def execute(recipe: Recipe, run: RunDir, console: Console) -> bool:
-    """Train (unless the adapter exists already), merge, evaluate; True on success."""
-    from launcher.executors.local import train_local
+def execute(recipe: Recipe, run: RunDir, console: Console, executor: str = "local", detach: bool = False) -> bool:
+    """Train (unless the adapter exists already), merge, evaluate; True on success.
 
+    The job itself merges and evaluates on rank 0 when training ends (so a detached SLURM job
+    finishes on its own); `finish` here only does what is still missing.
+    """
     started = time.time()
     if not run.adapter.exists():
         run.set_state("training")
-        if not train_local(recipe, run, console):
+        if executor == "slurm":
+            from launcher.executors.slurm import train_slurm
+
+            ok = train_slurm(recipe, run, console, detach=detach)
+        else:
+            from launcher.executors.local import train_local
+
+            ok = train_local(recipe, run, console)
+        if not ok:
             run.set_state("failed")
             return False
+        if detach:
+            return True
         run.update_manifest(train_wall_s=round(time.time() - started, 1), **first_step_latency(run, started))
-    run.set_state("trained")
     finish(recipe, run, console)
-    run.update_manifest(state="completed", wall_s=round(time.time() - started, 1))
+    run.update_manifest(wall_s=round(time.time() - started, 1))
     print_summary(recipe, run, console, time.time() - started)
     return True
 
 
-def finish(recipe: Recipe, run: RunDir, console: Console) -> None:
+def finish(recipe: Recipe, run: RunDir, console: Console | None = None) -> None:
+    """Merge and evaluate, each only when enabled and not done yet; then the run is completed."""
     from launcher.evaluate import evaluate_run
     from launcher.merge import merge_run
     from launcher.models import quiet_libraries
     from launcher.render import resolve_device
 
+    console = console or Console(highlight=False)
     quiet_libraries(resolve_device(recipe.distributed.device))
     if recipe.merge.enabled and not run.merged.exists():
         with console.status("merging the adapter into the base model"):
@@ -64,6 +81,7 @@ def finish(recipe: Recipe, run: RunDir, console: Console) -> None:
         with console.status("evaluating base and adapter on the held-out split"):
             evaluate_run(recipe, run)
         run.set_state("evaluated")
+    run.set_state("completed")
 
 
 def first_step_latency(run: RunDir, started: float) -> dict:

@@ -31,8 +31,11 @@ class MetricsTail:
         return [json.loads(line) for line in complete.splitlines() if line.strip()]
 
 
-def follow_training(run: RunDir, still_running: Callable[[], bool], console: Console, poll_s: float = 0.5) -> dict | None:
-    """Show steps, loss, tokens/s and ETA until the job ends; return the last metrics row."""
+def follow_training(run: RunDir, job_state: Callable[[], str | None], console: Console, poll_s: float = 0.5) -> dict | None:
+    """Show steps, loss, tokens/s and ETA until the job ends; return the last metrics row.
+
+    `job_state` answers the job's state in a word ("pending", "running"), or None once it ended.
+    """
     tail, last = MetricsTail(run.metrics_log), None
     columns = [TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
                TextColumn("loss {task.fields[loss]}"), TextColumn("{task.fields[speed]} tok/s"),
@@ -40,12 +43,13 @@ def follow_training(run: RunDir, still_running: Callable[[], bool], console: Con
     with Progress(*columns, console=console, transient=False) as bar:
         task = bar.add_task("starting", total=None, loss="-", speed="-")
         while True:
-            running = still_running()
+            state = job_state()
+            bar.update(task, description="training" if last and state == "running" else state or "ended")
             for row in tail.new_rows():
                 last = row
                 bar.update(task, description="training", completed=row["step"], total=row["max_steps"],
                            loss=f"{row['loss']:.4f}", speed=f"{row['tokens_per_second']:.0f}")
-            if not running:
+            if state is None:
                 return last
             time.sleep(poll_s)
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import difflib
 import hashlib
 import json
+import re
 import tomllib
 from pathlib import Path
 from typing import Any, Literal
@@ -155,11 +156,54 @@ class MergeSection(Section):
     """Merge the adapter into the base model after training (merged/)."""
 
 
+TIME_PATTERN = r"^(\d+-)?\d{1,2}:\d{2}:\d{2}$|^\d+$"
+MEM_PATTERN = r"^\d+[KMGT]?$"
+ENV_NAME_PATTERN = r"^[A-Za-z_][A-Za-z0-9_]*$"
+
+
 class SlurmSection(Section):
+    profile: str | None = Field(None, pattern=NAME_PATTERN)
+    """Cluster profile slurm/profiles/<profile>.toml; its keys override this section's (the CLI overrides both)."""
     partition: str | None = None
-    """SLURM partition (used by the SLURM executor)."""
-    time: str = "01:00:00"
-    """Wall-time limit of the training job."""
+    """Partition to submit to (sbatch --partition); unset uses the cluster's default."""
+    account: str | None = None
+    """Account to charge (sbatch --account)."""
+    qos: str | None = None
+    """Quality of service (sbatch --qos)."""
+    constraint: str | None = None
+    """Node features required (sbatch --constraint)."""
+    gpus_per_node: int | None = Field(None, ge=0)
+    """GPUs per node (sbatch --gpus-per-node); one rank per GPU."""
+    cpus_per_task: int | None = Field(None, gt=0)
+    """CPU cores per rank (sbatch --cpus-per-task); also sets OMP_NUM_THREADS."""
+    mem: str | None = Field(None, pattern=MEM_PATTERN)
+    """Memory per node, e.g. "64G" (sbatch --mem)."""
+    time: str = Field("01:00:00", pattern=TIME_PATTERN)
+    """Wall-time limit of the training job: minutes, HH:MM:SS or D-HH:MM:SS."""
+    setup: list[str] = []
+    """Shell commands run in the job before the ranks start (e.g. "module load cuda"); run as written."""
+    environment: dict[str, str] = {}
+    """Environment variables exported to every rank; values are shell-quoted."""
+
+    @field_validator("setup", "environment", mode="before")
+    @classmethod
+    def _one_line_each(cls, value: Any) -> Any:
+        items = value.values() if isinstance(value, dict) else value if isinstance(value, list) else []
+        for item in items:
+            if isinstance(item, str) and any(ord(c) < 32 or ord(c) == 127 for c in item):
+                raise ValueError(f"{json.dumps(item)} contains a newline or control character; one line each")
+        if isinstance(value, dict):
+            for key in value:
+                if not re.match(ENV_NAME_PATTERN, key):
+                    raise ValueError(f"{json.dumps(key)} is not a valid environment variable name")
+        return value
+
+    def time_minutes(self) -> int:
+        if self.time.isdigit():
+            return int(self.time)
+        days, _, clock = self.time.rpartition("-")
+        hours, minutes, seconds = (int(x) for x in clock.split(":"))
+        return int(days or 0) * 1440 + hours * 60 + minutes + (1 if seconds else 0)
 
 
 class Recipe(Section):
@@ -231,7 +275,34 @@ def load_recipe(path: str | Path, overrides: list[str] = ()) -> Recipe:
     _resolve_paths(raw, base=path.parent.resolve())
     for item in overrides:
         _apply_override(raw, item)
+    _apply_profile(raw)
+    for item in overrides:  # flags win over the profile too
+        _apply_override(raw, item)
     return validate_recipe(raw, source=str(path))
+
+
+PROFILE_DIR = Path(__file__).resolve().parent.parent / "slurm" / "profiles"
+
+
+def _apply_profile(raw: dict[str, Any]) -> None:
+    """Merge slurm/profiles/<name>.toml over the recipe's [slurm] section (profile keys win)."""
+    slurm = raw.get("slurm")
+    name = slurm.get("profile") if isinstance(slurm, dict) else None
+    if not isinstance(name, str) or not re.match(NAME_PATTERN, name):
+        return  # absent, or reported by validation
+    path = PROFILE_DIR / f"{name}.toml"
+    if not path.is_file():
+        known = ", ".join(sorted(p.stem for p in PROFILE_DIR.glob("*.toml"))) or "none"
+        raise RecipeError([f"slurm.profile: no profile {name!r} in {PROFILE_DIR} (known: {known})"])
+    try:
+        profile = tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as err:
+        raise RecipeError([f"{path}: TOML syntax error: {err}"]) from None
+    try:
+        SlurmSection.model_validate(profile | {"profile": name})
+    except ValidationError as err:
+        raise RecipeError([f"{path}: " + _describe(e | {"loc": ("slurm", *e["loc"])}) for e in err.errors()]) from None
+    slurm.update(profile)
 
 
 def validate_recipe(raw: dict[str, Any], source: str = "recipe") -> Recipe:

@@ -15,6 +15,7 @@ import traceback
 from pathlib import Path
 
 from launcher.recipe import Recipe, validate_recipe
+from launcher.rendezvous import check_in, smoke_all_reduce, topology_line, world_from_env
 from launcher.runs import RunDir
 
 
@@ -25,12 +26,27 @@ def main(argv: list[str] | None = None) -> int:
     redirect_output(run.rank_log(rank))
     try:
         recipe = validate_recipe(tomllib.loads(run.recipe.read_text()), source=str(run.recipe))
-        train(recipe, run, rank)
+        world = world_from_env()
+        print(f"rank {rank} of {world['world_size']} on node {world['node']} (local rank {world['local_rank']}), "
+              f"master {world['master_addr']}:{world['master_port']}")
+        records = check_in(world, recipe.world_size())
+        fail_if_asked(rank)
+        train(recipe, run, rank, records)
+        if rank == 0:
+            from launcher.pipeline import finish
+
+            finish(recipe, run)
     except BaseException:
         traceback.print_exc()
         sys.stderr.flush()
         return 1
     return 0
+
+
+def fail_if_asked(rank: int) -> None:
+    """Fault injection for tests of failure reporting: LAUNCHER_FAIL_RANK=N makes rank N fail here."""
+    if os.environ.get("LAUNCHER_FAIL_RANK") == str(rank):
+        raise RuntimeError(f"injected failure on rank {rank} (LAUNCHER_FAIL_RANK={rank})")
 
 
 def redirect_output(log_path: Path) -> None:
@@ -108,7 +124,7 @@ def metrics_logger(run: RunDir):
     return MetricsLogger()
 
 
-def train(recipe: Recipe, run: RunDir, rank: int) -> None:
+def train(recipe: Recipe, run: RunDir, rank: int, records: list[dict]) -> None:
     import torch
     from peft import get_peft_model
     from transformers import DataCollatorForSeq2Seq, Trainer, set_seed
@@ -121,7 +137,10 @@ def train(recipe: Recipe, run: RunDir, rank: int) -> None:
     tokenizer = load_tokenizer(recipe)
     with args.main_process_first(local=False, desc="tokenize"):
         dataset, stats = build_train_dataset(recipe, tokenizer, run.cache)
+    smoke_all_reduce()
     if rank == 0:
+        backend = torch.distributed.get_backend() if torch.distributed.is_initialized() else "none"
+        print(topology_line(records, backend))
         print(f"data: {stats['examples']} examples, {stats['tokens']} tokens, "
               f"{stats['truncated']} truncated to data.max_length={recipe.data.max_length}")
         run.update_manifest(data=stats)
@@ -130,8 +149,7 @@ def train(recipe: Recipe, run: RunDir, rank: int) -> None:
     model = get_peft_model(load_base_model(recipe), peft_config(recipe))
     if rank == 0:
         trainable, total = model.get_nb_trainable_parameters()
-        print(f"world size {torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1}; "
-              f"trainable parameters {trainable} of {total}")
+        print(f"trainable parameters {trainable} of {total}")
     trainer = Trainer(
         model=model, args=args, train_dataset=dataset,
         data_collator=DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100),
@@ -171,7 +189,14 @@ def save_final_adapter(trainer, run: RunDir, rank: int) -> None:
     if rank == 0:
         summary = validate_adapter(staging, trained=True)
         staging.rename(run.adapter)
+        run.set_state("trained")
         print(f"adapter: {summary}")
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()  # rank 0 merges and evaluates alone
+    from transformers.integrations.deepspeed import unset_hf_deepspeed_config
+
+    unset_hf_deepspeed_config()  # later loads (merge, eval) are plain, not ZeRO-3 sharded
 
 
 if __name__ == "__main__":

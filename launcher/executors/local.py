@@ -11,7 +11,7 @@ from rich.console import Console
 from launcher.progress import follow_training, report_failure
 from launcher.recipe import Recipe
 from launcher.render import resolve_device, worker_command
-from launcher.runs import RunDir
+from launcher.runs import RunDir, now
 
 
 def free_port() -> int:
@@ -38,8 +38,10 @@ def train_local(recipe: Recipe, run: RunDir, console: Console) -> bool:
     with open(launcher_log, "ab") as log:
         process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=worker_env(recipe),
                                    start_new_session=True)
+    jobs = run.read_manifest().get("jobs", [])
+    run.update_manifest(jobs=jobs + [{"executor": "local", "id": process.pid, "submitted": now(), "ranks": recipe.world_size()}])
     try:
-        follow_training(run, lambda: process.poll() is None, console)
+        follow_training(run, lambda: "running" if process.poll() is None else None, console)
     except KeyboardInterrupt:
         os.killpg(process.pid, signal.SIGTERM)
         process.wait()
