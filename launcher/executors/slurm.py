@@ -4,7 +4,7 @@ There may be no slurmdbd (small clusters, the dev cluster), so nothing here uses
 """
 from __future__ import annotations
 
-import os
+import functools
 import shlex
 import shutil
 import subprocess
@@ -21,12 +21,13 @@ TERMINAL_STATES = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "
                    "BOOT_FAIL", "DEADLINE", "PREEMPTED"}
 
 
+@functools.cache
 def slurm_available() -> bool:
-    """True when sbatch exists and the controller answers."""
+    """True when sbatch exists and the controller answers (asked once per process)."""
     if not shutil.which("sbatch") or not shutil.which("sinfo"):
         return False
     try:
-        return subprocess.run(["sinfo", "-h", "-o", "%P"], capture_output=True, timeout=15).returncode == 0
+        return subprocess.run(["sinfo", "-h", "-o", "%P"], capture_output=True, timeout=10).returncode == 0
     except (OSError, subprocess.TimeoutExpired):
         return False
 
@@ -47,6 +48,8 @@ def slurm_parameters(recipe: Recipe) -> dict:
         "time": s.time_minutes(),
         "setup": setup,
         "stderr_to_stdout": True,
+        # One failed rank ends the step at once; the others would wait in a collective for 30 min.
+        "srun_args": ["--kill-on-bad-exit=1"],
         **{key: value for key, value in optional.items() if value is not None},
     }
 
@@ -80,8 +83,9 @@ class SlurmTask:
 
         code = main([self.run_dir])
         if code != 0:
-            rank = os.environ.get("RANK", "?")
-            raise RuntimeError(f"rank {rank} failed; see {Path(self.run_dir) / 'logs' / f'rank{rank}.log'}")
+            # Exit (no second traceback): the rank's log already ends with the real error, and
+            # srun --kill-on-bad-exit stops the other ranks.
+            raise SystemExit(code)
         return code
 
 

@@ -1,0 +1,26 @@
+#!/bin/bash
+
+# Parameters
+#SBATCH --account='$(touch pwned)'
+#SBATCH --constraint='a'"'"'b"c $HOME'
+#SBATCH --job-name=tiny
+#SBATCH --mem=64G
+#SBATCH --nodes=2
+#SBATCH --ntasks-per-node=2
+#SBATCH --open-mode=append
+#SBATCH --output='{RUN_DIR}/logs/slurm/%j_0_log.out'
+#SBATCH --partition='x; touch pwned'
+#SBATCH --qos='`touch pwned`'
+#SBATCH --signal=USR2@90
+#SBATCH --time=10
+#SBATCH --wckey=submitit
+
+# setup
+export OMP_NUM_THREADS="${SLURM_CPUS_PER_TASK:-1}"
+export PYTHONUNBUFFERED=1
+export TOKENIZERS_PARALLELISM=false
+export EVIL='$(touch pwned); `touch pwned` '"'"'single'"'"' "double" $HOME \'
+
+# command
+export SUBMITIT_EXECUTOR=slurm
+srun --unbuffered --output '{RUN_DIR}/logs/slurm/%j_%t_log.out' --kill-on-bad-exit=1 {PYTHON} -u -m submitit.core._submit '{RUN_DIR}/logs/slurm'

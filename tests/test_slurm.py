@@ -1,0 +1,136 @@
+"""Multi-node runs through submitit on a real SLURM: the dev cluster (slurmctld + nodes n1, n2 on this machine)."""
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import subprocess
+import sys
+import time
+
+import pytest
+
+from conftest import REPO, run_launch, tiny_recipe_text, write_recipe
+from launcher.merge import validate_adapter
+from launcher.recipe import load_recipe
+from launcher.runs import RunDir
+
+HOSTILE = {"partition": "x; touch pwned", "account": "$(touch pwned)", "qos": "`touch pwned`",
+           "constraint": "a'b\"c $HOME"}
+HOSTILE_ENV = "$(touch pwned); `touch pwned` 'single' \"double\" $HOME \\"
+
+
+@pytest.fixture(scope="module")
+def dev_cluster():
+    if os.geteuid() != 0:
+        pytest.skip("the dev cluster needs root (apt packages, munge key, /etc/hosts)")
+    up = subprocess.run([REPO / "slurm" / "dev-cluster", "up"], capture_output=True, text=True, timeout=600)
+    assert up.returncode == 0, up.stderr
+    saved = dict(os.environ)
+    for line in up.stdout.splitlines():
+        name, _, value = line.removeprefix("export ").partition("=")
+        os.environ[name] = value
+    yield
+    os.environ.clear()
+    os.environ.update(saved)
+    subprocess.run([REPO / "slurm" / "dev-cluster", "down"], capture_output=True, timeout=120)
+
+
+def losses(run_dir) -> list[float]:
+    return [json.loads(line)["loss"] for line in RunDir(run_dir).metrics_log.read_text().splitlines()]
+
+
+def test_two_nodes_train_and_match_a_local_run(dev_cluster, tmp_path, tiny_assets):
+    recipe = write_recipe(tmp_path, tiny_recipe_text(tiny_assets))
+    zero3 = ["--set", "distributed.deepspeed=zero3"]
+    slurm = run_launch(recipe, "--run-dir", tmp_path / "slurm", "--nodes", "2", "--procs-per-node", "1",
+                       "--profile", "dev", *zero3)
+    assert slurm.returncode == 0, slurm.stdout + slurm.stderr
+    run = RunDir(tmp_path / "slurm")
+    assert "rank 0 of 2 on node n1" in run.rank_log(0).read_text()
+    assert "rank 1 of 2 on node n2" in run.rank_log(1).read_text()
+    assert "topology: 2 nodes, 2 ranks, backend gloo; n1: ranks [0], n2: ranks [1]" in run.rank_log(0).read_text()
+    assert "valid" in validate_adapter(run.adapter)
+    assert (run.merged / "model.safetensors").exists() and (run.eval / "report.md").exists()
+    assert json.loads(run.manifest_path.read_text())["jobs"][-1]["executor"] == "slurm"
+    assert "job " in slurm.stdout and ": running" in slurm.stdout and ": completed" in slurm.stdout
+
+    local = run_launch(recipe, "--run-dir", tmp_path / "local", "--executor", "local", *zero3)
+    assert local.returncode == 0, local.stdout + local.stderr
+    on_slurm, on_local = losses(tmp_path / "slurm"), losses(tmp_path / "local")
+    assert len(on_slurm) == len(on_local) == 12
+    assert max(abs(a - b) / abs(b) for a, b in zip(on_slurm, on_local)) <= 1e-4
+
+
+def test_a_failing_rank_fails_the_job_with_its_log_lines(dev_cluster, tmp_path, tiny_assets):
+    recipe = write_recipe(tmp_path, tiny_recipe_text(tiny_assets) + '[slurm]\nenvironment = { LAUNCHER_FAIL_RANK = "1" }\n')
+    started = time.time()
+    result = run_launch(recipe, "--run-dir", tmp_path / "run", "--nodes", "2", "--procs-per-node", "1", "--profile", "dev")
+    assert result.returncode == 1
+    assert "ended FAILED" in result.stdout
+    assert "rank1 failed: RuntimeError: injected failure on rank 1 (LAUNCHER_FAIL_RANK=1)" in result.stdout
+    assert f"last lines of {tmp_path / 'run' / 'logs' / 'rank1.log'}" in result.stdout
+    assert json.loads((tmp_path / "run" / "manifest.json").read_text())["state"] == "failed"
+    assert time.time() - started < 120  # rank 0 is not left waiting in a collective
+
+
+def test_status_logs_and_cancel_on_a_running_job(dev_cluster, tmp_path, tiny_assets):
+    recipe = write_recipe(tmp_path, tiny_recipe_text(tiny_assets))
+    run_dir = tmp_path / "run"
+    submitted = run_launch(recipe, "--run-dir", run_dir, "--nodes", "2", "--procs-per-node", "1", "--profile", "dev", "--detach",
+                           "--set", "train.max_steps=100000", "--set", "train.save_steps=100000")
+    assert submitted.returncode == 0 and "detached" in submitted.stdout, submitted.stderr
+    run = RunDir(run_dir)
+    deadline = time.time() + 180
+    while time.time() < deadline and not (run.metrics_log.exists() and len(run.metrics_log.read_text().splitlines()) >= 2):
+        time.sleep(1)
+    status = run_launch("status", run_dir)
+    assert status.returncode == 0
+    assert f"{run_dir}: training, step " in status.stdout and "/100000" in status.stdout
+    job_id = json.loads(run.manifest_path.read_text())["jobs"][-1]["id"]
+    assert f"SLURM job {job_id} running, 2 nodes, 2 ranks" in status.stdout
+
+    logs = run_launch("logs", run_dir, "--rank", "1")
+    assert logs.returncode == 0 and "rank 1 of 2 on node n2" in logs.stdout
+    follower = subprocess.Popen([sys.executable, "-m", "launcher.cli", "logs", str(run_dir), "-f"],
+                                stdout=subprocess.PIPE, text=True, cwd=REPO)
+    cancelled = run_launch("cancel", run_dir)
+    assert cancelled.returncode == 0 and f"cancelled slurm job {job_id}" in cancelled.stdout
+    followed, _ = follower.communicate(timeout=60)  # -f stops by itself once the job ended
+    assert "rank 0 of 2 on node n1" in followed
+    after = run_launch("status", run_dir)
+    assert f"{run_dir}: cancelled" in after.stdout and f"SLURM job {job_id} cancelled" in after.stdout
+    assert run_launch("cancel", run_dir).returncode == 2  # nothing left to cancel
+
+
+def test_sbatch_script_quotes_every_value(tmp_path, tiny_assets):
+    """Golden sbatch.sh with hostile values; then real bash runs it (with a recording `srun`
+    stand-in: this checks shell quoting, not SLURM) and nothing hostile executes."""
+    from launcher.executors.slurm import sbatch_text
+
+    from test_render import GOLDEN, assert_matches_golden
+
+    slurm = "".join(f"{key} = {json.dumps(value)}\n" for key, value in HOSTILE.items())
+    text = tiny_recipe_text(tiny_assets) + f"[slurm]\n{slurm}mem = \"64G\"\ntime = \"00:10:00\"\n" \
+        f"environment = {{ EVIL = {json.dumps(HOSTILE_ENV)} }}\n"
+    recipe = load_recipe(write_recipe(tmp_path, text), ["distributed.nodes=2"])
+    run = RunDir(tmp_path / "run $(touch pwned) `x`")
+    script = sbatch_text(recipe, run)
+    shown = script.replace(str(run.root.resolve()), "{RUN_DIR}").replace(shlex.quote(str(run.root.resolve())), "{RUN_DIR}")
+    assert_matches_golden(shown.replace(sys.executable, "{PYTHON}"), GOLDEN / "sbatch.sh")
+
+    for key, value in HOSTILE.items():  # what sbatch reads back from each #SBATCH line
+        line = next(l for l in script.splitlines() if l.startswith(f"#SBATCH --{key}="))
+        assert shlex.split(line.split("=", 1)[1]) == [value]
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "srun").write_text('#!/bin/bash\nprintf "%s\\n" "$EVIL" > "$RECORD"\nprintf "%s\\n" "$@" >> "$RECORD"\n')
+    (bin_dir / "srun").chmod(0o755)
+    work = tmp_path / "work"
+    work.mkdir()
+    env = {"PATH": f"{bin_dir}:/usr/bin:/bin", "RECORD": str(tmp_path / "record"), "HOME": "/home-x"}
+    subprocess.run(["bash", "-c", script], cwd=work, env=env, check=True)
+    recorded = (tmp_path / "record").read_text().splitlines()
+    assert recorded[0] == HOSTILE_ENV
+    assert recorded[-1] == str((run.root / "logs" / "slurm").resolve())
+    assert not list(work.iterdir()) and not (tmp_path / "pwned").exists()
