@@ -159,6 +159,7 @@ class MergeSection(Section):
 TIME_PATTERN = r"^(\d+-)?\d{1,2}:\d{2}:\d{2}$|^\d+$"
 MEM_PATTERN = r"^\d+[KMGT]?$"
 ENV_NAME_PATTERN = r"^[A-Za-z_][A-Za-z0-9_]*$"
+SECRET_NAME_PATTERN = r"TOKEN|SECRET|PASSWORD|PASSWD|API_KEY|_KEY$"
 
 
 class SlurmSection(Section):
@@ -196,6 +197,9 @@ class SlurmSection(Section):
             for key in value:
                 if not re.match(ENV_NAME_PATTERN, key):
                     raise ValueError(f"{json.dumps(key)} is not a valid environment variable name")
+                if re.search(SECRET_NAME_PATTERN, key, re.IGNORECASE):
+                    raise ValueError(f"{key} looks like a secret: recipes and rendered scripts are no place for it; "
+                                     f"export {key} in your shell instead (SLURM passes it on to the job)")
         return value
 
     def time_minutes(self) -> int:
@@ -327,6 +331,8 @@ def _apply_override(raw: dict[str, Any], item: str) -> None:
         value = tomllib.loads(f"v = {text}")["v"]
     except tomllib.TOMLDecodeError:
         value = text  # a bare word: take it as a string
+    if not isinstance(value, (str, int, float, bool, list, dict)):
+        value = text  # TOML dates and times (01:00:00) are strings to us
     if key in PATH_KEYS and isinstance(value, str) and _looks_like_path(value):
         value = str(Path(value).expanduser().resolve())  # --set paths are relative to the cwd
     *parents, leaf = key.split(".")
@@ -405,7 +411,8 @@ def _describe(error: dict[str, Any]) -> str:
         return f"{where}: required key is missing; add it to the recipe"
     given = error.get("input")
     message = error["msg"].removeprefix("Value error, ")
-    message = message[:1].lower() + message[1:]
+    if message[1:2].islower():  # "Input should be ..." reads on after the key path; "HF_TOKEN ..." stays
+        message = message[:1].lower() + message[1:]
     if kind == "value_error":
         return f"{where}: {message}"
     if kind == "literal_error":

@@ -88,3 +88,18 @@ def test_help_of_every_command_explains_it():
         result = run_launch(*command, "--help")
         assert result.returncode == 0 and "usage: launch" in result.stdout
     assert "--set KEY=VALUE" in run_launch("run", "--help").stdout
+
+
+def test_secrets_are_kept_out_of_recipes(tmp_path, tiny_assets):
+    path = write_recipe(tmp_path, tiny_recipe_text(tiny_assets) + '[slurm]\nenvironment = { HF_TOKEN = "hf_abc" }\n')
+    [line] = errors_of(path)
+    assert line.startswith("slurm.environment: HF_TOKEN looks like a secret") and "export HF_TOKEN in your shell" in line
+    assert "hf_abc" not in line
+
+
+def test_profile_keys_override_the_recipe_and_flags_override_both(tmp_path, tiny_assets):
+    path = write_recipe(tmp_path, tiny_recipe_text(tiny_assets) + '[slurm]\nprofile = "dev"\npartition = "mine"\ntime = "5"\n')
+    assert load_recipe(path).slurm.partition == "dev"  # slurm/profiles/dev.toml
+    flagged = load_recipe(path, ["slurm.partition=gpu", "slurm.time=00:05:00"])
+    assert (flagged.slurm.partition, flagged.slurm.time) == ("gpu", "00:05:00")
+    assert errors_of(path, ["slurm.profile=nope"])[0].startswith("slurm.profile: no profile 'nope'")
