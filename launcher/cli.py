@@ -127,7 +127,7 @@ def command_run(args: argparse.Namespace, console: Console) -> int:
     from launcher.runs import default_run_dir
 
     recipe = recipe_from(args)
-    executor = choose_executor(args.executor, recipe)
+    executor = choose_executor(args.executor, recipe, rendering_only=args.dry_run)
     run = prepare(recipe, args.run_dir or default_run_dir(recipe), console)
     if executor == "slurm":
         from launcher.executors.slurm import write_sbatch
@@ -139,7 +139,7 @@ def command_run(args: argparse.Namespace, console: Console) -> int:
     return 0 if execute(recipe, run, console, executor=executor, detach=args.detach) else 1
 
 
-def choose_executor(asked: str, recipe: Recipe) -> str:
+def choose_executor(asked: str, recipe: Recipe, rendering_only: bool = False) -> str:
     from launcher.executors.slurm import default_partition, require_slurm_for, slurm_available
 
     if asked == "local":
@@ -147,7 +147,8 @@ def choose_executor(asked: str, recipe: Recipe) -> str:
             raise RecipeError([f"--executor local: distributed.nodes={recipe.distributed.nodes} needs SLURM; use --executor slurm"])
         return "local"
     if asked == "slurm" or recipe.distributed.nodes > 1:
-        require_slurm_for(recipe, asked == "slurm")
+        if not rendering_only:  # a dry run renders sbatch.sh without a cluster
+            require_slurm_for(recipe, asked == "slurm")
         return "slurm"
     known_partition = recipe.slurm.partition or default_partition()
     return "slurm" if slurm_available() and known_partition else "local"

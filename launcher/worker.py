@@ -14,6 +14,7 @@ import tomllib
 import traceback
 from pathlib import Path
 
+from launcher.checkpoints import StopFlag, checkpoint_guard
 from launcher.recipe import Recipe, validate_recipe
 from launcher.rendezvous import check_in, smoke_all_reduce, topology_line, world_from_env
 from launcher.runs import RunDir
@@ -27,8 +28,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         recipe = validate_recipe(tomllib.loads(run.recipe.read_text()), source=str(run.recipe))
         world = world_from_env()
-        print(f"rank {rank} of {world['world_size']} on node {world['node']} (local rank {world['local_rank']}), "
-              f"master {world['master_addr']}:{world['master_port']}")
+        print(f"rank {rank} of {world['world_size']} on node {world['node']} (local rank {world['local_rank']}, "
+              f"pid {os.getpid()}), master {world['master_addr']}:{world['master_port']}")
         records = check_in(world, recipe.world_size())
         fail_if_asked(rank)
         train(recipe, run, rank, records)
@@ -83,7 +84,7 @@ def training_arguments(recipe: Recipe, run: RunDir):
         logging_steps=t.logging_steps,
         save_strategy="steps",
         save_steps=t.save_steps,
-        save_total_limit=t.save_total_limit,
+        save_total_limit=None,  # rotation is checkpoints.tidy's: it counts complete checkpoints only
         gradient_checkpointing=t.gradient_checkpointing,
         seed=t.seed,
         bf16=recipe.model.dtype == "bf16",
@@ -96,7 +97,7 @@ def training_arguments(recipe: Recipe, run: RunDir):
     )
 
 
-def metrics_logger(run: RunDir):
+def metrics_logger(run: RunDir, attempt: int):
     """A Trainer callback writing one JSON row per logged step to logs/train_metrics.jsonl (rank 0)."""
     from transformers import TrainerCallback
 
@@ -116,7 +117,7 @@ def metrics_logger(run: RunDir):
                 "loss": logs["loss"], "learning_rate": logs.get("learning_rate"),
                 "grad_norm": logs.get("grad_norm"), "tokens_seen": tokens,
                 "tokens_per_second": (tokens - previous[1]) / max(clock - previous[0], 1e-9),
-                "time": clock,
+                "time": clock, "attempt": attempt,
             }
             with open(run.metrics_log, "a") as handle:
                 handle.write(json.dumps(row) + "\n")
@@ -127,12 +128,13 @@ def metrics_logger(run: RunDir):
 def train(recipe: Recipe, run: RunDir, rank: int, records: list[dict]) -> None:
     import torch
     from peft import get_peft_model
-    from transformers import DataCollatorForSeq2Seq, Trainer, set_seed
-    from transformers.trainer_utils import get_last_checkpoint
+    from transformers import Trainer, set_seed
 
-    from launcher.data import build_train_dataset
+    from launcher.data import SampleLoggingCollator, build_train_dataset
     from launcher.models import load_base_model, load_tokenizer, peft_config
 
+    stop = StopFlag()  # early: a signal during start-up is acted on at the first step
+    attempt = run.read_manifest().get("attempts", 0) + 1  # rank 0 records it below
     args = training_arguments(recipe, run)  # before the model: it turns on ZeRO-3 sharded loading
     tokenizer = load_tokenizer(recipe)
     with args.main_process_first(local=False, desc="tokenize"):
@@ -143,22 +145,24 @@ def train(recipe: Recipe, run: RunDir, rank: int, records: list[dict]) -> None:
         print(topology_line(records, backend))
         print(f"data: {stats['examples']} examples, {stats['tokens']} tokens, "
               f"{stats['truncated']} truncated to data.max_length={recipe.data.max_length}")
-        run.update_manifest(data=stats)
+        run.update_manifest(data=stats, attempts=attempt)
     init_deepspeed_comm(recipe)  # before loading: ZeRO-3 shards the weights as they load
     set_seed(recipe.train.seed)
     model = get_peft_model(load_base_model(recipe), peft_config(recipe))
     if rank == 0:
         trainable, total = model.get_nb_trainable_parameters()
         print(f"trainable parameters {trainable} of {total}")
+    guard = checkpoint_guard(run.checkpoints, recipe.train.save_total_limit, stop)
     trainer = Trainer(
         model=model, args=args, train_dataset=dataset,
-        data_collator=DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100),
-        callbacks=[metrics_logger(run)],
+        data_collator=SampleLoggingCollator(tokenizer, run.logs / f"samples_rank{rank}.jsonl", attempt),
+        callbacks=[metrics_logger(run, attempt), guard],
     )
-    last = get_last_checkpoint(str(run.checkpoints)) if run.checkpoints.is_dir() else None
-    if last and rank == 0:
-        print(f"resuming from {last}")
-    trainer.train(resume_from_checkpoint=last)
+    resume = resume_point(run, rank)
+    trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+    if guard.stopped_at is not None:
+        stopped(run, rank, guard.stopped_at)
+        return
     save_final_adapter(trainer, run, rank)
 
 
@@ -174,6 +178,33 @@ def init_deepspeed_comm(recipe: Recipe) -> None:
     from launcher.render import resolve_device
 
     deepspeed.init_distributed(dist_backend="gloo" if resolve_device(recipe.distributed.device) == "cpu" else "nccl")
+
+
+def resume_point(run: RunDir, rank: int) -> Path | None:
+    """The newest complete checkpoint; incomplete newer ones are set aside (kept) first."""
+    import torch.distributed as dist
+
+    from launcher.checkpoints import latest_complete_checkpoint, set_aside_incomplete, step_of
+
+    latest = latest_complete_checkpoint(run.checkpoints)
+    if rank == 0:
+        for path in set_aside_incomplete(run.checkpoints, after_step=step_of(latest) if latest else 0):
+            print(f"warning: {path.name.split('-incomplete-')[0]} was not complete (killed while saving?); "
+                  f"ignored and kept as {path.name} until a newer checkpoint completes")
+        print(f"resuming from {latest} (step {step_of(latest)})" if latest else "starting at step 0")
+    if dist.is_initialized():
+        dist.barrier()
+    return latest
+
+
+def stopped(run: RunDir, rank: int, step: int) -> None:
+    """After a stop signal: the checkpoint of `step` is complete; requeue the SLURM job."""
+    from launcher.executors.requeue import requeue_self
+
+    if rank == 0:
+        run.update_manifest(state="preempted", requeues=run.read_manifest().get("requeues", 0) + 1)
+        print(f"stop signal: saved a complete checkpoint at step {step}; requeueing")
+        requeue_self()
 
 
 def save_final_adapter(trainer, run: RunDir, rank: int) -> None:

@@ -8,6 +8,7 @@ import functools
 import shlex
 import shutil
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -32,7 +33,7 @@ def slurm_available() -> bool:
         return False
 
 
-def slurm_parameters(recipe: Recipe) -> dict:
+def slurm_parameters(recipe: Recipe, run: RunDir) -> dict:
     """submitit parameters from the recipe; submitit shell-quotes every #SBATCH value."""
     s = recipe.slurm
     exports = {"PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false"} | s.environment
@@ -48,6 +49,12 @@ def slurm_parameters(recipe: Recipe) -> dict:
         "time": s.time_minutes(),
         "setup": setup,
         "stderr_to_stdout": True,
+        "signal_delay_s": s.signal_lead_s,
+        "additional_parameters": {"requeue": True},
+        # After the ranks: a crashed step is requeued (up to slurm.max_restarts) to resume.
+        "teardown": ["launcher_rc=$?", " ".join(shlex.quote(part) for part in [
+            sys.executable, "-m", "launcher.executors.requeue", str(run.root.resolve())]) + ' "$launcher_rc"',
+            'exit "$launcher_rc"'],
         # One failed rank ends the step at once; the others would wait in a collective for 30 min.
         "srun_args": ["--kill-on-bad-exit=1"],
         **{key: value for key, value in optional.items() if value is not None},
@@ -58,7 +65,7 @@ def make_executor(recipe: Recipe, run: RunDir):
     import submitit
 
     executor = submitit.SlurmExecutor(folder=str((run.logs / "slurm").resolve()))
-    executor.update_parameters(**slurm_parameters(recipe))
+    executor.update_parameters(**slurm_parameters(recipe, run))
     return executor
 
 
