@@ -80,7 +80,9 @@ def tidy(folder: Path, keep: int | None) -> list[Path]:
         base = path.name.split(SET_ASIDE)[0]
         if not NAME.match(base) or path == newest:
             continue
-        stale = step_of(Path(base)) < step_of(newest) and (SET_ASIDE in path.name or not is_complete(path))
+        step, newest_step = step_of(Path(base)), step_of(newest)
+        set_aside_and_redone = SET_ASIDE in path.name and step <= newest_step
+        stale = set_aside_and_redone or (step < newest_step and not is_complete(path))
         if stale:
             shutil.rmtree(path)
             removed.append(path)

@@ -1,0 +1,80 @@
+"""Kill one rank with SIGKILL mid-training, relaunch: the run resumes from the newest complete
+checkpoint and its per-step losses and sample order equal an uninterrupted run's (CPU fp32)."""
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from conftest import REPO, run_launch, tiny_recipe_text, write_recipe
+from launcher.checkpoints import is_complete
+from launcher.runs import RunDir
+
+STEPS = 24
+
+
+def last_row_per_step(run: RunDir) -> dict[int, dict]:
+    rows = {}
+    for line in run.metrics_log.read_text().splitlines():
+        row = json.loads(line)
+        rows[row["step"]] = row
+    return rows
+
+
+def batches(run: RunDir, rank: int, attempt: int | None = None) -> list[list[int]]:
+    lines = (run.logs / f"samples_rank{rank}.jsonl").read_text().splitlines()
+    return [r["ids"] for r in map(json.loads, lines) if attempt is None or r["attempt"] == attempt]
+
+
+def rank_pid(run: RunDir, rank: int) -> int:
+    return int(re.findall(r"pid (\d+)", run.rank_log(rank).read_text())[-1])
+
+
+def launch_args(recipe, run_dir, stage: str) -> list:
+    return [recipe, "--run-dir", run_dir, "--executor", "local", "--set", f"distributed.deepspeed={stage}",
+            "--set", f"train.max_steps={STEPS}", "--set", "train.save_steps=4", "--set", "merge.enabled=false",
+            "--set", "eval.enabled=false"]
+
+
+def wait_for_rows(run: RunDir, count: int, timeout_s: float = 240) -> None:
+    deadline = time.time() + timeout_s
+    while time.time() < deadline:
+        if run.metrics_log.exists() and len(run.metrics_log.read_text().splitlines()) >= count:
+            return
+        time.sleep(0.1)
+    raise AssertionError(f"{run.metrics_log}: fewer than {count} rows after {timeout_s} s")
+
+
+@pytest.mark.parametrize("stage", ["zero2", "zero3"])
+def test_sigkill_of_one_rank_then_relaunch_equals_an_uninterrupted_run(tmp_path, tiny_assets, stage):
+    recipe = write_recipe(tmp_path, tiny_recipe_text(tiny_assets))
+    straight = RunDir(tmp_path / "straight")
+    assert run_launch(*launch_args(recipe, straight.root, stage)).returncode == 0
+
+    run = RunDir(tmp_path / "interrupted")
+    first = subprocess.Popen([sys.executable, "-m", "launcher.cli", *map(str, launch_args(recipe, run.root, stage))],
+                             cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    wait_for_rows(run, 14)
+    os.kill(rank_pid(run, 1), signal.SIGKILL)
+    output, _ = first.communicate(timeout=300)
+    assert first.returncode == 1, output
+    assert json.loads(run.manifest_path.read_text())["state"] == "failed"
+
+    again = run_launch(*launch_args(recipe, run.root, stage))
+    assert again.returncode == 0, again.stdout + again.stderr
+    resumed = int(re.search(r"resuming from \S+ \(step (\d+)\)", run.rank_log(0).read_text()).group(1))
+    assert resumed >= 12 and resumed % 4 == 0
+
+    want, got = last_row_per_step(straight), last_row_per_step(run)
+    assert sorted(got) == list(range(1, STEPS + 1))
+    assert max(abs(want[s]["loss"] - got[s]["loss"]) for s in want) == 0.0
+    assert {got[s]["attempt"] for s in got if s > resumed} == {2}
+    for rank in (0, 1):
+        assert batches(run, rank, attempt=2) == batches(straight, rank)[resumed:]
+    assert is_complete(run.checkpoints / f"checkpoint-{STEPS}") and (run.adapter / "adapter_model.safetensors").exists()
