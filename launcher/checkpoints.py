@@ -70,6 +70,17 @@ def set_aside_incomplete(folder: Path, after_step: int) -> list[Path]:
     return moved
 
 
+def rewind_to(checkpoint: Path) -> list[Path]:
+    """Make `checkpoint` the newest: every newer one is renamed -superseded-<time> (kept, not deleted)."""
+    moved = []
+    for other in checkpoints_in(checkpoint.parent):
+        if step_of(other) > step_of(checkpoint):
+            target = other.with_name(f"{other.name}-superseded-{int(time.time())}")
+            other.rename(target)
+            moved.append(target)
+    return moved
+
+
 def tidy(folder: Path, keep: int | None) -> list[Path]:
     """Remove what a newer complete checkpoint makes useless; keep the `keep` newest complete ones."""
     newest = latest_complete_checkpoint(folder)

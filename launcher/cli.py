@@ -60,6 +60,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--dry-run", action="store_true", help="write the rendered files, print where, and stop")
     run.add_argument("--executor", choices=["auto", "local", "slurm"], default="auto",
                      help="where the ranks run (auto: SLURM when sbatch answers and a partition is known, else local)")
+    run.add_argument("--resume", default="auto", metavar="auto|never|CHECKPOINT",
+                     help="auto: continue an existing run from its newest complete checkpoint (default); never: "
+                          "refuse to reuse a run dir; CHECKPOINT: continue from that one (newer results are kept, renamed)")
     run.add_argument("--detach", action="store_true", help="with SLURM: return after submitting instead of following the job")
     add_topology_arguments(run)
     run.set_defaults(handler=command_run)
@@ -128,7 +131,7 @@ def command_run(args: argparse.Namespace, console: Console) -> int:
 
     recipe = recipe_from(args)
     executor = choose_executor(args.executor, recipe, rendering_only=args.dry_run)
-    run = prepare(recipe, args.run_dir or default_run_dir(recipe), console)
+    run = prepare(recipe, args.run_dir or default_run_dir(recipe), console, resume=args.resume)
     if executor == "slurm":
         from launcher.executors.slurm import write_sbatch
 
@@ -220,7 +223,11 @@ def describe_run(run) -> str:
         raise RecipeError([f"{run.root}: not a run dir (no manifest.json)"])
     step = last_metrics_row(run)
     progress = f"step {step['step']}/{step['max_steps']}, loss {step['loss']:.4f}" if step else "no steps yet"
+    from launcher.checkpoints import latest_complete_checkpoint
+
     lines = [f"{run.root}: {manifest.get('state')}, {progress}"]
+    newest = latest_complete_checkpoint(run.checkpoints)
+    lines.append(f"  last complete checkpoint: {newest.name if newest else 'none'}; requeues: {manifest.get('requeues', 0)}")
     jobs = manifest.get("jobs", [])
     if jobs:
         lines.append(f"  job: {job_summary(jobs[-1])}")

@@ -8,20 +8,41 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from launcher.recipe import Recipe
+from launcher.recipe import Recipe, RecipeError
 from launcher.render import render_run, worker_command
 from launcher.runs import RunDir, claim_run_dir
 
 
-def prepare(recipe: Recipe, run_dir: Path, console: Console) -> RunDir:
+def prepare(recipe: Recipe, run_dir: Path, console: Console, resume: str = "auto") -> RunDir:
     """Claim (or find again) the run dir and write the rendered files into it."""
     run = RunDir(run_dir)
-    resumed = claim_run_dir(run, recipe)
+    existed = run.manifest_path.exists()
+    if existed and resume == "never":
+        raise RecipeError([f"--resume never: {run.root} holds a run already; pass a new --run-dir to start over"])
+    changes = claim_run_dir(run, recipe)
     render_run(recipe, run)
-    if resumed:
+    if existed:
         console.print(f"run dir {run.root} exists with this recipe: continuing it (state: {run.read_manifest().get('state')})",
                       highlight=False)
+    for change in changes:
+        console.print(f"  recipe changed since the last launch: {change}", highlight=False)
+    if resume not in ("auto", "never"):
+        rewind(run, Path(resume), console)
     return run
+
+
+def rewind(run: RunDir, checkpoint: Path, console: Console) -> None:
+    """--resume PATH: resume from an older complete checkpoint; newer results are kept, renamed."""
+    from launcher.checkpoints import is_complete, rewind_to
+    from launcher.runs import archive
+
+    checkpoint = checkpoint.resolve()
+    if checkpoint.parent != run.checkpoints.resolve() or not is_complete(checkpoint):
+        raise RecipeError([f"--resume {checkpoint}: not a complete checkpoint of {run.root}; "
+                           f"pick one of {run.checkpoints}/checkpoint-N with a completion marker"])
+    for moved in rewind_to(checkpoint):
+        console.print(f"  newer checkpoint kept as {moved}", highlight=False)
+    archive(run, [run.adapter, run.merged, run.eval])  # they belong to the later history
 
 
 def describe_dry_run(run: RunDir, console: Console, executor: str = "local") -> None:

@@ -6,6 +6,7 @@ import os
 import platform
 import subprocess
 import time
+import tomllib
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
@@ -67,24 +68,67 @@ def now() -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%S%z")
 
 
-def claim_run_dir(run: RunDir, recipe: Recipe) -> bool:
-    """Create the run dir for `recipe`, or accept it when it already holds the same recipe.
+def claim_run_dir(run: RunDir, recipe: Recipe) -> list[str]:
+    """Create the run dir for `recipe`, or accept it for a resume.
 
-    Returns True when the run dir already existed (the run resumes). A run dir holding a
-    different recipe, or files that are not a run of ours, is refused: never overwritten.
+    Returns the recipe changes a resume accepted (empty for a new run or the same recipe).
+    A run dir of a recipe that cannot resume into this one, or files that are not a run of
+    ours, is refused: never overwritten.
     """
     if not run.root.exists() or not any(run.root.iterdir()):
         run.root.mkdir(parents=True, exist_ok=True)
-        return False
+        return []
     recorded = run.read_manifest().get("recipe_hash")
-    if recorded is None:
+    if recorded is None or not run.recipe.is_file():
         raise RecipeError([f"{run.root}: exists and is not a run dir of this launcher; choose another --run-dir"])
-    if recorded != recipe.fingerprint():
+    if recorded == recipe.fingerprint():
+        return []
+    changes = reconcile(tomllib.loads(run.recipe.read_text()), recipe.to_dict(), run.root)
+    archive(run, [run.recipe, run.root / "sbatch.sh"])
+    manifest = run.read_manifest()
+    run.update_manifest(recipe_hash=recipe.fingerprint(), recipe_changes=manifest.get("recipe_changes", []) + changes)
+    return changes
+
+
+# Keys a resume may change: they alter neither the checkpoint's shapes and sharding nor the data order.
+RESUMABLE = ("train.max_steps", "train.epochs", "train.save_steps", "train.save_total_limit",
+             "train.logging_steps", "eval.", "merge.", "slurm.")
+WHY_NOT = {"model.": "the checkpoint holds an adapter for that base model",
+           "peft.": "the checkpoint's adapter shapes and target modules come from it",
+           "distributed.": "the ZeRO checkpoint is sharded for the recorded ranks and stage",
+           "data.": "the data order and position would no longer match the checkpoint",
+           "train.": "the optimizer, schedule or data order in the checkpoint were made with the old value",
+           "name": "it names the run"}
+
+
+def reconcile(old: dict, new: dict, where: Path) -> list[str]:
+    """Which keys changed since the run's recipe; refuse those a resume cannot honour."""
+    changed = [(key, a, b) for key, a, b in differences(old, new)]
+    refused = [(k, a, b) for k, a, b in changed if not k.startswith(RESUMABLE) and k not in RESUMABLE]
+    if refused:
         raise RecipeError([
-            f"{run.root}: holds a run of a different recipe (hash {recorded}, now {recipe.fingerprint()}); "
-            f"to start a new run pass --run-dir NEW_DIR, or restore the recipe in {run.recipe} to resume"
-        ])
-    return True
+            f"{key}: {json.dumps(a)} -> {json.dumps(b)} cannot change when resuming {where} "
+            f"({next(v for p, v in WHY_NOT.items() if key.startswith(p))}); restore it, or start a new run with --run-dir"
+            for key, a, b in refused])
+    return [f"{key}: {json.dumps(a)} -> {json.dumps(b)} (the new value wins)" for key, a, b in changed]
+
+
+def differences(old: dict, new: dict, prefix: str = ""):
+    for key in sorted(set(old) | set(new)):
+        a, b = old.get(key), new.get(key)
+        if isinstance(a, dict) and isinstance(b, dict) and key != "deepspeed_overrides":
+            yield from differences(a, b, f"{prefix}{key}.")
+        elif a != b:
+            yield f"{prefix}{key}", a, b
+
+
+def archive(run: RunDir, paths: list[Path]) -> None:
+    """Move superseded rendered files to history/ (kept, never overwritten)."""
+    stamp = time.strftime("%Y%m%dT%H%M%S")
+    for path in paths:
+        if path.exists():
+            (run.root / "history").mkdir(exist_ok=True)
+            path.rename(run.root / "history" / f"{stamp}-{path.name}")
 
 
 def new_manifest(recipe: Recipe) -> dict[str, Any]:

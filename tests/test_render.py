@@ -91,9 +91,16 @@ def test_existing_run_dir_is_never_overwritten(tmp_path, tiny_assets):
     before = {p.name: p.read_bytes() for p in run_dir.iterdir()}
     again = run_launch(recipe, "--dry-run", "--run-dir", run_dir)
     assert again.returncode == 0 and "continuing it" in again.stdout
-    changed = run_launch(recipe, "--dry-run", "--run-dir", run_dir, "--set", "train.learning_rate=1e-3")
+    changed = run_launch(recipe, "--dry-run", "--run-dir", run_dir, "--set", "train.learning_rate=1e-3",
+                         "--set", "peft.r=4")
     assert changed.returncode == 2
-    assert "holds a run of a different recipe" in changed.stderr and "--run-dir NEW_DIR" in changed.stderr
+    assert changed.stderr.splitlines() == [
+        f"error: peft.r: 8 -> 4 cannot change when resuming {run_dir} (the checkpoint's adapter shapes and target "
+        "modules come from it); restore it, or start a new run with --run-dir",
+        f"error: train.learning_rate: 0.003 -> 0.001 cannot change when resuming {run_dir} (the optimizer, schedule "
+        "or data order in the checkpoint were made with the old value); restore it, or start a new run with --run-dir"]
+    never = run_launch(recipe, "--dry-run", "--run-dir", run_dir, "--resume", "never")
+    assert never.returncode == 2 and "--resume never" in never.stderr
     foreign = tmp_path / "foreign"
     foreign.mkdir()
     (foreign / "notes.txt").write_text("mine")
@@ -108,3 +115,18 @@ def test_every_recipe_in_recipes_renders(tmp_path):
         result = run_launch(recipe, "--dry-run", "--run-dir", tmp_path / recipe.stem)
         assert result.returncode == 0, f"{recipe}: {result.stderr}"
         assert (tmp_path / recipe.stem / "deepspeed.json").exists()
+
+
+def test_a_resume_accepts_safe_changes_and_keeps_the_old_recipe(tmp_path, tiny_assets):
+    recipe = write_recipe(tmp_path, tiny_recipe_text(tiny_assets))
+    run_dir = tmp_path / "run"
+    assert run_launch(recipe, "--dry-run", "--run-dir", run_dir).returncode == 0
+    old_recipe = (run_dir / "recipe.toml").read_text()
+    longer = run_launch(recipe, "--dry-run", "--run-dir", run_dir, "--set", "train.max_steps=40", "--set", "eval.max_examples=5")
+    assert longer.returncode == 0, longer.stderr
+    assert "recipe changed since the last launch: train.max_steps: 12 -> 40 (the new value wins)" in longer.stdout
+    assert "eval.max_examples: 24 -> 5 (the new value wins)" in longer.stdout
+    [kept] = (run_dir / "history").iterdir()
+    assert kept.read_text() == old_recipe and "max_steps = 40" in (run_dir / "recipe.toml").read_text()
+    manifest = json.loads((run_dir / "manifest.json").read_text())
+    assert len(manifest["recipe_changes"]) == 2
