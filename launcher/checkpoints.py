@@ -120,6 +120,17 @@ class StopFlag:
         self.raised = True
 
 
+_installed: StopFlag | None = None
+
+
+def stop_flag() -> StopFlag:
+    """The process's one stop flag, installed on first use (the SLURM task does it first thing)."""
+    global _installed
+    if _installed is None:
+        _installed = StopFlag()
+    return _installed
+
+
 def ranks_agree(flag: bool, device) -> bool:
     """True on every rank when any rank saw the flag (one all-reduce)."""
     import torch

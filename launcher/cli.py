@@ -221,7 +221,7 @@ def describe_run(run) -> str:
     manifest = run.read_manifest()
     if not manifest:
         raise RecipeError([f"{run.root}: not a run dir (no manifest.json)"])
-    step = last_metrics_row(run)
+    step = run.last_metrics_row()
     progress = f"step {step['step']}/{step['max_steps']}, loss {step['loss']:.4f}" if step else "no steps yet"
     from launcher.checkpoints import latest_complete_checkpoint
 
@@ -273,13 +273,6 @@ def command_cancel(args: argparse.Namespace, console: Console) -> int:
     run.set_state("cancelled")
     console.print(f"cancelled {jobs[-1]['executor']} job {jobs[-1].get('id')}")
     return 0
-
-
-def last_metrics_row(run) -> dict | None:
-    if not run.metrics_log.exists():
-        return None
-    lines = run.metrics_log.read_text().splitlines()
-    return json.loads(lines[-1]) if lines else None
 
 
 if __name__ == "__main__":

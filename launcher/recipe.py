@@ -181,10 +181,10 @@ class SlurmSection(Section):
     """Memory per node, e.g. "64G" (sbatch --mem)."""
     time: str = Field("01:00:00", pattern=TIME_PATTERN)
     """Wall-time limit of the training job: minutes, HH:MM:SS or D-HH:MM:SS."""
-    signal_lead_s: int = Field(120, ge=90)
+    signal_lead_s: int = Field(120, ge=10)
     """Seconds before the time limit at which SLURM signals the job to save a checkpoint and requeue."""
     max_restarts: int = Field(2, ge=0)
-    """Times a crashed job (any rank exiting non-zero) is requeued to resume from its last checkpoint."""
+    """Times a crashed job is requeued to resume from its last checkpoint (none after a crash that made no step)."""
     setup: list[str] = []
     """Shell commands run in the job before the ranks start (e.g. "module load cuda"); run as written."""
     environment: dict[str, str] = {}

@@ -49,6 +49,13 @@ class RunDir:
     def set_state(self, state: str) -> None:
         self.update_manifest(state=state, updated=now())
 
+    def last_metrics_row(self) -> dict | None:
+        """The newest row of logs/train_metrics.jsonl (None before the first logged step)."""
+        if not self.metrics_log.exists():
+            return None
+        lines = self.metrics_log.read_text().splitlines()
+        return json.loads(lines[-1]) if lines else None
+
 
 def default_run_dir(recipe: Recipe) -> Path:
     return Path("runs") / recipe.name

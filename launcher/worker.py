@@ -14,7 +14,7 @@ import tomllib
 import traceback
 from pathlib import Path
 
-from launcher.checkpoints import StopFlag, checkpoint_guard
+from launcher.checkpoints import checkpoint_guard, stop_flag
 from launcher.recipe import Recipe, validate_recipe
 from launcher.rendezvous import check_in, smoke_all_reduce, topology_line, world_from_env
 from launcher.runs import RunDir
@@ -32,7 +32,10 @@ def main(argv: list[str] | None = None) -> int:
               f"pid {os.getpid()}), master {world['master_addr']}:{world['master_port']}")
         records = check_in(world, recipe.world_size())
         fail_if_asked(rank)
-        train(recipe, run, rank, records)
+        if run.adapter.exists():  # an earlier attempt trained and saved it: only finishing is left
+            print("the final adapter exists: training is done")
+        else:
+            train(recipe, run, rank, records)
         if rank == 0:
             from launcher.pipeline import finish
 
@@ -133,7 +136,7 @@ def train(recipe: Recipe, run: RunDir, rank: int, records: list[dict]) -> None:
     from launcher.data import SampleLoggingCollator, build_train_dataset
     from launcher.models import load_base_model, load_tokenizer, peft_config
 
-    stop = StopFlag()  # early: a signal during start-up is acted on at the first step
+    stop = stop_flag()  # a signal during start-up is acted on at the first step
     attempt = run.read_manifest().get("attempts", 0) + 1  # rank 0 records it below
     args = training_arguments(recipe, run)  # before the model: it turns on ZeRO-3 sharded loading
     tokenizer = load_tokenizer(recipe)
@@ -199,10 +202,11 @@ def resume_point(run: RunDir, rank: int) -> Path | None:
 
 def stopped(run: RunDir, rank: int, step: int) -> None:
     """After a stop signal: the checkpoint of `step` is complete; requeue the SLURM job."""
-    from launcher.executors.requeue import requeue_self
+    from launcher.executors.requeue import allocation, requeue_self
 
     if rank == 0:
-        run.update_manifest(state="preempted", requeues=run.read_manifest().get("requeues", 0) + 1)
+        run.update_manifest(state="preempted", requeues=run.read_manifest().get("requeues", 0) + 1,
+                            stopped_in=allocation())
         print(f"stop signal: saved a complete checkpoint at step {step}; requeueing")
         requeue_self()
 

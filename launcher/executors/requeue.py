@@ -25,16 +25,32 @@ def requeue_self() -> bool:
     return done.returncode == 0
 
 
+def allocation() -> str:
+    """This run of the job: its id and how many times SLURM restarted it (a requeue keeps the id)."""
+    return f"{os.environ.get('SLURM_JOB_ID')}.{os.environ.get('SLURM_RESTART_COUNT', '0')}"
+
+
+def logged_steps(run: RunDir) -> int:
+    """Rows in logs/train_metrics.jsonl over all attempts: it grows with every step any attempt makes."""
+    return len(run.metrics_log.read_text().splitlines()) if run.metrics_log.exists() else 0
+
+
 def after_job_step(run: RunDir, exit_code: int) -> str:
     """Decide what a finished job step means: done, requeued after a crash, or failed for good."""
     if exit_code == 0:
         return "ok"
     manifest = run.read_manifest()
+    if manifest.get("stopped_in") == allocation():  # the ranks saved and requeued after a stop signal
+        return "requeued after the stop signal"
     limit = tomllib.loads(run.recipe.read_text()).get("slurm", {}).get("max_restarts", 0)
     restarts = manifest.get("crash_restarts", 0)
     if manifest.get("state") == "cancelled" or restarts >= limit:
         return f"failed (exit code {exit_code}; {restarts} of {limit} crash restarts used)"
-    run.update_manifest(state="requeued", crash_restarts=restarts + 1, requeues=manifest.get("requeues", 0) + 1)
+    logged = logged_steps(run)
+    if restarts and manifest.get("logged_steps_at_last_crash") == logged:
+        return f"failed (exit code {exit_code}; no training step since the previous crash, so it is not transient)"
+    run.update_manifest(state="requeued", crash_restarts=restarts + 1, requeues=manifest.get("requeues", 0) + 1,
+                        logged_steps_at_last_crash=logged)
     return "requeued" if requeue_self() else "failed (requeue refused)"
 
 

@@ -82,8 +82,17 @@ class SlurmTask:
         self.run_dir = run_dir
 
     def __call__(self) -> int:
+        import signal
+
         import submitit
 
+        from launcher.checkpoints import stop_flag
+
+        # submitit's handlers expect its own checkpoint-and-requeue. Ours: USR2 only sets the stop
+        # flag (from now on: a signal during start-up is not lost), and SIGTERM (srun
+        # --kill-on-bad-exit, scancel) ends a rank at once, as it should.
+        stop_flag()
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
         # Every rank sees all of its node's GPUs and picks LOCAL_RANK's, as torchrun does.
         submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
         from launcher.worker import main

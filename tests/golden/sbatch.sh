@@ -11,7 +11,8 @@
 #SBATCH --output='{RUN_DIR}/logs/slurm/%j_0_log.out'
 #SBATCH --partition='x; touch pwned'
 #SBATCH --qos='`touch pwned`'
-#SBATCH --signal=USR2@90
+#SBATCH --requeue
+#SBATCH --signal=USR2@120
 #SBATCH --time=10
 #SBATCH --wckey=submitit
 
@@ -24,3 +25,9 @@ export EVIL='$(touch pwned); `touch pwned` '"'"'single'"'"' "double" $HOME \'
 # command
 export SUBMITIT_EXECUTOR=slurm
 srun --unbuffered --output '{RUN_DIR}/logs/slurm/%j_%t_log.out' --kill-on-bad-exit=1 {PYTHON} -u -m submitit.core._submit '{RUN_DIR}/logs/slurm'
+
+
+# teardown
+launcher_rc=$?
+{PYTHON} -m launcher.executors.requeue '{RUN_DIR}' "$launcher_rc"
+exit "$launcher_rc"
