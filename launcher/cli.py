@@ -18,6 +18,7 @@ import tomllib
 from pathlib import Path
 
 from rich.console import Console
+from rich.markup import escape
 
 from launcher.recipe import Recipe, RecipeError, load_recipe, validate_recipe
 
@@ -67,9 +68,13 @@ def build_parser() -> argparse.ArgumentParser:
     add_topology_arguments(run)
     run.set_defaults(handler=command_run)
 
-    check = commands.add_parser("check", help="validate a recipe and render it, running nothing",
-                                description="Validate the recipe and its DeepSpeed template; print the resolved settings.")
+    check = commands.add_parser("check", help="validate a recipe and run the pre-flight checks, running nothing",
+                                description="Validate the recipe, read its data, build the model on the meta device "
+                                            "(no weights) and check target modules, the method's compatibility, the "
+                                            "batch arithmetic and the per-device memory estimate.")
     add_recipe_arguments(check)
+    check.add_argument("--show-samples", type=int, default=0, metavar="N",
+                       help="print N tokenized training samples with the masked (not trained) part marked")
     add_topology_arguments(check)
     check.set_defaults(handler=command_check)
 
@@ -131,6 +136,9 @@ def command_run(args: argparse.Namespace, console: Console) -> int:
 
     recipe = recipe_from(args)
     executor = choose_executor(args.executor, recipe, rendering_only=args.dry_run)
+    if not args.dry_run and preflight(recipe, console).errors:
+        console.print("pre-flight failed: nothing was started; fix the errors above", highlight=False)
+        return 2
     run = prepare(recipe, args.run_dir or default_run_dir(recipe), console, resume=args.resume)
     if executor == "slurm":
         from launcher.executors.slurm import write_sbatch
@@ -162,16 +170,36 @@ def command_check(args: argparse.Namespace, console: Console) -> int:
 
     recipe = recipe_from(args)
     ds_config = render_deepspeed(recipe)
-    t = recipe.train
     console.print(f"{args.recipe}: valid", highlight=False)
     if recipe.slurm.profile:
         console.print(f"  SLURM profile {recipe.slurm.profile}: partition {recipe.slurm.partition}, time {recipe.slurm.time}", highlight=False)
-    console.print(f"  model {recipe.model.name_or_path} ({recipe.model.dtype}), peft {recipe.peft.method} r={recipe.peft.r}, "
-                  f"targets {recipe.peft.target_modules}", highlight=False)
-    console.print(f"  {recipe.world_size()} ranks, DeepSpeed {recipe.distributed.deepspeed} (ZeRO-{zero_stage(ds_config)}), "
-                  f"global batch {ds_config['train_batch_size']} = {t.micro_batch_size} x {t.gradient_accumulation_steps} "
-                  f"accumulation x {recipe.world_size()} ranks", highlight=False)
-    return 0
+    console.print(f"  model {recipe.model.name_or_path} ({recipe.model.dtype}), peft {recipe.peft.method}, "
+                  f"{recipe.world_size()} ranks, DeepSpeed {recipe.distributed.deepspeed} (ZeRO-{zero_stage(ds_config)})",
+                  highlight=False)
+    report = preflight(recipe, console, samples=args.show_samples)
+    return 2 if report.errors else 0
+
+
+def preflight(recipe: Recipe, console: Console, samples: int = 0):
+    """Run the pre-flight checks and print them; errors are printed as the recipe errors they are."""
+    from launcher.data import read_training_set
+    from launcher.models import quiet_libraries
+    from launcher.preflight import run_preflight
+
+    quiet_libraries("cpu")
+    with console.status("pre-flight: reading data, building the model on the meta device"):
+        data = read_training_set(recipe, samples)
+        report = run_preflight(recipe, examples=data.examples)
+    report.warnings[:0] = data.warnings
+    for line in data.lines + report.lines:
+        console.print(f"  {line}", highlight=False, markup=False)
+    for line in report.warnings:
+        console.print(f"[yellow]warning[/yellow] {escape(line)}", highlight=False)
+    for line in report.errors:
+        console.print(f"[red]error[/red] {escape(line)}", highlight=False)
+    for sample in data.samples[:samples]:
+        console.print(sample, highlight=False)
+    return report
 
 
 def load_run_recipe(run_dir: Path) -> Recipe:

@@ -7,7 +7,8 @@ import shutil
 from contextlib import nullcontext
 from pathlib import Path
 
-from launcher.data import Example, response_suffix, split_examples, tokenize
+from launcher.data import Example, split_examples, tokenize
+from launcher.quirks import quirks_for
 from launcher.recipe import Recipe
 from launcher.runs import RunDir, write_atomic
 
@@ -25,20 +26,21 @@ def evaluate_run(recipe: Recipe, run: RunDir, overwrite: bool = False) -> dict:
     if (run.eval / "metrics.json").exists() and not overwrite:
         raise FileExistsError(f"{run.eval}: holds an evaluation; pass --overwrite to replace it")
     validate_adapter(run.adapter)
-    examples = split_examples(recipe)[1][: recipe.eval.max_examples]
+    tokenizer = load_tokenizer(recipe, padding_side="left")
+    examples = split_examples(recipe, tokenizer).held_out[: recipe.eval.max_examples]
     if not examples:
         raise ValueError("no held-out examples: set data.eval_file or a data.eval_fraction > 0")
-    tokenizer = load_tokenizer(recipe, padding_side="left")
     model = PeftModel.from_pretrained(load_base_model(recipe), str(run.adapter)).eval()
     predictions, metrics = {}, {}
     with torch.no_grad():
         for system in SYSTEMS:
             with model.disable_adapter() if system == "base" else nullcontext():
-                predictions[system] = generate(model, tokenizer, examples, recipe)
-                metrics[system] = {
-                    "exact_match": exact_match(predictions[system], examples),
-                    **reference_loss(model, tokenizer, examples, recipe),
-                }
+                metrics[system] = reference_loss(model, tokenizer, examples, recipe)
+                if all(e.prompt for e in examples):  # plain text (data.format = "text") has no prompt to answer
+                    predictions[system] = generate(model, tokenizer, examples, recipe)
+                    metrics[system]["exact_match"] = exact_match(predictions[system], examples)
+                else:
+                    predictions[system] = [""] * len(examples)
     write_results(run.eval, examples, predictions, metrics)
     return metrics
 
@@ -54,15 +56,16 @@ def generate(model, tokenizer, examples: list[Example], recipe: Recipe) -> list[
         generated = model.generate(
             **encoded, max_new_tokens=recipe.eval.max_new_tokens, do_sample=False,
             pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+            use_cache=quirks_for(model.config.model_type).generate_with_cache,
         )
         new_tokens = generated[:, encoded["input_ids"].shape[1]:]
         for i, text in zip(batch, tokenizer.batch_decode(new_tokens, skip_special_tokens=True)):
-            outputs[i] = clean_prediction(text, recipe.data.template)
+            outputs[i] = clean_prediction(text, examples[i].suffix)
     return [outputs[i] for i in range(len(examples))]
 
 
-def clean_prediction(text: str, template: str) -> str:
-    suffix = response_suffix(template)
+def clean_prediction(text: str, suffix: str) -> str:
+    suffix = suffix.strip()
     if suffix and suffix in text:
         text = text[: text.index(suffix)]
     return text.strip()
@@ -80,13 +83,14 @@ def reference_loss(model, tokenizer, examples: list[Example], recipe: Recipe) ->
     total, count = 0.0, 0
     size = recipe.eval.batch_size
     for start in range(0, len(examples), size):
-        rows = [tokenize(e, tokenizer, recipe.data.template, recipe.data.max_length) for e in examples[start:start + size]]
+        rows = [tokenize(e, tokenizer, recipe.data.max_length) for e in examples[start:start + size]]
         width = max(len(r["input_ids"]) for r in rows)
         pad = tokenizer.pad_token_id
         input_ids = torch.tensor([r["input_ids"] + [pad] * (width - len(r["input_ids"])) for r in rows])
         labels = torch.tensor([r["labels"] + [-100] * (width - len(r["labels"])) for r in rows])
         attention = torch.tensor([[1] * len(r["input_ids"]) + [0] * (width - len(r["input_ids"])) for r in rows])
         logits = model(input_ids=input_ids, attention_mask=attention).logits.float()
+        logits = logits[:, -input_ids.shape[1]:]  # prompt / p-tuning put their virtual tokens first
         shifted = labels[:, 1:]
         losses = torch.nn.functional.cross_entropy(
             logits[:, :-1].reshape(-1, logits.shape[-1]), shifted.reshape(-1), ignore_index=-100, reduction="sum")

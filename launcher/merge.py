@@ -9,12 +9,17 @@ from launcher.recipe import Recipe
 from launcher.runs import RunDir
 
 
+PROBE_FILE = "launcher-probe.safetensors"  # the trained model's logits on two examples (worker.trained_probe)
+
+
 class AdapterError(Exception):
     """The adapter on disk is unusable; the message says what is wrong with which tensor."""
 
 
 def validate_adapter(adapter_dir: Path, trained: bool = True) -> str:
-    """Check every tensor is non-empty, LoRA shapes match the config, and (after training) lora_B moved off zero."""
+    """Check every tensor is non-empty, LoRA shapes match the config, and (after training) the
+    tensors that start at their identity value moved off it (lora_B / AdaLoRA's lora_E from 0,
+    IA3's scales from 1): an adapter that did not change is refused."""
     from safetensors import safe_open
 
     adapter_dir = Path(adapter_dir)
@@ -24,7 +29,8 @@ def validate_adapter(adapter_dir: Path, trained: bool = True) -> str:
         if not path.is_file():
             raise AdapterError(f"{path}: missing; the adapter was not saved")
     config = json.loads(config_path.read_text())
-    rank = config.get("r")
+    rank = config.get("r") if config.get("peft_type") == "LORA" else None  # AdaLoRA's ranks vary by layer
+    identity = {"LORA": ("lora_B", 0.0), "ADALORA": ("lora_E", 0.0), "IA3": ("ia3_l", 1.0)}.get(config.get("peft_type"))
     moved, count, params = False, 0, 0
     with safe_open(str(weights), framework="pt") as tensors:
         names = list(tensors.keys())
@@ -32,19 +38,30 @@ def validate_adapter(adapter_dir: Path, trained: bool = True) -> str:
             raise AdapterError(f"{weights}: holds no tensors (the ZeRO-3 empty-adapter failure); nothing to save")
         for name in names:
             tensor = tensors.get_tensor(name)
-            if tensor.numel() == 0:
+            if tensor.numel() == 0 and not pruned_away(config, name):
                 raise AdapterError(f"{weights}: tensor {name} is empty {tuple(tensor.shape)} "
                                    "(ZeRO-3 saved a shard placeholder; set stage3_gather_16bit_weights_on_model_save)")
-            if rank and "lora_A" in name and tensor.shape[0] != rank:
-                raise AdapterError(f"{weights}: {name} has shape {tuple(tensor.shape)}, expected rank {rank} rows")
-            if rank and "lora_B" in name:
-                if tensor.shape[-1] != rank:
-                    raise AdapterError(f"{weights}: {name} has shape {tuple(tensor.shape)}, expected rank {rank} columns")
-                moved = moved or bool(tensor.abs().max() > 0)
+            check_lora_shape(weights, name, tensor, rank)
+            if identity and identity[0] in name:
+                moved = moved or bool((tensor.float() - identity[1]).abs().max() > 0)
             count, params = count + 1, params + tensor.numel()
-    if trained and rank and not moved:
-        raise AdapterError(f"{weights}: every lora_B is all zeros: training did not change the adapter")
+    if trained and identity and not moved:
+        raise AdapterError(f"{weights}: every {identity[0]} still holds its initial value: training did not change the adapter")
     return f"{count} tensors, {params} parameters, valid"
+
+
+def pruned_away(config: dict, name: str) -> bool:
+    """AdaLoRA may prune a layer to rank 0: its saved tensors are empty by design (rank_pattern says so)."""
+    pattern = config.get("rank_pattern") or {}
+    return config.get("peft_type") == "ADALORA" and any(
+        not any(mask) and f"{key.removesuffix('lora_E')}lora_" in name for key, mask in pattern.items())
+
+
+def check_lora_shape(weights: Path, name: str, tensor, rank: int | None) -> None:
+    if rank and "lora_A" in name and tensor.shape[0] != rank:
+        raise AdapterError(f"{weights}: {name} has shape {tuple(tensor.shape)}, expected rank {rank} rows")
+    if rank and "lora_B" in name and tensor.shape[-1] != rank:
+        raise AdapterError(f"{weights}: {name} has shape {tuple(tensor.shape)}, expected rank {rank} columns")
 
 
 def merge_run(recipe: Recipe, run: RunDir, overwrite: bool = False) -> Path:

@@ -1,9 +1,11 @@
 """Base model and tokenizer loading, and the PEFT config built from [peft]."""
 from __future__ import annotations
 
+import math
 import os
 import warnings
 
+from launcher.quirks import apply_quirks, quirks_for, set_environment
 from launcher.recipe import Recipe
 
 TORCH_DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
@@ -29,6 +31,15 @@ def torch_dtype(recipe: Recipe):
     return getattr(torch, TORCH_DTYPES[recipe.model.dtype])
 
 
+def model_type(recipe: Recipe) -> str | None:
+    """config.json's model_type of the base model (a local read; the hub only when it is not local)."""
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(recipe.model.name_or_path, revision=recipe.model.revision,
+                                        trust_remote_code=recipe.model.trust_remote_code)
+    return getattr(config, "model_type", None)
+
+
 def load_tokenizer(recipe: Recipe, padding_side: str = "right"):
     from transformers import AutoTokenizer
 
@@ -36,26 +47,147 @@ def load_tokenizer(recipe: Recipe, padding_side: str = "right"):
         recipe.model.name_or_path, revision=recipe.model.revision,
         trust_remote_code=recipe.model.trust_remote_code,
     )
+    quirks = quirks_for(model_type(recipe))
     if tokenizer.pad_token_id is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    tokenizer.padding_side = padding_side
+        if quirks.pad_token_id is not None:
+            tokenizer.pad_token_id = quirks.pad_token_id
+        else:
+            tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.padding_side = quirks.padding_side or padding_side
     return tokenizer
 
 
-def load_base_model(recipe: Recipe, name_or_path: str | None = None):
+def load_base_model(recipe: Recipe, name_or_path: str | None = None, quantization=None, device: str | None = None):
+    """The base model in the recipe's dtype; quantized (bitsandbytes) and placed on `device` when asked."""
     from transformers import AutoModelForCausalLM
 
-    return AutoModelForCausalLM.from_pretrained(
+    set_environment(model_type(recipe))
+    extra = {"quantization_config": quantization, "device_map": {"": device or "cpu"}} if quantization else {}
+    model = AutoModelForCausalLM.from_pretrained(
         name_or_path or recipe.model.name_or_path, revision=recipe.model.revision,
-        trust_remote_code=recipe.model.trust_remote_code, dtype=torch_dtype(recipe),
+        trust_remote_code=recipe.model.trust_remote_code, dtype=torch_dtype(recipe), **extra,
+    )
+    apply_quirks(model)
+    return model
+
+
+def quantization_config(recipe: Recipe):
+    """bitsandbytes settings for qlora (4-bit) and lora-8bit; None for an unquantized base."""
+    from transformers import BitsAndBytesConfig
+
+    method = recipe.peft.method
+    if method == "lora-8bit":
+        return BitsAndBytesConfig(load_in_8bit=True)
+    if method != "qlora":
+        return None
+    dtype = torch_dtype(recipe)
+    return BitsAndBytesConfig(
+        load_in_4bit=True, bnb_4bit_quant_type=recipe.peft.quant_type,
+        bnb_4bit_use_double_quant=recipe.peft.double_quant, bnb_4bit_compute_dtype=dtype,
+        bnb_4bit_quant_storage=dtype,  # ZeRO-3 shards storage of the model's dtype only
     )
 
 
-def peft_config(recipe: Recipe):
-    from peft import LoraConfig, TaskType
+def load_training_model(recipe: Recipe, total_steps: int, device):
+    """The base model (quantized when the method says so) with a fresh adapter from [peft]."""
+    from peft import get_peft_model, prepare_model_for_kbit_training
+
+    quantized = quantization_config(recipe)
+    model = load_base_model(recipe, quantization=quantized, device=device)
+    if quantized is not None:
+        model = prepare_model_for_kbit_training(
+            model, use_gradient_checkpointing=recipe.train.gradient_checkpointing)
+    return get_peft_model(model, peft_config(recipe, total_steps))
+
+
+def peft_config(recipe: Recipe, total_steps: int = 0):
+    import peft
 
     p = recipe.peft
-    return LoraConfig(
-        task_type=TaskType.CAUSAL_LM, r=p.r, lora_alpha=p.alpha, lora_dropout=p.dropout,
-        target_modules=p.target_modules,
-    )
+    task = peft.TaskType.CAUSAL_LM
+    if p.method in ("lora", "qlora", "lora-8bit"):
+        return peft.LoraConfig(task_type=task, r=p.r, lora_alpha=p.alpha, lora_dropout=p.dropout,
+                               target_modules=p.target_modules or "all-linear")
+    if p.method == "adalora":
+        return peft.AdaLoraConfig(
+            task_type=task, init_r=p.init_r, target_r=p.target_r, tinit=p.tinit, tfinal=p.tfinal,
+            deltaT=p.delta_t, total_step=total_steps, lora_alpha=p.alpha, lora_dropout=p.dropout,
+            target_modules=p.target_modules or "all-linear")
+    if p.method == "ia3":
+        return peft.IA3Config(task_type=task, target_modules=p.target_modules,
+                              feedforward_modules=p.feedforward_modules)
+    if p.method == "prefix-tuning":
+        return peft.PrefixTuningConfig(task_type=task, num_virtual_tokens=p.num_virtual_tokens,
+                                       prefix_projection=p.prefix_projection,
+                                       encoder_hidden_size=p.encoder_hidden_size)
+    if p.method == "prompt-tuning":
+        init = peft.PromptTuningInit.TEXT if p.prompt_init == "text" else peft.PromptTuningInit.RANDOM
+        return peft.PromptTuningConfig(task_type=task, num_virtual_tokens=p.num_virtual_tokens,
+                                       prompt_tuning_init=init, prompt_tuning_init_text=p.prompt_init_text,
+                                       tokenizer_name_or_path=recipe.model.name_or_path)
+    encoder = peft.PromptEncoderReparameterizationType.LSTM if p.encoder_type == "lstm" else \
+        peft.PromptEncoderReparameterizationType.MLP
+    return peft.PromptEncoderConfig(task_type=task, num_virtual_tokens=p.num_virtual_tokens,
+                                    encoder_reparameterization_type=encoder,
+                                    encoder_hidden_size=p.encoder_hidden_size)
+
+
+def planned_steps(recipe: Recipe, examples: int) -> int:
+    """Optimizer steps the run will make (Trainer's arithmetic): AdaLoRA's budget schedule needs it."""
+    t = recipe.train
+    if t.max_steps > 0:
+        return t.max_steps
+    per_rank = math.ceil(examples / recipe.world_size())
+    batches = math.ceil(per_rank / t.micro_batch_size)
+    return max(math.ceil(t.epochs * max(batches // t.gradient_accumulation_steps, 1)), 1)
+
+
+def adalora_allocator(trainer):
+    """AdaLoRA's rank allocation after every optimizer step, which Trainer never calls.
+
+    Under DeepSpeed the optimizer step happens inside engine.step() (accelerate calls it from
+    backward), which also clears the gradients the importance scores need; so the allocation
+    runs just before engine.step() (peft reads the full gradients with safe_get_full_grad),
+    the masked ranks are written into DeepSpeed's fp32 master copy so the step starts from
+    them, and re-applied to the module after the step so the next forward sees them pruned.
+    """
+    from transformers import TrainerCallback
+
+    class AdaLoraAllocator(TrainerCallback):
+        def on_train_begin(self, args, state, control, **kwargs):
+            engine = trainer.model_wrapped
+            step = engine.step
+            tuner = trainer.model.base_model
+
+            def allocate_then_step(*a, **kw):
+                if engine.is_gradient_accumulation_boundary():
+                    before = [(p, p.data.clone()) for p in singular_values(trainer.model)]
+                    tuner.update_and_allocate(state.global_step)
+                    if tuner.peft_config[tuner.trainable_adapter_name].rank_pattern:  # ranks are final
+                        masks = [(p, p.data == 0) for p, _ in before]
+                    else:
+                        masks = [(p, p.data != old) for p, old in before]  # the entries it just pruned
+                    write_master(masks)
+                    result = step(*a, **kw)
+                    for param, mask in masks:
+                        param.data.masked_fill_(mask, 0.0)
+                    return result
+                return step(*a, **kw)
+
+            engine.step = allocate_then_step
+
+    return AdaLoraAllocator()
+
+
+def singular_values(model) -> list:
+    """AdaLoRA's lora_E parameters: the entries its allocator prunes."""
+    return [p for n, p in model.named_parameters() if "lora_E" in n and p.requires_grad]
+
+
+def write_master(masks: list) -> None:
+    from deepspeed.utils import safe_get_full_fp32_param, safe_set_full_fp32_param
+
+    for param, mask in masks:
+        master = safe_get_full_fp32_param(param)
+        if master is not None and mask.any():
+            safe_set_full_fp32_param(param, master.masked_fill(mask.to(master.device), 0.0))

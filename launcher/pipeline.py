@@ -8,7 +8,7 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from launcher.recipe import Recipe, RecipeError
+from launcher.recipe import PROMPT_FAMILY, Recipe, RecipeError
 from launcher.render import render_run, worker_command
 from launcher.runs import RunDir, claim_run_dir
 
@@ -94,7 +94,10 @@ def finish(recipe: Recipe, run: RunDir, console: Console | None = None) -> None:
 
     console = console or Console(highlight=False)
     quiet_libraries(resolve_device(recipe.distributed.device))
-    if recipe.merge.enabled and not run.merged.exists():
+    if recipe.merge.enabled and recipe.peft.method in PROMPT_FAMILY:
+        console.print(f"not merged: {recipe.peft.method} learns virtual tokens, not weight deltas, so there is "
+                      f"nothing to merge; the adapter in {run.adapter} is the export (load it with PeftModel)")
+    elif recipe.merge.enabled and not run.merged.exists():
         with console.status("merging the adapter into the base model"):
             merge_run(recipe, run)
         run.set_state("merged")

@@ -55,45 +55,133 @@ class ModelSection(Section):
 
 class DataSection(Section):
     train_file: str
-    """Training data: a local .json/.jsonl file (relative paths resolved against the recipe file)."""
+    """Training data: a local .json/.jsonl/.csv/.parquet file (relative to the recipe file) or a hub dataset id."""
+    split: str = "train"
+    """Split of a hub dataset to read."""
     eval_file: str | None = None
     """Held-out data for the final evaluation; when unset, `eval_fraction` of train_file is held out."""
     eval_fraction: float = Field(0.1, ge=0.0, lt=1.0)
     """Fraction of train_file held out for evaluation when eval_file is not given."""
-    format: Literal["alpaca"] = "alpaca"
-    """Row format. alpaca: instruction / input (optional) / output columns."""
+    format: Literal["alpaca", "prompt-response", "text", "messages"] = "alpaca"
+    """Row format: alpaca (instruction/input/output), prompt-response (+ history; AdGen's content/summary), text, messages."""
     instruction_column: str = "instruction"
-    """Column holding the instruction."""
+    """alpaca: column holding the instruction."""
     input_column: str = "input"
-    """Column holding the optional input appended to the instruction."""
+    """alpaca: column holding the optional input appended to the instruction."""
     output_column: str = "output"
-    """Column holding the target response."""
-    template: Literal["plain", "chatml"] = "plain"
-    """Prompt template. plain: 'instruction\\ninput\\n'; chatml: <|im_start|>user ... <|im_start|>assistant."""
+    """alpaca: column holding the target response."""
+    prompt_column: str = "prompt"
+    """prompt-response: column holding the prompt (AdGen: "content")."""
+    response_column: str = "response"
+    """prompt-response: column holding the response (AdGen: "summary")."""
+    history_column: str | None = None
+    """alpaca / prompt-response: column holding earlier [query, answer] turns (ChatGLM style), if any."""
+    text_column: str = "text"
+    """text: column holding the text to learn whole (english_quotes: "quote")."""
+    messages_column: str = "messages"
+    """messages: column holding a list of {role, content} (system, then user / assistant turns)."""
+    system_prompt: str | None = None
+    """System text put before every prompt (chatml, transnormer, plain and tokenizer templates)."""
+    template: Literal["plain", "chatml", "transnormer", "chatglm", "tokenizer"] = "plain"
+    """Prompt template: plain, chatml, transnormer (Human:/Assistant:), chatglm ([Round n] 问：答：), tokenizer (its chat template)."""
     max_length: int = Field(256, gt=0)
     """Maximum tokens per example (prompt + response); longer examples are truncated and counted."""
+    on_bad_rows: Literal["error", "skip"] = "error"
+    """A row with invalid JSON or a missing/empty field: stop with its file and line, or skip it and count."""
     seed: int = 0
     """Seed of the train/eval split."""
 
 
-class PeftSection(Section):
-    method: Literal["lora"] = "lora"
-    """Adapter method. More methods come with their own issue."""
-    r: int = Field(8, gt=0)
-    """LoRA rank."""
-    alpha: float = Field(16.0, gt=0)
-    """LoRA alpha; the update is scaled by alpha / r."""
-    dropout: float = Field(0.0, ge=0.0, lt=1.0)
-    """Dropout on the LoRA input."""
-    target_modules: list[str] | Literal["all-linear"] = "all-linear"
-    """Module names (or suffixes) that get adapters, or "all-linear"."""
+LORA_FAMILY = ("lora", "qlora", "lora-8bit", "adalora")
+PROMPT_FAMILY = ("prefix-tuning", "prompt-tuning", "p-tuning")
+PEFT_METHODS = (*LORA_FAMILY, "ia3", *PROMPT_FAMILY)
 
-    @field_validator("r", mode="before")
+# Which methods each method-specific [peft] key belongs to (a key set for another method is an error).
+METHOD_KEYS = {
+    "r": ("lora", "qlora", "lora-8bit"),
+    "alpha": LORA_FAMILY,
+    "dropout": LORA_FAMILY,
+    "target_modules": (*LORA_FAMILY, "ia3"),
+    "quant_type": ("qlora",),
+    "double_quant": ("qlora",),
+    "init_r": ("adalora",),
+    "target_r": ("adalora",),
+    "tinit": ("adalora",),
+    "tfinal": ("adalora",),
+    "delta_t": ("adalora",),
+    "feedforward_modules": ("ia3",),
+    "num_virtual_tokens": PROMPT_FAMILY,
+    "prompt_init": ("prompt-tuning",),
+    "prompt_init_text": ("prompt-tuning",),
+    "encoder_type": ("p-tuning",),
+    "encoder_hidden_size": ("p-tuning", "prefix-tuning"),
+    "prefix_projection": ("prefix-tuning",),
+}
+
+
+class PeftSection(Section):
+    method: Literal[PEFT_METHODS] = "lora"
+    """Adapter method: lora, qlora (4-bit base), lora-8bit (8-bit base), adalora, ia3, prefix-tuning, prompt-tuning, p-tuning."""
+    r: int = Field(8, gt=0)
+    """LoRA rank (lora, qlora, lora-8bit)."""
+    alpha: float = Field(16.0, gt=0)
+    """LoRA alpha; the update is scaled by alpha / r (LoRA family)."""
+    dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    """Dropout on the LoRA input (LoRA family)."""
+    target_modules: list[str] | Literal["all-linear"] | None = None
+    """Module names (or suffixes) that get adapters, or "all-linear"; unset: all-linear for the LoRA family, peft's per-model default for ia3."""
+    quant_type: Literal["nf4", "fp4"] = "nf4"
+    """qlora: 4-bit data type of the frozen base."""
+    double_quant: bool = True
+    """qlora: quantize the quantization constants too (saves ~0.4 bit per weight)."""
+    init_r: int = Field(12, gt=0)
+    """adalora: rank every adapted matrix starts with."""
+    target_r: int = Field(8, gt=0)
+    """adalora: average rank the budget is pruned to."""
+    tinit: int = Field(0, ge=0)
+    """adalora: warm-up steps before ranks are pruned."""
+    tfinal: int = Field(0, ge=0)
+    """adalora: final steps trained with the ranks fixed."""
+    delta_t: int = Field(1, gt=0)
+    """adalora: steps between two budget allocations."""
+    feedforward_modules: list[str] | None = None
+    """ia3: target modules whose input (not output) is scaled; must be among target_modules."""
+    num_virtual_tokens: int = Field(20, gt=0)
+    """Prompt family: virtual tokens prepended to every example."""
+    prompt_init: Literal["random", "text"] = "random"
+    """prompt-tuning: start the soft prompt from random vectors or from the embedding of prompt_init_text."""
+    prompt_init_text: str | None = None
+    """prompt-tuning: the text whose token embeddings initialise the soft prompt (prompt_init = "text")."""
+    encoder_type: Literal["mlp", "lstm"] = "mlp"
+    """p-tuning: the prompt encoder."""
+    encoder_hidden_size: int | None = Field(None, gt=0)
+    """p-tuning / prefix-tuning: hidden size of the prompt encoder (default: the model's hidden size)."""
+    prefix_projection: bool = False
+    """prefix-tuning: produce the prefix through a two-layer MLP (more parameters, often steadier)."""
+
+    @field_validator("r", "init_r", "target_r", "num_virtual_tokens", mode="before")
     @classmethod
     def _rank_is_integer(cls, value: Any) -> Any:
         if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
             raise ValueError(f"must be a positive integer, got {json.dumps(value)}")
         return value
+
+    @model_validator(mode="after")
+    def _keys_of_this_method(self):
+        for key in sorted(self.model_fields_set - {"method"}):
+            owners = METHOD_KEYS[key]
+            if self.method not in owners:
+                raise ValueError(f"peft.{key} belongs to {' / '.join(owners)}, not {self.method}; "
+                                 f"remove it or change peft.method")
+        if self.method == "prompt-tuning" and (self.prompt_init == "text") != bool(self.prompt_init_text):
+            raise ValueError("peft.prompt_init_text is needed with prompt_init = \"text\" and only then")
+        if self.method == "adalora" and self.target_r > self.init_r:
+            raise ValueError(f"peft.target_r ({self.target_r}) must not exceed peft.init_r ({self.init_r})")
+        return self
+
+    @property
+    def family(self) -> str:
+        return "lora" if self.method in LORA_FAMILY else "prompt" if self.method in PROMPT_FAMILY else self.method
 
 
 class TrainSection(Section):
@@ -138,6 +226,8 @@ class DistributedSection(Section):
     """Keys merged into the DeepSpeed template (nested tables merge key by key)."""
     device: Literal["auto", "cpu", "cuda"] = "auto"
     """Where workers run; auto picks cuda when nvidia-smi sees a GPU."""
+    gpu_memory_gb: float | None = Field(None, gt=0)
+    """Memory of one device; pre-flight warns when its per-device estimate exceeds it."""
 
 
 class EvalSection(Section):
@@ -230,7 +320,11 @@ class Recipe(Section):
         return self.distributed.nodes * self.distributed.procs_per_node
 
     def to_dict(self) -> dict[str, Any]:
-        return self.model_dump(mode="json", exclude_none=True)
+        """The resolved recipe; [peft] lists only the keys of its method (others would be refused)."""
+        resolved = self.model_dump(mode="json", exclude_none=True)
+        resolved["peft"] = {key: value for key, value in resolved["peft"].items()
+                            if key == "method" or self.peft.method in METHOD_KEYS[key]}
+        return resolved
 
     def fingerprint(self) -> str:
         """Hash of the resolved recipe: two runs with the same hash train the same thing."""
@@ -363,6 +457,14 @@ def _check_known_path(key: str) -> None:
         model = annotation
 
 
+def _maybe_hub_id(value: str) -> bool:
+    """A hub id ("org/name"), not a path: no leading ./ ~ /, and no data-file extension."""
+    return not _looks_like_path(value) and not value.endswith(DATA_SUFFIXES)
+
+
+DATA_SUFFIXES = (".json", ".jsonl", ".csv", ".parquet")
+
+
 def _looks_like_path(value: str) -> bool:
     return value.startswith(("/", "./", "../", "~")) or value in (".", "..")
 
@@ -374,9 +476,8 @@ def _resolve_paths(raw: dict[str, Any], base: Path) -> None:
         value = raw.get(section, {}).get(leaf) if isinstance(raw.get(section), dict) else None
         if not isinstance(value, str):
             continue
-        is_model = key == "model.name_or_path"
-        if is_model and not _looks_like_path(value) and not (base / value).exists():
-            continue  # a hub id
+        if _maybe_hub_id(value) and not (base / value).exists():
+            continue  # a hub id (model or dataset)
         if not Path(value).expanduser().is_absolute():
             raw[section][leaf] = str((base / Path(value).expanduser()).resolve())
 
@@ -386,8 +487,8 @@ def _missing_files(recipe: Recipe) -> list[str]:
     for key in PATH_KEYS:
         section, leaf = key.split(".")
         value = getattr(getattr(recipe, section), leaf)
-        if value is None or (key == "model.name_or_path" and not Path(value).is_absolute()):
-            continue
+        if value is None or not Path(value).is_absolute():
+            continue  # a hub id
         if not Path(value).exists():
             problems.append(f"{key}: {value} does not exist; fix the path (relative paths are read from the recipe's folder)")
     return problems
@@ -418,7 +519,7 @@ def _describe(error: dict[str, Any]) -> str:
     if message[1:2].islower():  # "Input should be ..." reads on after the key path; "HF_TOKEN ..." stays
         message = message[:1].lower() + message[1:]
     if kind == "value_error":
-        return f"{where}: {message}"
+        return message if message.startswith(f"{where}.") else f"{where}: {message}"
     if kind == "literal_error":
         return f"{where}: {message}, got {json.dumps(given, default=str)}"
     if kind == "string_pattern_mismatch":

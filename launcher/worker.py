@@ -130,11 +130,11 @@ def metrics_logger(run: RunDir, attempt: int):
 
 def train(recipe: Recipe, run: RunDir, rank: int, records: list[dict]) -> None:
     import torch
-    from peft import get_peft_model
     from transformers import Trainer, set_seed
 
     from launcher.data import SampleLoggingCollator, build_train_dataset
-    from launcher.models import load_base_model, load_tokenizer, peft_config
+    from launcher.models import adalora_allocator, load_tokenizer, load_training_model, planned_steps
+    from launcher.render import resolve_device
 
     stop = stop_flag()  # a signal during start-up is acted on at the first step
     attempt = run.read_manifest().get("attempts", 0) + 1  # rank 0 records it below
@@ -151,7 +151,10 @@ def train(recipe: Recipe, run: RunDir, rank: int, records: list[dict]) -> None:
         run.update_manifest(data=stats, attempts=attempt)
     init_deepspeed_comm(recipe)  # before loading: ZeRO-3 shards the weights as they load
     set_seed(recipe.train.seed)
-    model = get_peft_model(load_base_model(recipe), peft_config(recipe))
+    device = resolve_device(recipe.distributed.device)
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    model = load_training_model(recipe, planned_steps(recipe, len(dataset)),
+                                f"cuda:{local}" if device == "cuda" else "cpu")
     if rank == 0:
         trainable, total = model.get_nb_trainable_parameters()
         print(f"trainable parameters {trainable} of {total}")
@@ -161,12 +164,33 @@ def train(recipe: Recipe, run: RunDir, rank: int, records: list[dict]) -> None:
         data_collator=SampleLoggingCollator(tokenizer, run.logs / f"samples_rank{rank}.jsonl", attempt),
         callbacks=[metrics_logger(run, attempt), guard],
     )
+    if recipe.peft.method == "adalora":
+        trainer.add_callback(adalora_allocator(trainer))
     resume = resume_point(run, rank)
     trainer.train(resume_from_checkpoint=str(resume) if resume else None)
     if guard.stopped_at is not None:
         stopped(run, rank, guard.stopped_at)
         return
-    save_final_adapter(trainer, run, rank)
+    save_final_adapter(trainer, run, rank, probe=trained_probe(trainer, dataset, tokenizer))
+
+
+def trained_probe(trainer, dataset, tokenizer) -> dict:
+    """Logits of the trained model (eval mode) on the first two training examples, saved with the
+    adapter so that anyone can check a reloaded adapter reproduces the model that was trained.
+    A forward of every rank: under ZeRO-3 it gathers the weights."""
+    import torch
+    from transformers import DataCollatorForSeq2Seq
+
+    rows = [{k: dataset[i][k] for k in ("input_ids", "labels")} for i in range(min(2, len(dataset)))]
+    batch = DataCollatorForSeq2Seq(tokenizer, padding=True)(rows)
+    model = trainer.model
+    model.eval()
+    with torch.no_grad():
+        device = next(p.device for p in model.parameters())
+        logits = model(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device)).logits
+    width = batch["input_ids"].shape[1]
+    return {"input_ids": batch["input_ids"].contiguous(), "attention_mask": batch["attention_mask"].contiguous(),
+            "logits": logits[:, -width:].float().cpu().contiguous()}
 
 
 def init_deepspeed_comm(recipe: Recipe) -> None:
@@ -211,17 +235,19 @@ def stopped(run: RunDir, rank: int, step: int) -> None:
         requeue_self()
 
 
-def save_final_adapter(trainer, run: RunDir, rank: int) -> None:
+def save_final_adapter(trainer, run: RunDir, rank: int, probe: dict) -> None:
     """Gather the adapter (a collective under ZeRO-3), validate it, then publish it with a rename."""
     import torch.distributed as dist
+    from safetensors.torch import save_file
 
-    from launcher.merge import validate_adapter
+    from launcher.merge import PROBE_FILE, validate_adapter
 
     staging = run.root / "adapter.partial"
     trainer.save_model(str(staging))  # every rank takes part in the ZeRO-3 gather
     if dist.is_initialized():
         dist.barrier()
     if rank == 0:
+        save_file(probe, str(staging / PROBE_FILE))
         summary = validate_adapter(staging, trained=True)
         staging.rename(run.adapter)
         run.set_state("trained")

@@ -28,7 +28,7 @@ def test_a_trained_adapter_passes(tmp_path):
 
 @pytest.mark.parametrize("tensors, message", [
     ({f"{KEY}.lora_A.weight": torch.empty(0), f"{KEY}.lora_B.weight": torch.empty(0)}, "is empty (0,)"),
-    ({f"{KEY}.lora_A.weight": torch.randn(4, 64), f"{KEY}.lora_B.weight": torch.zeros(64, 4)}, "every lora_B is all zeros"),
+    ({f"{KEY}.lora_A.weight": torch.randn(4, 64), f"{KEY}.lora_B.weight": torch.zeros(64, 4)}, "every lora_B still holds its initial value"),
     ({f"{KEY}.lora_A.weight": torch.randn(8, 64), f"{KEY}.lora_B.weight": torch.randn(64, 8)}, "expected rank 4 rows"),
     ({}, "holds no tensors"),
 ])

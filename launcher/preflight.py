@@ -1,0 +1,232 @@
+"""Pre-flight: what can be known before the queue, without loading a weight.
+
+`launch check` prints this report and every submission runs it first. It builds the model on
+the meta device from its config, checks the adapter's target modules against the real module
+names, the method against the compatibility matrix (COMPATIBILITY, also README's table), the
+batch arithmetic against the data, and estimates per-device memory.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from launcher.quirks import config_value, hidden_size, quirks_for
+from launcher.recipe import LORA_FAMILY, PROMPT_FAMILY, Recipe
+
+QUANTIZED = ("qlora", "lora-8bit")
+
+# (what, rule) rows of README's compatibility table; `compatibility_problems` enforces them.
+COMPATIBILITY = [
+    ("prefix-tuning × gradient checkpointing", "refused: peft feeds the prefix as past key/values, which recomputation breaks"),
+    ("prompt-tuning / p-tuning / prefix-tuning × merge", "not merged: virtual tokens are no weight delta; exported as an adapter"),
+    ("prompt family × models whose forward needs input_ids (TransNormer)", "refused (quirks registry)"),
+    ("qlora × ZeRO-3", "allowed: the 4-bit storage dtype is set to the model dtype so ZeRO-3 can shard it"),
+    ("lora-8bit × ZeRO-3", "refused: int8 weights with their scales cannot be sharded by ZeRO-3; use ZeRO-2 or qlora"),
+    ("adalora × ZeRO-3", "refused: peft's rank allocator reads and masks whole parameters, ZeRO-3 holds shards"),
+    ("adalora × ZeRO-2", "allowed: allocation runs before DeepSpeed's step on the full gradients"),
+    ("gradient checkpointing × models that ignore it (TransNormer)", "warned: it saves nothing"),
+    ("LoRA family, ia3 × merge", "merged (qlora and lora-8bit into the unquantized base in model.dtype)"),
+]
+
+
+@dataclass
+class Report:
+    errors: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+    lines: list[str] = field(default_factory=list)
+    memory_bytes: float | None = None  # the per-device estimate, when the model could be built
+
+
+def compatibility_problems(recipe: Recipe, stage: int, model_type: str | None) -> tuple[list[str], list[str]]:
+    """(errors, warnings) of the method × ZeRO stage × quantization × checkpointing × model."""
+    method, errors, warnings = recipe.peft.method, [], []
+    quirks = quirks_for(model_type)
+    checkpointing = recipe.train.gradient_checkpointing
+    if method == "prefix-tuning" and checkpointing:
+        errors.append("train.gradient_checkpointing: prefix-tuning cannot recompute activations (its prefix is fed "
+                      "as past key/values); set it to false or pick p-tuning / prompt-tuning")
+    if method in PROMPT_FAMILY and not quirks.prompt_learning:
+        errors.append(f"peft.method: {method} does not work with {model_type} models (their forward needs input_ids, "
+                      f"not embeddings); use lora or ia3")
+    if method == "lora-8bit" and stage == 3:
+        errors.append("distributed.deepspeed: lora-8bit cannot run under ZeRO-3 (int8 weights and their scales cannot "
+                      "be sharded); use zero2, or qlora under zero3")
+    if method == "adalora" and stage == 3:
+        errors.append("distributed.deepspeed: adalora cannot run under ZeRO-3 (peft's rank allocator reads and masks "
+                      "whole parameters, ZeRO-3 holds shards of them); use zero2")
+    if checkpointing and not quirks.gradient_checkpointing_works:
+        warnings.append(f"train.gradient_checkpointing: {model_type}'s code ignores it, so it saves no memory")
+    return errors, warnings
+
+
+def meta_model(recipe: Recipe, report: Report):
+    """The model built on the meta device from its config (no weights), or None with a one-line reason."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    m = recipe.model
+    try:
+        config = AutoConfig.from_pretrained(m.name_or_path, revision=m.revision, trust_remote_code=m.trust_remote_code)
+    except Exception as err:  # offline hub, unknown id, remote code refused: say so and check the rest
+        report.warnings.append(f"model: cannot read the config of {m.name_or_path} ({type(err).__name__}: "
+                               f"{str(err).splitlines()[0][:140]}); module and memory checks skipped")
+        return None
+    try:
+        import torch
+
+        with torch.device("meta"):
+            return AutoModelForCausalLM.from_config(config, trust_remote_code=m.trust_remote_code)
+    except Exception as err:
+        report.warnings.append(f"model: cannot build {m.name_or_path} from its config ({type(err).__name__}: "
+                               f"{str(err).splitlines()[0][:140]}); module and memory checks skipped")
+        return None
+
+
+def linear_module_names(model) -> list[str]:
+    """Distinct last name parts of the model's linear layers (what target_modules can name)."""
+    import torch
+
+    names = {name.rsplit(".", 1)[-1] for name, module in model.named_modules() if isinstance(module, torch.nn.Linear)}
+    head = getattr(model.get_output_embeddings(), "__class__", None)
+    return sorted(names - ({"lm_head"} if head else set()))
+
+
+def target_problems(recipe: Recipe, model) -> list[str]:
+    """One line per target_modules (and ia3 feedforward_modules) entry that matches no module."""
+    p = recipe.peft
+    if p.method not in (*LORA_FAMILY, "ia3"):
+        return []
+    wanted = p.target_modules if isinstance(p.target_modules, list) else []
+    names = [name for name, _ in model.named_modules()]
+    problems = []
+    for key in wanted:
+        if not any(name == key or name.endswith("." + key) for name in names):
+            problems.append(f"peft.target_modules: {key!r} matches no module of {recipe.model.name_or_path}; "
+                            f"its linear modules are: {', '.join(linear_module_names(model))}")
+    for key in p.feedforward_modules or []:
+        if wanted and key not in wanted:
+            problems.append(f"peft.feedforward_modules: {key!r} must also be in peft.target_modules")
+    return problems
+
+
+def adapter_parameters(recipe: Recipe, model) -> int:
+    """Trainable parameters of the recipe's adapter, counted by attaching it to the meta model."""
+    import copy
+
+    from peft import get_peft_model
+
+    from launcher.models import peft_config
+
+    try:
+        tuned = get_peft_model(copy.deepcopy(model), peft_config(recipe, total_steps=max(recipe.train.max_steps, 100)))
+        return tuned.get_nb_trainable_parameters()[0]
+    except Exception:  # an adapter peft cannot attach on meta: estimate without it
+        return 0
+
+
+BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
+
+
+def memory_estimate(recipe: Recipe, model, adapter: int, stage: int, offload: bool) -> dict[str, float]:
+    """Per-device bytes by part (weights, adapter, gradients, optimizer, activations).
+
+    Weights: linear layers at 0.52 byte/parameter for NF4 with double quantization, 1 byte for
+    int8, the dtype's size otherwise (embeddings and norms stay in the dtype). ZeRO-3 shards
+    weights (and everything else) over the ranks; ZeRO-2 shards gradients and optimizer states;
+    offload moves optimizer states (and ZeRO-3 weights) to CPU. Adam keeps an fp32 master copy and
+    two moments: 12 bytes per trainable parameter (8 in fp32 training, where the master is the
+    weight). Activations per layer follow Korthikanti et al. (sequence × batch × hidden × 34
+    bytes in 16-bit, plus attention scores), two 16-bit tensors per layer with gradient
+    checkpointing, doubled in fp32; plus the fp32 logits.
+    """
+    import torch
+
+    size = BYTES[recipe.model.dtype]
+    world = recipe.world_size()
+    linear = sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear)
+                 and m is not model.get_output_embeddings())
+    total = sum(p.numel() for p in model.parameters())
+    per_linear = {"qlora": 0.52, "lora-8bit": 1.0}.get(recipe.peft.method, size)
+    weights = linear * per_linear + (total - linear) * size
+    if stage == 3:
+        weights = 0.0 if offload else weights / world
+    optimizer = adapter * (8 if recipe.model.dtype == "fp32" else 12)
+    gradients = adapter * size
+    if stage >= 1:
+        optimizer = 0.0 if offload else optimizer / world
+    if stage >= 2:
+        gradients /= world
+    config = model.config
+    hidden = hidden_size(config) or 0
+    layers = config_value(config, quirks_for(config_value(config, "model_type")).layers_key) or 0
+    heads = config_value(config, "num_attention_heads") or config_value(config, "decoder_attention_heads") or 1
+    tokens = recipe.train.micro_batch_size * recipe.data.max_length
+    scale = 2 if recipe.model.dtype == "fp32" else 1
+    if recipe.train.gradient_checkpointing and quirks_for(config_value(config, "model_type")).gradient_checkpointing_works:
+        per_layer = 2 * tokens * hidden * 2
+        activations = layers * per_layer + tokens * hidden * 34
+    else:
+        per_layer = tokens * hidden * 34 + 5 * heads * tokens * recipe.data.max_length
+        activations = layers * per_layer
+    vocab = config_value(config, "vocab_size") or 0
+    activations = activations * scale + tokens * vocab * 4 * 2
+    return {"weights": weights, "adapter": adapter * size, "gradients": gradients,
+            "optimizer": optimizer, "activations": activations}
+
+
+def batch_lines(recipe: Recipe, examples: int, report: Report) -> None:
+    from launcher.models import planned_steps
+
+    t = recipe.train
+    per_step = t.micro_batch_size * t.gradient_accumulation_steps * recipe.world_size()
+    steps = planned_steps(recipe, examples)
+    report.lines.append(f"batch: {t.micro_batch_size} per rank x {t.gradient_accumulation_steps} accumulation x "
+                        f"{recipe.world_size()} ranks = {per_step} examples per step; {examples} training examples; "
+                        f"{steps} optimizer steps planned")
+    if examples < per_step:
+        report.warnings.append(f"train: one step takes {per_step} examples but the data has {examples}; "
+                               f"lower train.micro_batch_size or gradient_accumulation_steps")
+    if t.save_steps > steps:
+        report.warnings.append(f"train.save_steps: {t.save_steps} is beyond the {steps} planned steps: no checkpoint "
+                               f"before the end, so a preemption loses the whole run; lower it")
+    p = recipe.peft
+    if p.method == "adalora" and p.tinit + p.tfinal >= steps:
+        report.errors.append(f"peft.tinit + peft.tfinal ({p.tinit} + {p.tfinal}) must be below the {steps} planned "
+                             f"steps, or AdaLoRA never allocates ranks; lower them")
+
+
+def run_preflight(recipe: Recipe, examples: int | None = None) -> Report:
+    """Every check that needs no weights; `examples` is the training set size when known."""
+    from launcher.render import render_deepspeed, zero_stage
+
+    report = Report()
+    ds_config = render_deepspeed(recipe)
+    stage = zero_stage(ds_config)
+    offload = bool(ds_config.get("zero_optimization", {}).get("offload_optimizer"))
+    model = meta_model(recipe, report)
+    model_type = config_value(model.config, "model_type") if model is not None else None
+    errors, warnings = compatibility_problems(recipe, stage, model_type)
+    report.errors += errors
+    report.warnings += warnings
+    if examples is not None:
+        batch_lines(recipe, examples, report)
+    if model is None:
+        return report
+    report.errors += target_problems(recipe, model)
+    if report.errors:
+        return report
+    adapter = adapter_parameters(recipe, model)
+    parts = memory_estimate(recipe, model, adapter, stage, offload)
+    total = report.memory_bytes = sum(parts.values())
+    report.lines.append(f"model: {model_type}, {sum(p.numel() for p in model.parameters()):,} parameters; "
+                        f"adapter ({recipe.peft.method}): {adapter:,} trainable")
+    report.lines.append(f"memory per device (estimate, ZeRO-{stage}{' offload' if offload else ''}): {gib(total)} = "
+                        + ", ".join(f"{name} {gib(value)}" for name, value in parts.items()))
+    budget = recipe.distributed.gpu_memory_gb
+    if budget and total > budget * 2**30:
+        report.warnings.append(f"memory: the estimate {gib(total)} exceeds distributed.gpu_memory_gb = {budget}; "
+                               f"lower train.micro_batch_size or data.max_length, turn on gradient checkpointing, "
+                               f"or use ZeRO-3 / offload / qlora")
+    return report
+
+
+def gib(value: float) -> str:
+    return f"{value / 2**30:.2f} GiB" if value >= 2**28 else f"{value / 2**20:.1f} MiB"
