@@ -62,7 +62,11 @@ def load_base_model(recipe: Recipe, name_or_path: str | None = None, quantizatio
     from transformers import AutoModelForCausalLM
 
     set_environment(model_type(recipe))
-    extra = {"quantization_config": quantization, "device_map": {"": device or "cpu"}} if quantization else {}
+    from transformers.integrations import is_deepspeed_zero3_enabled
+
+    extra = {"quantization_config": quantization} if quantization else {}
+    if quantization and not is_deepspeed_zero3_enabled():  # ZeRO-3 places (and shards) the weights itself
+        extra["device_map"] = {"": device or "cpu"}
     model = AutoModelForCausalLM.from_pretrained(
         name_or_path or recipe.model.name_or_path, revision=recipe.model.revision,
         trust_remote_code=recipe.model.trust_remote_code, dtype=torch_dtype(recipe), **extra,

@@ -19,9 +19,10 @@ COMPATIBILITY = [
     ("prefix-tuning × gradient checkpointing", "refused: peft feeds the prefix as past key/values, which recomputation breaks"),
     ("prompt-tuning / p-tuning / prefix-tuning × merge", "not merged: virtual tokens are no weight delta; exported as an adapter"),
     ("prompt family × models whose forward needs input_ids (TransNormer)", "refused (quirks registry)"),
-    ("qlora × ZeRO-3", "allowed: the 4-bit storage dtype is set to the model dtype so ZeRO-3 can shard it"),
-    ("lora-8bit × ZeRO-3", "refused: int8 weights with their scales cannot be sharded by ZeRO-3; use ZeRO-2 or qlora"),
-    ("adalora × ZeRO-3", "refused: peft's rank allocator reads and masks whole parameters, ZeRO-3 holds shards"),
+    ("qlora, lora-8bit × ZeRO-3", "allowed (4-bit storage dtype = model dtype); the quantized base is not "
+                                  "partitioned (no ZeRO-3 ids on its weights): each rank holds all of it"),
+    ("adalora × ZeRO-3", "refused: peft's rank allocator multiplies whole parameters by their gradients; "
+                         "ZeRO-3 holds shards (it fails: shape [6, 1] vs [6, 0])"),
     ("adalora × ZeRO-2", "allowed: allocation runs before DeepSpeed's step on the full gradients"),
     ("gradient checkpointing × models that ignore it (TransNormer)", "warned: it saves nothing"),
     ("LoRA family, ia3 × merge", "merged (qlora and lora-8bit into the unquantized base in model.dtype)"),
@@ -47,9 +48,6 @@ def compatibility_problems(recipe: Recipe, stage: int, model_type: str | None) -
     if method in PROMPT_FAMILY and not quirks.prompt_learning:
         errors.append(f"peft.method: {method} does not work with {model_type} models (their forward needs input_ids, "
                       f"not embeddings); use lora or ia3")
-    if method == "lora-8bit" and stage == 3:
-        errors.append("distributed.deepspeed: lora-8bit cannot run under ZeRO-3 (int8 weights and their scales cannot "
-                      "be sharded); use zero2, or qlora under zero3")
     if method == "adalora" and stage == 3:
         errors.append("distributed.deepspeed: adalora cannot run under ZeRO-3 (peft's rank allocator reads and masks "
                       "whole parameters, ZeRO-3 holds shards of them); use zero2")
@@ -78,6 +76,15 @@ def meta_model(recipe: Recipe, report: Report):
         report.warnings.append(f"model: cannot build {m.name_or_path} from its config ({type(err).__name__}: "
                                f"{str(err).splitlines()[0][:140]}); module and memory checks skipped")
         return None
+
+
+def local_model_type(recipe: Recipe) -> str | None:
+    """model_type from a local config.json, for models whose code cannot be loaded here."""
+    import json
+    from pathlib import Path
+
+    path = Path(recipe.model.name_or_path) / "config.json"
+    return json.loads(path.read_text()).get("model_type") if path.is_file() else None
 
 
 def linear_module_names(model) -> list[str]:
@@ -146,7 +153,7 @@ def memory_estimate(recipe: Recipe, model, adapter: int, stage: int, offload: bo
     total = sum(p.numel() for p in model.parameters())
     per_linear = {"qlora": 0.52, "lora-8bit": 1.0}.get(recipe.peft.method, size)
     weights = linear * per_linear + (total - linear) * size
-    if stage == 3:
+    if stage == 3 and recipe.peft.method not in QUANTIZED:  # quantized bases are not partitioned
         weights = 0.0 if offload else weights / world
     optimizer = adapter * (8 if recipe.model.dtype == "fp32" else 12)
     gradients = adapter * size
@@ -202,7 +209,7 @@ def run_preflight(recipe: Recipe, examples: int | None = None) -> Report:
     stage = zero_stage(ds_config)
     offload = bool(ds_config.get("zero_optimization", {}).get("offload_optimizer"))
     model = meta_model(recipe, report)
-    model_type = config_value(model.config, "model_type") if model is not None else None
+    model_type = config_value(model.config, "model_type") if model is not None else local_model_type(recipe)
     errors, warnings = compatibility_problems(recipe, stage, model_type)
     report.errors += errors
     report.warnings += warnings

@@ -52,6 +52,13 @@ class ModelSection(Section):
     dtype: Literal["fp32", "bf16", "fp16"] = "fp32"
     """Dtype the base weights are loaded in and training runs in (mixed precision for bf16/fp16)."""
 
+    @model_validator(mode="after")
+    def _remote_code_is_pinned(self):
+        if self.trust_remote_code and not self.revision and not Path(self.name_or_path).is_absolute():
+            raise ValueError("model.revision: trust_remote_code runs the hub's Python code; pin model.revision "
+                             "to a commit (or tag) so that code cannot change under you")
+        return self
+
 
 class DataSection(Section):
     train_file: str
