@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 import tomllib
@@ -186,11 +187,15 @@ def preflight(recipe: Recipe, console: Console, samples: int = 0):
     from launcher.models import quiet_libraries
     from launcher.preflight import run_preflight
 
+    if not hub_reachable(recipe):
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")  # fail fast on hub ids instead of retrying for a minute
+        console.print("  hub: unreachable from here; checking with local files and the cache only", highlight=False)
     quiet_libraries("cpu")
     with console.status("pre-flight: reading data, building the model on the meta device"):
         data = read_training_set(recipe, samples)
         report = run_preflight(recipe, examples=data.examples)
     report.warnings[:0] = data.warnings
+    report.errors[:0] = data.errors
     for line in data.lines + report.lines:
         console.print(f"  {line}", highlight=False, markup=False)
     for line in report.warnings:
@@ -200,6 +205,22 @@ def preflight(recipe: Recipe, console: Console, samples: int = 0):
     for sample in data.samples[:samples]:
         console.print(sample, highlight=False)
     return report
+
+
+def hub_reachable(recipe: Recipe, timeout_s: float = 3.0) -> bool:
+    """True when the recipe names nothing on the hub, or the hub answers a TCP connect in time."""
+    import socket
+    from urllib.parse import urlparse
+
+    names = [recipe.model.name_or_path, recipe.data.train_file, recipe.data.eval_file]
+    if all(name is None or Path(name).exists() for name in names) or os.environ.get("HF_HUB_OFFLINE"):
+        return True
+    host = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co")).hostname or "huggingface.co"
+    try:
+        socket.create_connection((host, 443), timeout=timeout_s).close()
+        return True
+    except OSError:
+        return False
 
 
 def load_run_recipe(run_dir: Path) -> Recipe:

@@ -220,7 +220,10 @@ def split_examples(recipe: Recipe, tokenizer=None) -> Split:
         return Split(examples, held_out, skipped + more)
     order = list(range(len(examples)))
     random.Random(data.seed).shuffle(order)
-    chosen = set(order[: int(len(examples) * data.eval_fraction)])
+    count = int(len(examples) * data.eval_fraction)
+    if data.eval_fraction > 0 and len(examples) > 1:
+        count = max(count, 1)  # a small file still gets one held-out example to evaluate on
+    chosen = set(order[:count])
     return Split([e for i, e in enumerate(examples) if i not in chosen],
                  [e for i, e in enumerate(examples) if i in chosen], skipped)
 
@@ -294,6 +297,7 @@ class TrainingSetReport:
     examples: int | None = None
     lines: list[str] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
+    errors: list[str] = field(default_factory=list)
     samples: list[str] = field(default_factory=list)
 
 
@@ -308,10 +312,13 @@ def read_training_set(recipe: Recipe, samples: int = 5) -> TrainingSetReport:
         tokenizer = None
         report.warnings.append(f"model: cannot load the tokenizer of {recipe.model.name_or_path} ({type(err).__name__}); "
                                f"token counts and samples skipped")
-    if tokenizer is None and recipe.data.template == "tokenizer":
-        return report
+    if tokenizer is None and recipe.data.template == "tokenizer":  # count the rows; prompts need the tokenizer
+        recipe = recipe.model_copy(update={"data": recipe.data.model_copy(update={"template": "plain"})})
     split = split_examples(recipe, tokenizer)
     report.examples = len(split.train)
+    if recipe.eval.enabled and not split.held_out:
+        report.errors.append("eval.enabled: no held-out examples to evaluate on; set data.eval_file or a "
+                             "data.eval_fraction > 0, or eval.enabled = false")
     line = f"data: {len(split.train)} training, {len(split.held_out)} held-out examples ({recipe.data.format}, template {recipe.data.template})"
     if split.skipped:
         line += f"; {split.skipped} bad rows skipped"
@@ -319,7 +326,11 @@ def read_training_set(recipe: Recipe, samples: int = 5) -> TrainingSetReport:
         rows = [tokenize(e, tokenizer, recipe.data.max_length) for e in split.train]
         cut = sum(r["truncated"] for r in rows)
         line += f"; {sum(len(r['input_ids']) for r in rows)} tokens, {cut} truncated to data.max_length={recipe.data.max_length}"
-        if cut:
+        empty = sum(all(label == IGNORE_INDEX for label in r["labels"]) for r in rows)
+        if empty:
+            report.errors.append(f"data.max_length: {empty} of {len(rows)} examples keep no response token after "
+                                 f"truncation to {recipe.data.max_length} (nothing to learn from them); raise it")
+        elif cut:
             report.warnings.append(f"data.max_length: {cut} of {len(rows)} examples are longer than {recipe.data.max_length} "
                                    f"tokens and lose their end; raise it if the cut part matters")
         report.samples = [show_sample(i + 1, r, tokenizer) for i, r in enumerate(rows[:samples])]

@@ -113,8 +113,9 @@ def peft_config(recipe: Recipe, total_steps: int = 0):
         return peft.LoraConfig(task_type=task, r=p.r, lora_alpha=p.alpha, lora_dropout=p.dropout,
                                target_modules=p.target_modules or "all-linear")
     if p.method == "adalora":
+        tinit, tfinal = p.adalora_steps(total_steps)
         return peft.AdaLoraConfig(
-            task_type=task, init_r=p.init_r, target_r=p.target_r, tinit=p.tinit, tfinal=p.tfinal,
+            task_type=task, init_r=p.init_r, target_r=p.target_r, tinit=tinit, tfinal=tfinal,
             deltaT=p.delta_t, total_step=total_steps, lora_alpha=p.alpha, lora_dropout=p.dropout,
             target_modules=p.target_modules or "all-linear")
     if p.method == "ia3":

@@ -7,7 +7,9 @@ batch arithmetic against the data, and estimates per-device memory.
 """
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from launcher.quirks import config_value, hidden_size, quirks_for
 from launcher.recipe import LORA_FAMILY, PROMPT_FAMILY, Recipe
@@ -81,7 +83,6 @@ def meta_model(recipe: Recipe, report: Report):
 def local_model_type(recipe: Recipe) -> str | None:
     """model_type from a local config.json, for models whose code cannot be loaded here."""
     import json
-    from pathlib import Path
 
     path = Path(recipe.model.name_or_path) / "config.json"
     return json.loads(path.read_text()).get("model_type") if path.is_file() else None
@@ -195,9 +196,10 @@ def batch_lines(recipe: Recipe, examples: int, report: Report) -> None:
         report.warnings.append(f"train.save_steps: {t.save_steps} is beyond the {steps} planned steps: no checkpoint "
                                f"before the end, so a preemption loses the whole run; lower it")
     p = recipe.peft
-    if p.method == "adalora" and p.tinit + p.tfinal >= steps:
-        report.errors.append(f"peft.tinit + peft.tfinal ({p.tinit} + {p.tfinal}) must be below the {steps} planned "
-                             f"steps, or AdaLoRA never allocates ranks; lower them")
+    tinit, tfinal = p.adalora_steps(steps)
+    if p.method == "adalora" and tinit + tfinal >= steps:
+        report.errors.append(f"peft.tinit + peft.tfinal ({tinit} + {tfinal} steps) must be below the {steps} planned "
+                             f"steps, or AdaLoRA never allocates ranks; lower them (or give fractions below 1)")
 
 
 def run_preflight(recipe: Recipe, examples: int | None = None) -> Report:
@@ -211,6 +213,11 @@ def run_preflight(recipe: Recipe, examples: int | None = None) -> Report:
     model = meta_model(recipe, report)
     model_type = config_value(model.config, "model_type") if model is not None else local_model_type(recipe)
     errors, warnings = compatibility_problems(recipe, stage, model_type)
+    m = recipe.model
+    if m.trust_remote_code and m.revision and not re.fullmatch(r"[0-9a-f]{40}", m.revision) \
+            and not Path(m.name_or_path).exists():
+        warnings.append(f"model.revision: {m.revision!r} is a branch or tag, so the remote code it runs can change; "
+                        f"pin the commit you reviewed")
     report.errors += errors
     report.warnings += warnings
     if examples is not None:

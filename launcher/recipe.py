@@ -145,10 +145,10 @@ class PeftSection(Section):
     """adalora: rank every adapted matrix starts with."""
     target_r: int = Field(8, gt=0)
     """adalora: average rank the budget is pruned to."""
-    tinit: int = Field(0, ge=0)
-    """adalora: warm-up steps before ranks are pruned."""
-    tfinal: int = Field(0, ge=0)
-    """adalora: final steps trained with the ranks fixed."""
+    tinit: float = Field(0.1, ge=0)
+    """adalora: warm-up before ranks are pruned: steps, or a fraction of the planned steps when below 1."""
+    tfinal: float = Field(0.2, ge=0)
+    """adalora: final stretch trained with the ranks fixed: steps, or a fraction of the planned steps when below 1."""
     delta_t: int = Field(1, gt=0)
     """adalora: steps between two budget allocations."""
     feedforward_modules: list[str] | None = None
@@ -185,6 +185,11 @@ class PeftSection(Section):
         if self.method == "adalora" and self.target_r > self.init_r:
             raise ValueError(f"peft.target_r ({self.target_r}) must not exceed peft.init_r ({self.init_r})")
         return self
+
+    def adalora_steps(self, total_steps: int) -> tuple[int, int]:
+        """(tinit, tfinal) in steps for a run of `total_steps`."""
+        as_steps = lambda value: int(value * total_steps) if value < 1 else int(value)  # noqa: E731
+        return as_steps(self.tinit), as_steps(self.tfinal)
 
     @property
     def family(self) -> str:

@@ -108,3 +108,12 @@ def test_an_unreachable_hub_dataset_is_one_line(tmp_path, tiny_assets):
         split_examples(recipe)
     assert len(caught.value.lines) == 1
     assert caught.value.lines[0].startswith("data: Abirate/english_quotes is neither a local file nor a reachable hub dataset")
+
+
+def test_examples_cut_before_their_response_are_an_error_before_the_queue(tmp_path, tiny_assets):
+    from launcher.data import read_training_set
+
+    recipe = load_recipe(write_recipe(tmp_path, tiny_recipe_text(tiny_assets)), ["data.max_length=6"])
+    report = read_training_set(recipe)
+    assert report.errors == ["data.max_length: 1080 of 1080 examples keep no response token after truncation "
+                             "to 6 (nothing to learn from them); raise it"]
