@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import resource
 import sys
 import time
 import tomllib
@@ -147,7 +148,8 @@ def train(recipe: Recipe, run: RunDir, rank: int, records: list[dict]) -> None:
         backend = torch.distributed.get_backend() if torch.distributed.is_initialized() else "none"
         print(topology_line(records, backend))
         print(f"data: {stats['examples']} examples, {stats['tokens']} tokens, "
-              f"{stats['truncated']} truncated to data.max_length={recipe.data.max_length}")
+              f"{stats['truncated']} truncated to data.max_length={recipe.data.max_length}, "
+              f"{stats.get('skipped_rows', 0)} bad rows skipped")
         run.update_manifest(data=stats, attempts=attempt)
     init_deepspeed_comm(recipe)  # before loading: ZeRO-3 shards the weights as they load
     set_seed(recipe.train.seed)
@@ -171,7 +173,16 @@ def train(recipe: Recipe, run: RunDir, rank: int, records: list[dict]) -> None:
     if guard.stopped_at is not None:
         stopped(run, rank, guard.stopped_at)
         return
+    if rank == 0:  # the number to hold the pre-flight memory estimate against (CPU: the whole process)
+        run.update_manifest(peak_rss_mib=round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+                            peak_accelerator_mib=accelerator_peak_mib())
     save_final_adapter(trainer, run, rank, probe=trained_probe(trainer, dataset, tokenizer))
+
+
+def accelerator_peak_mib() -> float | None:
+    import torch
+
+    return round(torch.cuda.max_memory_allocated() / 2**20, 1) if torch.cuda.is_available() else None
 
 
 def trained_probe(trainer, dataset, tokenizer) -> dict:
