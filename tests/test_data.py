@@ -94,12 +94,12 @@ def test_bad_rows_name_file_and_line_or_are_skipped_and_counted(tmp_path, tiny_a
 
 def test_check_shows_tokenized_samples_with_the_masked_part_and_counts_truncation(tmp_path, tiny_assets):
     recipe = write_recipe(tmp_path, tiny_recipe_text(tiny_assets))
-    result = run_launch("check", recipe, "--show-samples", "2", "--set", "data.max_length=12")
+    result = run_launch("check", recipe, "--show-samples", "2", "--set", "data.max_length=15")
     assert result.returncode == 0, result.stdout + result.stderr
     assert result.stdout.count("masked  (not trained): \"Is this number even or odd?\\n") == 2
     assert 'trained (labels):      "' in result.stdout
-    truncated = int(result.stdout.split(" truncated to data.max_length=12")[0].rsplit(" ", 1)[-1])
-    assert truncated > 0 and f"{truncated} of 1080 examples are longer than 12 tokens" in " ".join(result.stdout.split())
+    truncated = int(result.stdout.split(" truncated to data.max_length=15")[0].rsplit(" ", 1)[-1])
+    assert truncated > 0 and f"{truncated} of 1080 examples are longer than 15 tokens" in " ".join(result.stdout.split())
 
 
 def test_an_unreachable_hub_dataset_is_one_line(tmp_path, tiny_assets):
