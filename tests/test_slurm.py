@@ -17,6 +17,10 @@ from launcher.merge import validate_adapter
 from launcher.recipe import load_recipe
 from launcher.runs import RunDir
 
+# One dev cluster, one test at a time: under `-n 2 --dist loadgroup` these run in order on one
+# worker (mostly waiting on SLURM) while the other worker runs the rest of the suite.
+pytestmark = pytest.mark.xdist_group("slurm")
+
 HOSTILE = {"partition": "x; touch pwned", "account": "$(touch pwned)", "qos": "`touch pwned`",
            "constraint": "a'b\"c $HOME"}
 HOSTILE_ENV = "$(touch pwned); `touch pwned` 'single' \"double\" $HOME \\"
@@ -245,12 +249,12 @@ def test_a_time_limit_shorter_than_the_training_spans_several_allocations(dev_cl
     recipe = write_recipe(tmp_path, tiny_recipe_text(tiny_assets))
     run = RunDir(tmp_path / "run")
     result = run_launch(recipe, "--run-dir", run.root, "--nodes", "2", "--procs-per-node", "1", "--profile", "dev",
-                        "--time", "1", "--set", "slurm.signal_lead_s=20", "--set", "train.max_steps=1500",
+                        "--time", "1", "--set", "slurm.signal_lead_s=20", "--set", "train.max_steps=900",
                         "--set", "train.save_steps=1000", "--set", "eval.enabled=false", "--set", "merge.enabled=false")
     assert result.returncode == 0, result.stdout + result.stderr
     manifest = json.loads(run.manifest_path.read_text())
     rows = rows_per_step(run)
-    assert sorted(rows) == list(range(1, 1501))
+    assert sorted(rows) == list(range(1, 901))
     assert manifest["requeues"] >= 1 and manifest["state"] == "completed"
     assert run.rank_log(0).read_text().count("stop signal: saved a complete checkpoint") == manifest["requeues"]
     assert sum(len(r) - 1 for r in rows.values()) <= manifest["requeues"]  # at most one step per interruption
