@@ -65,21 +65,21 @@ def check_lora_shape(weights: Path, name: str, tensor, rank: int | None) -> None
 
 
 def merge_run(recipe: Recipe, run: RunDir, overwrite: bool = False) -> Path:
-    """Merge adapter/ into the base model and save merged/ (safetensors, plain transformers format)."""
-    from peft import PeftModel
+    """Merge adapter/ into the base model, shard by shard, and save merged/ (plain transformers format).
 
-    from launcher.models import load_base_model, load_tokenizer
+    qlora and lora-8bit adapters merge into the unquantized base in model.dtype."""
+    from launcher.models import load_tokenizer
+    from launcher.streaming_merge import stream_merge
 
     validate_adapter(run.adapter)
     if run.merged.exists() and not overwrite:
         raise FileExistsError(f"{run.merged}: exists; pass --overwrite to replace it")
-    base = load_base_model(recipe)
-    merged = PeftModel.from_pretrained(base, str(run.adapter)).merge_and_unload()
     staging = run.root / "merged.partial"
     shutil.rmtree(staging, ignore_errors=True)  # our own leftover from a killed merge
-    merged.save_pretrained(str(staging), safe_serialization=True)
+    done = stream_merge(recipe.model.name_or_path, run.adapter, staging, recipe.model.dtype, recipe.model.revision)
     load_tokenizer(recipe).save_pretrained(str(staging))
     if run.merged.exists():
         shutil.rmtree(run.merged)  # asked for with --overwrite
     staging.rename(run.merged)
+    run.update_manifest(merge=done)
     return run.merged

@@ -1,0 +1,122 @@
+"""Merge an adapter into its base model one safetensors shard at a time.
+
+PEFT's merge_and_unload needs the whole model in memory; this reads each base shard, adds the
+deltas of the weights in it (LoRA, AdaLoRA, IA3 scales), writes the merged shard, and lets it
+go, so the peak stays near one shard plus the adapter. The output is a plain transformers
+checkpoint (same shard names and index), with config, generation config and tokenizer copied.
+"""
+from __future__ import annotations
+
+import json
+import resource
+import shutil
+from pathlib import Path
+
+PREFIX = "base_model.model."
+TORCH_DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
+
+
+def base_files(base: str, revision: str | None = None) -> Path:
+    """A local directory with the base model's files (a hub id is resolved through the cache)."""
+    if Path(base).is_dir():
+        return Path(base)
+    from huggingface_hub import snapshot_download
+
+    return Path(snapshot_download(base, revision=revision, allow_patterns=["*.json", "*.safetensors", "*.model",
+                                                                          "*.txt", "*.py", "*.tiktoken"]))
+
+
+def shard_names(base_dir: Path) -> list[str]:
+    index = base_dir / "model.safetensors.index.json"
+    if index.is_file():
+        return sorted(set(json.loads(index.read_text())["weight_map"].values()))
+    if (base_dir / "model.safetensors").is_file():
+        return ["model.safetensors"]
+    raise FileNotFoundError(f"{base_dir}: no model.safetensors or model.safetensors.index.json (streaming merge "
+                            f"reads safetensors only; re-save the base with save_pretrained)")
+
+
+def adapter_updates(adapter_dir: Path):
+    """{base weight name: function(weight in fp32) -> merged weight in fp32} from an adapter."""
+    from safetensors.torch import load_file
+
+    config = json.loads((adapter_dir / "adapter_config.json").read_text())
+    tensors = {k.removeprefix(PREFIX): v.float() for k, v in load_file(str(adapter_dir / "adapter_model.safetensors")).items()}
+    kind = config["peft_type"]
+    modules = {name.split(".lora_")[0].split(".ia3_l")[0] for name in tensors}
+    part = lambda module, what: tensors.get(f"{module}.{what}.weight", tensors.get(f"{module}.{what}"))  # noqa: E731
+    updates = {}
+    for module in sorted(modules):
+        if kind in ("LORA", "ADALORA"):
+            a, b = part(module, "lora_A"), part(module, "lora_B")
+            if a is None or b is None:
+                continue
+            if kind == "LORA":
+                delta = (b @ a) * lora_scaling(config, module, a.shape[0])
+            else:  # AdaLoRA: B (A * E) * alpha / init_r (pruning keeps the scale: peft's ranknum stays init_r)
+                e, start_rank = part(module, "lora_E"), config.get("init_r") or a.shape[0]
+                delta = (b @ (a * e)) * (config["lora_alpha"] or start_rank) / (start_rank + 1e-5) if a.shape[0] else None
+            if delta is not None:
+                if config.get("fan_in_fan_out"):
+                    delta = delta.T
+                updates[f"{module}.weight"] = (lambda w, d=delta: w + d)
+        elif kind == "IA3":
+            scale = part(module, "ia3_l")
+            if scale is not None:  # feed-forward modules scale the input (columns), the others the output (rows)
+                updates[f"{module}.weight"] = (lambda w, s=scale: w * s.reshape(1, -1) if s.shape[0] == 1 else w * s.reshape(-1, 1))
+        else:
+            raise ValueError(f"{adapter_dir}: {kind} adapters hold no weight deltas and cannot be merged")
+    if not updates:
+        raise ValueError(f"{adapter_dir}: no mergeable tensors found")
+    return updates
+
+
+def lora_scaling(config: dict, module: str, rank: int) -> float:
+    alpha = next((v for k, v in (config.get("alpha_pattern") or {}).items() if module.endswith(k)), config["lora_alpha"])
+    return alpha / (rank ** 0.5) if config.get("use_rslora") else alpha / rank
+
+
+def stream_merge(base: str, adapter_dir: Path, out_dir: Path, dtype: str = "fp32", revision: str | None = None) -> dict:
+    """Write the merged model into out_dir (which must not exist); return what was done and the peak RSS."""
+    import torch
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    base_dir, adapter_dir, out_dir = base_files(base, revision), Path(adapter_dir), Path(out_dir)
+    updates = adapter_updates(adapter_dir)
+    out_dir.mkdir(parents=True)
+    target = getattr(torch, TORCH_DTYPES[dtype])
+    merged = 0
+    for shard in shard_names(base_dir):
+        tensors = {}
+        with safe_open(str(base_dir / shard), framework="pt") as reader:
+            metadata = reader.metadata() or {"format": "pt"}
+            for name in reader.keys():
+                weight = reader.get_tensor(name)
+                if name in updates:
+                    weight, merged = updates.pop(name)(weight.float()).to(target), merged + 1
+                elif weight.is_floating_point():
+                    weight = weight.to(target)
+                tensors[name] = weight.contiguous()
+        save_file(tensors, str(out_dir / shard), metadata=metadata)
+        del tensors
+    if updates:
+        raise ValueError(f"{adapter_dir}: {len(updates)} adapted weights not found in {base_dir} "
+                         f"(first: {next(iter(updates))}); is this the adapter's base model?")
+    copy_side_files(base_dir, out_dir, dtype)
+    return {"merged_weights": merged, "shards": len(shard_names(base_dir)),
+            "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}
+
+
+def copy_side_files(base_dir: Path, out_dir: Path, dtype: str) -> None:
+    """Config (with the merged dtype), index, generation config, tokenizer files."""
+    for path in base_dir.iterdir():
+        if path.is_file() and not path.name.endswith(".safetensors") and not path.name.endswith(".bin"):
+            shutil.copy2(path, out_dir / path.name)
+    config_path = out_dir / "config.json"
+    if config_path.is_file():
+        config = json.loads(config_path.read_text())
+        for key in ("dtype", "torch_dtype"):
+            if key in config:
+                config[key] = TORCH_DTYPES[dtype]
+        config_path.write_text(json.dumps(config, indent=2) + "\n")
