@@ -8,9 +8,10 @@ checkpoint (same shard names and index), with config, generation config and toke
 from __future__ import annotations
 
 import json
-import resource
 import shutil
 from pathlib import Path
+
+from launcher.runs import peak_rss_mib
 
 PREFIX = "base_model.model."
 TORCH_DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
@@ -37,35 +38,34 @@ def shard_names(base_dir: Path) -> list[str]:
 
 
 def adapter_updates(adapter_dir: Path):
-    """{base weight name: function(weight in fp32) -> merged weight in fp32} from an adapter."""
+    """{base weight name: function(weight in fp32) -> merged weight in fp32} from an adapter.
+    Each delta is computed when its weight's shard is merged, so only one lives at a time."""
     from safetensors.torch import load_file
 
     config = json.loads((adapter_dir / "adapter_config.json").read_text())
     tensors = {k.removeprefix(PREFIX): v.float() for k, v in load_file(str(adapter_dir / "adapter_model.safetensors")).items()}
     kind = config["peft_type"]
+    if kind not in ("LORA", "ADALORA", "IA3"):
+        raise ValueError(f"{adapter_dir}: {kind} adapters hold no weight deltas and cannot be merged")
     modules = {name.split(".lora_")[0].split(".ia3_l")[0] for name in tensors}
     part = lambda module, what: tensors.get(f"{module}.{what}.weight", tensors.get(f"{module}.{what}"))  # noqa: E731
     updates = {}
     for module in sorted(modules):
-        if kind in ("LORA", "ADALORA"):
-            a, b = part(module, "lora_A"), part(module, "lora_B")
-            if a is None or b is None:
-                continue
-            if kind == "LORA":
-                delta = (b @ a) * lora_scaling(config, module, a.shape[0])
-            else:  # AdaLoRA: B (A * E) * alpha / init_r (pruning keeps the scale: peft's ranknum stays init_r)
-                e, start_rank = part(module, "lora_E"), config.get("init_r") or a.shape[0]
-                delta = (b @ (a * e)) * (config["lora_alpha"] or start_rank) / (start_rank + 1e-5) if a.shape[0] else None
-            if delta is not None:
-                if config.get("fan_in_fan_out"):
-                    delta = delta.T
-                updates[f"{module}.weight"] = (lambda w, d=delta: w + d)
-        elif kind == "IA3":
+        if kind == "IA3":
             scale = part(module, "ia3_l")
             if scale is not None:  # feed-forward modules scale the input (columns), the others the output (rows)
                 updates[f"{module}.weight"] = (lambda w, s=scale: w * s.reshape(1, -1) if s.shape[0] == 1 else w * s.reshape(-1, 1))
-        else:
-            raise ValueError(f"{adapter_dir}: {kind} adapters hold no weight deltas and cannot be merged")
+            continue
+        a, b = part(module, "lora_A"), part(module, "lora_B")
+        if a is None or b is None or a.shape[0] == 0:  # AdaLoRA may prune a layer to rank 0: nothing to add
+            continue
+        if kind == "LORA":
+            a = a * lora_scaling(config, module, a.shape[0])
+        else:  # AdaLoRA: B (A * E) * alpha / init_r (pruning keeps the scale: peft's ranknum stays init_r)
+            start_rank = config.get("init_r") or a.shape[0]
+            a = a * part(module, "lora_E") * (config["lora_alpha"] or start_rank) / (start_rank + 1e-5)
+        transpose = bool(config.get("fan_in_fan_out"))
+        updates[f"{module}.weight"] = (lambda w, a=a, b=b, t=transpose: w.add_((b @ a).T if t else b @ a))
     if not updates:
         raise ValueError(f"{adapter_dir}: no mergeable tensors found")
     return updates
@@ -105,7 +105,7 @@ def stream_merge(base: str, adapter_dir: Path, out_dir: Path, dtype: str = "fp32
                          f"(first: {next(iter(updates))}); is this the adapter's base model?")
     copy_side_files(base_dir, out_dir, dtype)
     return {"merged_weights": merged, "shards": len(shard_names(base_dir)),
-            "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}
+            "peak_rss_mib": peak_rss_mib()}
 
 
 def copy_side_files(base_dir: Path, out_dir: Path, dtype: str) -> None:

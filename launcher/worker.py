@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import resource
 import sys
 import time
 import tomllib
@@ -18,7 +17,7 @@ from pathlib import Path
 from launcher.checkpoints import checkpoint_guard, stop_flag
 from launcher.recipe import Recipe, validate_recipe
 from launcher.rendezvous import check_in, smoke_all_reduce, topology_line, world_from_env
-from launcher.runs import RunDir
+from launcher.runs import RunDir, peak_rss_mib
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -174,7 +173,7 @@ def train(recipe: Recipe, run: RunDir, rank: int, records: list[dict]) -> None:
         stopped(run, rank, guard.stopped_at)
         return
     if rank == 0:  # the number to hold the pre-flight memory estimate against (CPU: the whole process)
-        run.update_manifest(peak_rss_mib=round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+        run.update_manifest(peak_rss_mib=peak_rss_mib(),
                             peak_accelerator_mib=accelerator_peak_mib())
     save_final_adapter(trainer, run, rank, probe=trained_probe(trainer, dataset, tokenizer))
 
