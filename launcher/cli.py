@@ -84,6 +84,10 @@ def build_parser() -> argparse.ArgumentParser:
         sub = commands.add_parser(name, help=stage, description=f"Re-run one stage of a finished run: {stage}.")
         sub.add_argument("run_dir", type=Path, metavar="RUN_DIR")
         sub.add_argument("--overwrite", action="store_true", help="replace this stage's existing output")
+        if name == "merge":
+            sub.add_argument("--checkpoint", type=int, metavar="N",
+                             help="merge the adapter of the complete checkpoint checkpoints/checkpoint-N into "
+                                  "RUN_DIR/merged-checkpoint-N instead of the final adapter")
         sub.set_defaults(handler=command_stage, stage=name)
 
     status = commands.add_parser("status", help="state of one run, or of every run under runs/",
@@ -238,12 +242,14 @@ def command_stage(args: argparse.Namespace, console: Console) -> int:
 
     recipe, run = load_run_recipe(args.run_dir), RunDir(args.run_dir)
     quiet_libraries(resolve_device(recipe.distributed.device))
-    if not run.adapter.exists():
-        raise RecipeError([f"{run.adapter}: no final adapter yet; finish training first (launch {run.recipe})"])
+    checkpoint = getattr(args, "checkpoint", None)
+    if checkpoint is None and not run.adapter.exists():
+        raise RecipeError([f"{run.adapter}: no final adapter yet; finish training first (launch {run.recipe}), "
+                           f"or merge a checkpoint with --checkpoint N"])
     if args.stage == "merge":
         from launcher.merge import merge_run
 
-        console.print(f"merged model: {merge_run(recipe, run, overwrite=args.overwrite)}")
+        console.print(f"merged model: {merge_run(recipe, run, overwrite=args.overwrite, checkpoint=checkpoint)}")
     else:
         from launcher.evaluate import evaluate_run
 

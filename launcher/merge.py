@@ -5,7 +5,7 @@ import json
 import shutil
 from pathlib import Path
 
-from launcher.recipe import Recipe
+from launcher.recipe import Recipe, RecipeError
 from launcher.runs import RunDir
 
 
@@ -64,22 +64,30 @@ def check_lora_shape(weights: Path, name: str, tensor, rank: int | None) -> None
         raise AdapterError(f"{weights}: {name} has shape {tuple(tensor.shape)}, expected rank {rank} columns")
 
 
-def merge_run(recipe: Recipe, run: RunDir, overwrite: bool = False) -> Path:
-    """Merge adapter/ into the base model, shard by shard, and save merged/ (plain transformers format).
+def merge_run(recipe: Recipe, run: RunDir, overwrite: bool = False, checkpoint: int | None = None) -> Path:
+    """Merge adapter/ (or checkpoints/checkpoint-N's adapter) into the base model, shard by shard,
+    and save merged/ (or merged-checkpoint-N/) in plain transformers format.
 
     qlora and lora-8bit adapters merge into the unquantized base in model.dtype."""
+    from launcher.checkpoints import is_complete
     from launcher.models import load_tokenizer
     from launcher.streaming_merge import stream_merge
 
-    validate_adapter(run.adapter)
-    if run.merged.exists() and not overwrite:
-        raise FileExistsError(f"{run.merged}: exists; pass --overwrite to replace it")
-    staging = run.root / "merged.partial"
+    source, target = run.adapter, run.merged
+    if checkpoint is not None:
+        source, target = run.checkpoints / f"checkpoint-{checkpoint}", run.root / f"merged-checkpoint-{checkpoint}"
+        if not is_complete(source):
+            raise RecipeError([f"--checkpoint {checkpoint}: {source} is not a complete checkpoint; pick N of a "
+                               f"checkpoints/checkpoint-N with a completion marker"])
+    validate_adapter(source)
+    if target.exists() and not overwrite:
+        raise FileExistsError(f"{target}: exists; pass --overwrite to replace it")
+    staging = target.with_name(target.name + ".partial")
     shutil.rmtree(staging, ignore_errors=True)  # our own leftover from a killed merge
-    done = stream_merge(recipe.model.name_or_path, run.adapter, staging, recipe.model.dtype, recipe.model.revision)
+    done = stream_merge(recipe.model.name_or_path, source, staging, recipe.model.dtype, recipe.model.revision)
     load_tokenizer(recipe).save_pretrained(str(staging))
-    if run.merged.exists():
-        shutil.rmtree(run.merged)  # asked for with --overwrite
-    staging.rename(run.merged)
-    run.update_manifest(merge=done)
-    return run.merged
+    if target.exists():
+        shutil.rmtree(target)  # asked for with --overwrite
+    staging.rename(target)
+    run.update_manifest(**{target.name.replace("merged", "merge", 1): done})
+    return target

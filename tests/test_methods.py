@@ -77,6 +77,16 @@ def test_each_method_trains_from_its_seed_recipe_and_its_adapter_reloads_to_the_
     with torch.no_grad():
         got = merged(input_ids=probe["input_ids"], attention_mask=probe["attention_mask"]).logits
     assert (got - expected).abs().max().item() <= 1e-5
+    if seed == "transnormer-lora.toml":  # any complete checkpoint's adapter merges too
+        again = run_launch("merge", run.root, "--checkpoint", "4")
+        assert again.returncode == 0, again.stdout + again.stderr
+        expected = reload_logits(recipe, run.checkpoints / "checkpoint-4", probe, quantized=False)
+        early = AutoModelForCausalLM.from_pretrained(str(run.root / "merged-checkpoint-4"), dtype=torch.float32).eval()
+        with torch.no_grad():
+            got = early(input_ids=probe["input_ids"], attention_mask=probe["attention_mask"]).logits
+        assert (got - expected).abs().max().item() <= 1e-5 and (expected - probe["logits"]).abs().max().item() > 1e-4
+        refused = run_launch("merge", run.root, "--checkpoint", "4")
+        assert refused.returncode != 0 and "merged-checkpoint-4: exists; pass --overwrite" in refused.stdout + refused.stderr
     if method == "adalora":  # the allocator ran: ranks were pruned from init_r towards target_r
         pattern = json.loads((run.adapter / "adapter_config.json").read_text())["rank_pattern"]
         kept = [sum(mask) for mask in pattern.values()]
