@@ -98,6 +98,10 @@ class SlurmTask:
         from launcher.worker import main
 
         code = main([self.run_dir])
+        # A stop signal after the last step has nothing left to save. Python resets its own handlers
+        # to the default (terminate) while shutting down, so ignore it: a late signal must not turn
+        # a finished rank into a "crash" that requeues the job.
+        signal.signal(signal.SIGUSR2, signal.SIG_IGN)
         if code != 0:
             # Exit (no second traceback): the rank's log already ends with the real error, and
             # srun --kill-on-bad-exit stops the other ranks.
