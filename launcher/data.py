@@ -144,9 +144,6 @@ def _messages(row: dict, data: DataSection) -> tuple[str | None, list[tuple[str,
     return system, pairs[:-1], pairs[-1][0], pairs[-1][1]
 
 
-TEMPLATES = ("plain", "chatml", "transnormer", "chatglm", "tokenizer")
-
-
 def render(template: str, system: str | None, history: list[tuple[str, str]], query: str,
            tokenizer=None) -> tuple[str, str]:
     """(prompt, suffix): the text before the response, and the end-of-turn text after it."""

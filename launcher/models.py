@@ -32,7 +32,14 @@ def torch_dtype(recipe: Recipe):
 
 
 def model_type(recipe: Recipe) -> str | None:
-    """config.json's model_type of the base model (a local read; the hub only when it is not local)."""
+    """config.json's model_type of the base model: read from the file when it is local (no model
+    code runs, so it works for remote-code models too), through AutoConfig for a hub id."""
+    import json
+    from pathlib import Path
+
+    local = Path(recipe.model.name_or_path) / "config.json"
+    if local.is_file():
+        return json.loads(local.read_text()).get("model_type")
     from transformers import AutoConfig
 
     config = AutoConfig.from_pretrained(recipe.model.name_or_path, revision=recipe.model.revision,
@@ -88,7 +95,7 @@ def quantization_config(recipe: Recipe):
     return BitsAndBytesConfig(
         load_in_4bit=True, bnb_4bit_quant_type=recipe.peft.quant_type,
         bnb_4bit_use_double_quant=recipe.peft.double_quant, bnb_4bit_compute_dtype=dtype,
-        bnb_4bit_quant_storage=dtype,  # ZeRO-3 shards storage of the model's dtype only
+        bnb_4bit_quant_storage=dtype,  # ZeRO-3 needs it equal to the model dtype (it still leaves the 4-bit weights unsharded)
     )
 
 
@@ -168,7 +175,7 @@ def adalora_allocator(trainer):
                 if engine.is_gradient_accumulation_boundary():
                     before = [(p, p.data.clone()) for p in singular_values(trainer.model)]
                     tuner.update_and_allocate(state.global_step)
-                    if tuner.peft_config[tuner.trainable_adapter_name].rank_pattern:  # ranks are final
+                    if tuner.peft_config[tuner.trainable_adapter_name].rank_pattern:  # pruning began: the zeros
                         masks = [(p, p.data == 0) for p, _ in before]
                     else:
                         masks = [(p, p.data != old) for p, old in before]  # the entries it just pruned

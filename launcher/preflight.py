@@ -80,21 +80,23 @@ def meta_model(recipe: Recipe, report: Report):
         return None
 
 
-def local_model_type(recipe: Recipe) -> str | None:
-    """model_type from a local config.json, for models whose code cannot be loaded here."""
-    import json
+def known_model_type(recipe: Recipe) -> str | None:
+    """The model type when its config cannot be loaded as a model (e.g. remote code not available)."""
+    from launcher.models import model_type
 
-    path = Path(recipe.model.name_or_path) / "config.json"
-    return json.loads(path.read_text()).get("model_type") if path.is_file() else None
+    try:
+        return model_type(recipe)
+    except Exception:  # an unreachable hub id: no quirks to apply
+        return None
 
 
 def linear_module_names(model) -> list[str]:
     """Distinct last name parts of the model's linear layers (what target_modules can name)."""
     import torch
 
-    names = {name.rsplit(".", 1)[-1] for name, module in model.named_modules() if isinstance(module, torch.nn.Linear)}
-    head = getattr(model.get_output_embeddings(), "__class__", None)
-    return sorted(names - ({"lm_head"} if head else set()))
+    head = model.get_output_embeddings()
+    return sorted({name.rsplit(".", 1)[-1] for name, module in model.named_modules()
+                   if isinstance(module, torch.nn.Linear) and module is not head})
 
 
 def target_problems(recipe: Recipe, model) -> list[str]:
@@ -211,7 +213,7 @@ def run_preflight(recipe: Recipe, examples: int | None = None) -> Report:
     stage = zero_stage(ds_config)
     offload = bool(ds_config.get("zero_optimization", {}).get("offload_optimizer"))
     model = meta_model(recipe, report)
-    model_type = config_value(model.config, "model_type") if model is not None else local_model_type(recipe)
+    model_type = config_value(model.config, "model_type") if model is not None else known_model_type(recipe)
     errors, warnings = compatibility_problems(recipe, stage, model_type)
     m = recipe.model
     if m.trust_remote_code and m.revision and not re.fullmatch(r"[0-9a-f]{40}", m.revision) \

@@ -73,8 +73,11 @@ def set_environment(model_type: str | None) -> None:
 
 
 def apply_quirks(model) -> None:
-    """Repairs after loading (today: slopes tensors left on the meta device)."""
+    """Repairs after loading: `hidden_size` aliased for DeepSpeed's "auto" values when the config
+    names it otherwise, and slopes tensors left on the meta device rebuilt."""
     quirks = quirks_for(getattr(model.config, "model_type", None))
+    if getattr(model.config, "hidden_size", None) is None and quirks.hidden_size_key != "hidden_size":
+        model.config.hidden_size = hidden_size(model.config)
     if quirks.rebuild_meta_slopes:
         rebuild_meta_slopes(model)
 

@@ -191,9 +191,6 @@ class PeftSection(Section):
         as_steps = lambda value: int(value * total_steps) if value < 1 else int(value)  # noqa: E731
         return as_steps(self.tinit), as_steps(self.tfinal)
 
-    @property
-    def family(self) -> str:
-        return "lora" if self.method in LORA_FAMILY else "prompt" if self.method in PROMPT_FAMILY else self.method
 
 
 class TrainSection(Section):

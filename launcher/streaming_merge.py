@@ -11,10 +11,10 @@ import json
 import shutil
 from pathlib import Path
 
+from launcher.models import TORCH_DTYPES
 from launcher.runs import peak_rss_mib
 
 PREFIX = "base_model.model."
-TORCH_DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 
 
 def base_files(base: str, revision: str | None = None) -> Path:

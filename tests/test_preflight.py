@@ -9,7 +9,7 @@ from conftest import run_launch, tiny_recipe_text, write_recipe
 
 from launcher.preflight import run_preflight
 from launcher.recipe import RecipeError, load_recipe
-from launcher.quirks import hidden_size, quirks_for, rebuild_meta_slopes
+from launcher.quirks import apply_quirks, hidden_size, quirks_for, rebuild_meta_slopes
 
 
 def test_a_wrong_target_module_fails_before_anything_starts_and_lists_the_real_names(tmp_path, tiny_assets):
@@ -96,3 +96,11 @@ def test_slopes_left_on_the_meta_device_are_rebuilt():
     model = torch.nn.Sequential(Layer(), Layer())
     assert rebuild_meta_slopes(model) == 2
     assert not model[0].slopes.is_meta and model[1].slopes[3, 0, 0].item() == 4.0
+
+    from transformers import PretrainedConfig
+
+    model = torch.nn.Sequential(Layer())
+    model.config = PretrainedConfig(decoder_embed_dim=2048)
+    model.config.model_type = "transnormer"
+    apply_quirks(model)  # after loading: slopes rebuilt and hidden_size aliased for DeepSpeed's "auto"
+    assert not model[0].slopes.is_meta and model.config.hidden_size == 2048
