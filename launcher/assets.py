@@ -56,7 +56,8 @@ def build_tokenizer(texts: list[str], out_dir: Path, vocab_size: int = 384):
     return wrapped
 
 
-def build_tiny_llama(out_dir: Path, texts: list[str], hidden: int = 64, layers: int = 2, seed: int = 0) -> Path:
+def build_tiny_llama(out_dir: Path, texts: list[str], hidden: int = 64, layers: int = 2, seed: int = 0,
+                     heads: int = 4) -> Path:
     """A randomly initialised Llama of ~0.1M parameters plus its tokenizer, saved with save_pretrained."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
@@ -65,7 +66,7 @@ def build_tiny_llama(out_dir: Path, texts: list[str], hidden: int = 64, layers: 
     tokenizer = build_tokenizer(texts, out_dir)
     config = LlamaConfig(
         vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=hidden * 2,
-        num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
+        num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=max(heads // 2, 1),
         max_position_embeddings=512, tie_word_embeddings=False,
         initializer_range=0.05,
         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,

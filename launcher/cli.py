@@ -2,8 +2,8 @@
 
     launch RECIPE.toml [--set KEY=VALUE ...] [--run-dir DIR] [--dry-run] [--procs-per-node N]
     launch check RECIPE.toml [--set KEY=VALUE ...]
-    launch merge RUN_DIR [--overwrite]
-    launch eval RUN_DIR [--overwrite]
+    launch merge RUN_DIR [--checkpoint N] [--overwrite]
+    launch eval RUN_DIR|ADAPTER_DIR ... [--data FILE] [--shards K] [--executor local|slurm] [--checkpoints all]
     launch status [RUN_DIR]
     launch logs RUN_DIR [--rank N] [-f]
     launch cancel RUN_DIR
@@ -79,16 +79,37 @@ def build_parser() -> argparse.ArgumentParser:
     add_topology_arguments(check)
     check.set_defaults(handler=command_check)
 
-    for name, stage in (("merge", "merge the final adapter into the base model (RUN_DIR/merged)"),
-                        ("eval", "evaluate base vs adapter on the held-out split (RUN_DIR/eval)")):
-        sub = commands.add_parser(name, help=stage, description=f"Re-run one stage of a finished run: {stage}.")
-        sub.add_argument("run_dir", type=Path, metavar="RUN_DIR")
-        sub.add_argument("--overwrite", action="store_true", help="replace this stage's existing output")
-        if name == "merge":
-            sub.add_argument("--checkpoint", type=int, metavar="N",
-                             help="merge the adapter of the complete checkpoint checkpoints/checkpoint-N into "
-                                  "RUN_DIR/merged-checkpoint-N instead of the final adapter")
-        sub.set_defaults(handler=command_stage, stage=name)
+    merge = commands.add_parser("merge", help="merge the final adapter into the base model (RUN_DIR/merged)",
+                                description="Re-run the merge of a finished run: stream the base model's shards "
+                                            "and add the adapter's deltas (RUN_DIR/merged).")
+    merge.add_argument("run_dir", type=Path, metavar="RUN_DIR")
+    merge.add_argument("--overwrite", action="store_true", help="replace the existing merged model")
+    merge.add_argument("--checkpoint", type=int, metavar="N",
+                       help="merge the adapter of the complete checkpoint checkpoints/checkpoint-N into "
+                            "RUN_DIR/merged-checkpoint-N instead of the final adapter")
+    merge.set_defaults(handler=command_merge)
+
+    evaluation = commands.add_parser(
+        "eval", help="batch-evaluate the base model and adapters side by side (RUN_DIR/eval)",
+        description="Batched generation and reference loss for the base model and each adapter or checkpoint, "
+                    "sharded over processes or SLURM tasks; a re-run resumes the unfinished shards. Writes "
+                    "predictions.jsonl, metrics.json, report.md and report.html.")
+    evaluation.add_argument("targets", type=Path, nargs="+", metavar="RUN_DIR|ADAPTER_DIR",
+                            help="run dirs (their final adapter) or adapter folders, evaluated side by side")
+    evaluation.add_argument("--data", metavar="FILE", help="evaluate on this file (in the recipe's data.format) "
+                                                           "instead of eval.data or the held-out split")
+    evaluation.add_argument("--shards", type=int, metavar="K", help="split the examples over K processes or SLURM tasks")
+    evaluation.add_argument("--executor", choices=["local", "slurm"], default="local", help="where the shards run")
+    evaluation.add_argument("--checkpoints", choices=["final", "all"],
+                            help="all: every complete checkpoint of each run too (eval.checkpoints)")
+    evaluation.add_argument("--recipe", type=Path, metavar="RECIPE.toml",
+                            help="the recipe of adapter folders that are not inside a run dir")
+    evaluation.add_argument("--out", type=Path, metavar="DIR", help="where to write (default: the first run's eval/)")
+    evaluation.add_argument("--no-base", action="store_true", help="leave the base model out")
+    evaluation.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                            help="override an [eval] key, e.g. --set eval.max_new_tokens=64 (repeatable)")
+    evaluation.add_argument("--overwrite", action="store_true", help="replace an evaluation already in the folder")
+    evaluation.set_defaults(handler=command_eval)
 
     status = commands.add_parser("status", help="state of one run, or of every run under runs/",
                                  description="Show state, steps done and outputs from the run dirs' manifests.")
@@ -190,11 +211,12 @@ def preflight(recipe: Recipe, console: Console, samples: int = 0):
     from launcher.data import read_training_set
     from launcher.models import quiet_libraries
     from launcher.preflight import run_preflight
+    from launcher.render import resolve_device
 
     if not hub_reachable(recipe):
         os.environ.setdefault("HF_HUB_OFFLINE", "1")  # fail fast on hub ids instead of retrying for a minute
         console.print("  hub: unreachable from here; checking with local files and the cache only", highlight=False)
-    quiet_libraries("cpu")
+    quiet_libraries(resolve_device(recipe.distributed.device))
     with console.status("pre-flight: reading data, building the model on the meta device"):
         data = read_training_set(recipe, samples)
         report = run_preflight(recipe, examples=data.examples)
@@ -234,29 +256,71 @@ def load_run_recipe(run_dir: Path) -> Recipe:
     return validate_recipe(tomllib.loads(path.read_text()), source=str(path))
 
 
-def command_stage(args: argparse.Namespace, console: Console) -> int:
+def command_merge(args: argparse.Namespace, console: Console) -> int:
+    from launcher.merge import merge_run
     from launcher.runs import RunDir
 
+    recipe, run = load_run_recipe(args.run_dir), RunDir(args.run_dir)
+    quiet_libraries_for(recipe)
+    if args.checkpoint is None and not run.adapter.exists():
+        raise RecipeError([f"{run.adapter}: no final adapter yet; finish training first (launch {run.recipe}), "
+                           f"or merge a checkpoint with --checkpoint N"])
+    console.print(f"merged model: {merge_run(recipe, run, overwrite=args.overwrite, checkpoint=args.checkpoint)}")
+    return 0
+
+
+def command_eval(args: argparse.Namespace, console: Console) -> int:
+    from launcher.evaluate import evaluate, plan_evaluation, systems_of
+    from launcher.pipeline import metrics_table
+
+    runs, adapters, recipe_path = eval_targets(args.targets, args.recipe)
+    overrides = list(args.overrides) + [f"{key}={json.dumps(value)}" for key, value in
+                                        (("eval.shards", args.shards), ("eval.checkpoints", args.checkpoints))
+                                        if value is not None]
+    recipe = load_recipe(recipe_path, overrides)
+    bases = {load_run_recipe(run.root).model.name_or_path for run in runs} | {recipe.model.name_or_path}
+    if len(bases) > 1:
+        raise RecipeError([f"eval: the runs were trained on different base models ({', '.join(sorted(bases))}); "
+                           "evaluate each base in its own command"])
+    missing = [run.root for run in runs if not run.adapter.exists() and recipe.eval.checkpoints == "final"]
+    if missing:
+        raise RecipeError([f"{missing[0]}: no final adapter yet; finish training, or pass --checkpoints all"])
+    out = args.out or (runs[0].eval if runs else adapters[0].with_name(adapters[0].name + "-eval"))
+    systems = systems_of(runs, adapters, recipe.eval.checkpoints, base=not args.no_base)
+    quiet_libraries_for(recipe)
+    plan_evaluation(recipe, systems, out, data=args.data, overwrite=args.overwrite, runs=runs)
+    console.print(f"evaluating {', '.join(s.name for s in systems)} into {out}", highlight=False)
+    result = evaluate(out, args.executor, console)
+    console.print(metrics_table(result))
+    console.print(f"report: {out / 'report.html'} (and report.md)", highlight=False)
+    return 0
+
+
+def eval_targets(targets: list[Path], recipe: Path | None):
+    """Run dirs and adapter folders; the recipe is --recipe, or the first target's run's."""
+    from launcher.runs import RunDir
+
+    runs, adapters, found = [], [], recipe
+    for target in targets:
+        if (target / "recipe.toml").is_file():
+            runs.append(RunDir(target))
+            found = found or target / "recipe.toml"
+        elif (target / "adapter_config.json").is_file():
+            adapters.append(target)
+            owner = next((p for p in (target.parent, target.parent.parent) if (p / "recipe.toml").is_file()), None)
+            found = found or (owner / "recipe.toml" if owner else None)
+        else:
+            raise RecipeError([f"{target}: neither a run dir (recipe.toml) nor an adapter folder (adapter_config.json)"])
+    if found is None:
+        raise RecipeError(["eval: the adapters are not inside a run dir; pass --recipe RECIPE.toml (model, data format, [eval])"])
+    return runs, adapters, found
+
+
+def quiet_libraries_for(recipe: Recipe) -> None:
     from launcher.models import quiet_libraries
     from launcher.render import resolve_device
 
-    recipe, run = load_run_recipe(args.run_dir), RunDir(args.run_dir)
     quiet_libraries(resolve_device(recipe.distributed.device))
-    checkpoint = getattr(args, "checkpoint", None)
-    if checkpoint is None and not run.adapter.exists():
-        raise RecipeError([f"{run.adapter}: no final adapter yet; finish training first (launch {run.recipe}), "
-                           f"or merge a checkpoint with --checkpoint N"])
-    if args.stage == "merge":
-        from launcher.merge import merge_run
-
-        console.print(f"merged model: {merge_run(recipe, run, overwrite=args.overwrite, checkpoint=checkpoint)}")
-    else:
-        from launcher.evaluate import evaluate_run
-
-        metrics = evaluate_run(recipe, run, overwrite=args.overwrite)
-        console.print(json.dumps(metrics, indent=2))
-        console.print(f"report: {run.eval / 'report.md'}")
-    return 0
 
 
 def command_status(args: argparse.Namespace, console: Console) -> int:
@@ -286,8 +350,10 @@ def describe_run(run) -> str:
     jobs = manifest.get("jobs", [])
     if jobs:
         lines.append(f"  job: {job_summary(jobs[-1])}")
-    if (run.eval / "report.md").exists():
-        lines.append(f"  report: {run.eval / 'report.md'}")
+    if (run.eval / "report.html").exists():
+        lines.append(f"  report: {run.eval / 'report.html'} (and report.md)")
+    elif (run.eval / "plan.json").exists():
+        lines.append(f"  eval: unfinished in {run.eval}; resume it with: launch eval {run.root}")
     return "\n".join(lines)
 
 

@@ -1,67 +1,247 @@
-"""Batch offline evaluation of the held-out split: base model vs base + adapter, side by side."""
+"""Batch offline evaluation: the base model and adapters (or checkpoints) side by side, sharded
+over processes or SLURM tasks, resumable shard by shard.
+
+An evaluation folder holds:
+    plan.json              what is evaluated: the resolved recipe, systems, data, shards, decoding
+    examples.jsonl         the examples, in input order (fixed once, so every shard agrees)
+    shards/S/shard-K.jsonl one system's predictions and reference losses for shard K's examples
+    shards/S/shard-K.done  its completion marker (written last): a re-run skips this shard
+    predictions.jsonl, metrics.json, report.md, report.html, *.png   once every shard is done
+"""
 from __future__ import annotations
 
+import fcntl
+import hashlib
 import json
 import math
+import os
 import shutil
+import sys
+import time
 from contextlib import nullcontext
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from launcher.data import Example, split_examples, tokenize
-from launcher.quirks import quirks_for
-from launcher.recipe import Recipe
+from launcher.data import Example, tokenize
+from launcher.recipe import Recipe, RecipeError, validate_recipe
 from launcher.runs import RunDir, write_atomic
 
-SYSTEMS = ("base", "adapter")
+PLAN, EXAMPLES = "plan.json", "examples.jsonl"
+DECODING_KEYS = ("max_new_tokens", "do_sample", "temperature", "top_p", "seed", "batch_size")
 
 
-def evaluate_run(recipe: Recipe, run: RunDir, overwrite: bool = False) -> dict:
-    """Write eval/predictions.jsonl, eval/metrics.json and eval/report.md; return the metrics."""
+@dataclass(frozen=True)
+class System:
+    name: str            # "base", "adapter", "checkpoint-40", or "<run>/adapter" with several runs
+    adapter: str | None  # adapter folder; None is the base model
+
+
+# ---------------------------------------------------------------- planning
+
+
+def systems_of(runs: list[RunDir], adapters: list[Path], checkpoints: str, base: bool = True) -> list[System]:
+    """base, then each run's final adapter (and complete checkpoints with checkpoints="all"),
+    then adapter folders given directly."""
+    from launcher.checkpoints import checkpoints_in, is_complete
+
+    several = len(runs) + len(adapters) > 1
+    found = [System("base", None)] if base else []
+    for run in runs:
+        prefix = f"{run.root.name}/" if several else ""
+        if checkpoints == "all":
+            found += [System(f"{prefix}{c.name}", str(c.resolve()))
+                      for c in checkpoints_in(run.checkpoints) if is_complete(c)]
+        if run.adapter.exists():
+            found.append(System(f"{prefix}adapter", str(run.adapter.resolve())))
+    for adapter in adapters:
+        found.append(System(f"{adapter.parent.name}/{adapter.name}" if several else adapter.name, str(adapter.resolve())))
+    names = [s.name for s in found]
+    if len(set(names)) != len(names):
+        raise RecipeError([f"two systems would share a name ({', '.join(names)}); evaluate them in separate --out folders"])
+    return found
+
+
+def eval_examples(recipe: Recipe, data: str | None) -> list[Example]:
+    from launcher.data import load_examples, split_examples
+    from launcher.models import load_tokenizer
+
+    tokenizer = load_tokenizer(recipe) if recipe.data.template == "tokenizer" else None
+    if data or recipe.eval.data:
+        examples, _ = load_examples(str(data or recipe.eval.data), recipe.data, tokenizer)
+    else:
+        examples = split_examples(recipe, tokenizer).held_out
+    if not examples:
+        raise RecipeError(["eval: no examples to evaluate; set data.eval_file, data.eval_fraction > 0 or pass --data FILE"])
+    return examples[: recipe.eval.max_examples]
+
+
+def plan_evaluation(recipe: Recipe, systems: list[System], out: Path, data: str | None = None,
+                    overwrite: bool = False, runs: list[RunDir] = ()) -> dict:
+    """Write plan.json and examples.jsonl into `out`, or find the same plan there (a resume).
+
+    A finished or different evaluation in `out` is never replaced without overwrite=True."""
+    examples = eval_examples(recipe, data)
+    lines = [json.dumps(asdict(e), ensure_ascii=False) for e in examples]
+    plan = {
+        "recipe": recipe.to_dict(), "systems": [asdict(s) for s in systems],
+        "data": str(data or recipe.eval.data or "held-out split"), "shards": recipe.eval.shards,
+        "examples": len(examples), "examples_sha256": hashlib.sha256("\n".join(lines).encode()).hexdigest(),
+        "decoding": {key: getattr(recipe.eval, key) for key in DECODING_KEYS},
+        "runs": [str(run.root.resolve()) for run in runs],  # their training curves go in the report
+    }
+    old = read_plan(out)
+    if old is not None and not overwrite:
+        if {k: v for k, v in old.items() if k != "recipe"} == {k: v for k, v in plan.items() if k != "recipe"}:
+            return old  # the same evaluation: resume its unfinished shards
+        raise FileExistsError(f"{out}: holds another evaluation ({describe_difference(old, plan)}); "
+                              f"pass --out DIR for a new one, or --overwrite to replace it")
+    if out.exists() and (overwrite or any(out.iterdir())):
+        if not overwrite:
+            raise FileExistsError(f"{out}: exists and is not an evaluation folder; pass --out DIR or --overwrite")
+        shutil.rmtree(out)  # asked for with --overwrite
+    out.mkdir(parents=True, exist_ok=True)
+    write_atomic(out / EXAMPLES, "\n".join(lines) + "\n")
+    write_atomic(out / PLAN, json.dumps(plan, indent=2, ensure_ascii=False) + "\n")
+    return plan
+
+
+def describe_difference(old: dict, new: dict) -> str:
+    changed = [key for key in new if key != "recipe" and old.get(key) != new.get(key)]
+    return "different " + ", ".join(changed) if changed else "a different plan"
+
+
+def read_plan(out: Path) -> dict | None:
+    path = Path(out) / PLAN
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def shard_file(out: Path, system: str, shard: int, shards: int) -> Path:
+    return Path(out) / "shards" / system.replace("/", "__") / f"shard-{shard:05d}-of-{shards:05d}.jsonl"
+
+
+def marker_of(path: Path) -> Path:
+    return path.with_suffix(".done")
+
+
+def unfinished(out: Path, plan: dict) -> list[tuple[int, str]]:
+    return [(k, s["name"]) for k in range(plan["shards"]) for s in plan["systems"]
+            if not marker_of(shard_file(out, s["name"], k, plan["shards"])).exists()]
+
+
+# ---------------------------------------------------------------- one shard
+
+
+def run_shard(out: Path, shard: int, device: str | None = None) -> None:
+    """Evaluate every unfinished system on shard `shard`'s examples (every K-th, from `shard`),
+    then write the results if this was the last unfinished shard."""
     import torch
+
+    from launcher.models import load_base_model, load_tokenizer, quiet_libraries
+    from launcher.render import resolve_device
+
+    plan = read_plan(out)
+    recipe = validate_recipe(plan["recipe"], source=str(Path(out) / PLAN))
+    shards, systems = plan["shards"], [System(**s) for s in plan["systems"]]
+    pending = [s for s in systems if not marker_of(shard_file(out, s.name, shard, shards)).exists()]
+    if pending:
+        device = device or shard_device(resolve_device(recipe.distributed.device), shard)
+        quiet_libraries(device.split(":")[0])
+        examples = [Example(**json.loads(line)) for line in (Path(out) / EXAMPLES).read_text().splitlines()]
+        indices = list(range(shard, len(examples), shards))
+        tokenizer = load_tokenizer(recipe, padding_side="left")
+        model = with_adapters(load_base_model(recipe).to(device).eval(), [s for s in pending if s.adapter])
+        for system in pending:
+            torch.manual_seed(recipe.eval.seed + shard)
+            started = time.time()
+            with torch.no_grad(), selected(model, system):
+                rows = evaluate_examples(model, tokenizer, [examples[i] for i in indices], recipe)
+            for index, row in zip(indices, rows):
+                row["index"] = index
+            save_shard(shard_file(out, system.name, shard, shards), rows, time.time() - started)
+    finish_if_complete(out)
+
+
+def shard_device(device: str, shard: int) -> str:
+    """cuda:N for shard N on a machine with several GPUs (SLURM hands each task its own)."""
+    if device != "cuda":
+        return device
+    import torch
+
+    return f"cuda:{shard % max(torch.cuda.device_count(), 1)}"
+
+
+def with_adapters(model, systems: list[System]):
+    """One model holding every adapter (loaded once per shard); set_adapter picks one."""
     from peft import PeftModel
 
-    from launcher.merge import validate_adapter
-    from launcher.models import load_base_model, load_tokenizer
-
-    if (run.eval / "metrics.json").exists() and not overwrite:
-        raise FileExistsError(f"{run.eval}: holds an evaluation; pass --overwrite to replace it")
-    validate_adapter(run.adapter)
-    tokenizer = load_tokenizer(recipe, padding_side="left")
-    examples = split_examples(recipe, tokenizer).held_out[: recipe.eval.max_examples]
-    if not examples:
-        raise ValueError("no held-out examples: set data.eval_file or a data.eval_fraction > 0")
-    model = PeftModel.from_pretrained(load_base_model(recipe), str(run.adapter)).eval()
-    predictions, metrics = {}, {}
-    with torch.no_grad():
-        for system in SYSTEMS:
-            with model.disable_adapter() if system == "base" else nullcontext():
-                metrics[system] = reference_loss(model, tokenizer, examples, recipe)
-                if all(e.prompt for e in examples):  # plain text (data.format = "text") has no prompt to answer
-                    predictions[system] = generate(model, tokenizer, examples, recipe)
-                    metrics[system]["exact_match"] = exact_match(predictions[system], examples)
-                else:
-                    predictions[system] = [""] * len(examples)
-    write_results(run.eval, examples, predictions, metrics)
-    return metrics
+    for number, system in enumerate(systems):
+        name = adapter_name(system)
+        if number == 0:
+            model = PeftModel.from_pretrained(model, system.adapter, adapter_name=name)
+        else:
+            model.load_adapter(system.adapter, adapter_name=name)
+    return model.eval()
 
 
-def generate(model, tokenizer, examples: list[Example], recipe: Recipe) -> list[str]:
-    """Greedy batched generation; batches are built from length-sorted prompts to pad little."""
-    order = sorted(range(len(examples)), key=lambda i: len(examples[i].prompt))
-    outputs: dict[int, str] = {}
-    size = recipe.eval.batch_size
-    for start in range(0, len(order), size):
-        batch = order[start:start + size]
-        encoded = tokenizer([examples[i].prompt for i in batch], return_tensors="pt", padding=True)
+def adapter_name(system: System) -> str:
+    return "a" + hashlib.sha1(system.name.encode()).hexdigest()[:10]  # peft names cannot hold "/" or "."
+
+
+def selected(model, system: System):
+    """The base model (adapters disabled) or one adapter, for a `with` block."""
+    if system.adapter is None:
+        return model.disable_adapter() if hasattr(model, "disable_adapter") else nullcontext()
+    model.set_adapter(adapter_name(system))
+    return nullcontext()
+
+
+def save_shard(path: Path, rows: list[dict], seconds: float) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_atomic(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+    generated = sum(r["new_tokens"] for r in rows)
+    write_atomic(marker_of(path), json.dumps({
+        "examples": len(rows), "new_tokens": generated, "seconds": round(seconds, 3),
+        "host": os.uname().nodename, "finished": time.time()}) + "\n")
+
+
+def evaluate_examples(model, tokenizer, examples: list[Example], recipe: Recipe) -> list[dict]:
+    """Per example: the reference's summed loss and token count, and (when there is a prompt to
+    answer) the generated text and how many tokens it took."""
+    rows = [dict(zip(("loss_sum", "loss_tokens"), pair)) for pair in reference_losses(model, tokenizer, examples, recipe)]
+    answers = generate(model, tokenizer, examples, recipe) if all(e.prompt for e in examples) else [("", 0)] * len(rows)
+    for row, (text, count) in zip(rows, answers):
+        row.update(prediction=text, new_tokens=count)
+    return rows
+
+
+def generate(model, tokenizer, examples: list[Example], recipe: Recipe) -> list[tuple[str, int]]:
+    """Batched generation, left padded; batches are built from length-sorted prompts so they pad
+    little. Returns (cleaned text, generated tokens up to EOS) per example, in input order."""
+    from launcher.quirks import quirks_for
+
+    e = recipe.eval
+    lengths = [len(tokenizer(x.prompt)["input_ids"]) for x in examples]
+    order = sorted(range(len(examples)), key=lambda i: lengths[i])
+    sampling = {"do_sample": True, "temperature": e.temperature, "top_p": e.top_p} if e.do_sample else {"do_sample": False}
+    outputs: dict[int, tuple[str, int]] = {}
+    for start in range(0, len(order), e.batch_size):
+        batch = order[start:start + e.batch_size]
+        encoded = tokenizer([examples[i].prompt for i in batch], return_tensors="pt", padding=True).to(model.device)
         generated = model.generate(
-            **encoded, max_new_tokens=recipe.eval.max_new_tokens, do_sample=False,
-            pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
-            use_cache=quirks_for(model.config.model_type).generate_with_cache,
-        )
-        new_tokens = generated[:, encoded["input_ids"].shape[1]:]
-        for i, text in zip(batch, tokenizer.batch_decode(new_tokens, skip_special_tokens=True)):
-            outputs[i] = clean_prediction(text, examples[i].suffix)
+            **encoded, max_new_tokens=e.max_new_tokens, pad_token_id=tokenizer.pad_token_id,
+            eos_token_id=tokenizer.eos_token_id, use_cache=quirks_for(model.config.model_type).generate_with_cache,
+            **sampling)
+        new_tokens = generated[:, encoded["input_ids"].shape[1]:].cpu()
+        for i, tokens in zip(batch, new_tokens):
+            count = generated_length(tokens.tolist(), tokenizer.eos_token_id)
+            text = tokenizer.decode(tokens[:count], skip_special_tokens=True)
+            outputs[i] = (clean_prediction(text, examples[i].suffix), count)
     return [outputs[i] for i in range(len(examples))]
+
+
+def generated_length(tokens: list[int], eos: int) -> int:
+    """Tokens up to and with the first EOS (the rest of the row is padding)."""
+    return tokens.index(eos) + 1 if eos in tokens else len(tokens)
 
 
 def clean_prediction(text: str, suffix: str) -> str:
@@ -71,61 +251,138 @@ def clean_prediction(text: str, suffix: str) -> str:
     return text.strip()
 
 
-def exact_match(predictions: list[str], examples: list[Example]) -> float:
-    hits = sum(p == e.response.strip() for p, e in zip(predictions, examples))
-    return hits / len(examples)
-
-
-def reference_loss(model, tokenizer, examples: list[Example], recipe: Recipe) -> dict[str, float]:
-    """Mean cross-entropy per response token of the references (prompt tokens masked, as in training)."""
+def reference_losses(model, tokenizer, examples: list[Example], recipe: Recipe) -> list[tuple[float, int]]:
+    """(summed cross-entropy, token count) of each reference response, prompt masked as in training."""
     import torch
 
-    total, count = 0.0, 0
-    size = recipe.eval.batch_size
-    for start in range(0, len(examples), size):
-        rows = [tokenize(e, tokenizer, recipe.data.max_length) for e in examples[start:start + size]]
-        width = max(len(r["input_ids"]) for r in rows)
-        pad = tokenizer.pad_token_id
+    results = []
+    for start in range(0, len(examples), recipe.eval.batch_size):
+        rows = [tokenize(e, tokenizer, recipe.data.max_length) for e in examples[start:start + recipe.eval.batch_size]]
+        width, pad = max(len(r["input_ids"]) for r in rows), tokenizer.pad_token_id
         input_ids = torch.tensor([r["input_ids"] + [pad] * (width - len(r["input_ids"])) for r in rows])
         labels = torch.tensor([r["labels"] + [-100] * (width - len(r["labels"])) for r in rows])
-        attention = torch.tensor([[1] * len(r["input_ids"]) + [0] * (width - len(r["input_ids"])) for r in rows])
-        logits = model(input_ids=input_ids, attention_mask=attention).logits.float()
-        logits = logits[:, -input_ids.shape[1]:]  # prompt / p-tuning put their virtual tokens first
+        attention = (torch.arange(width)[None, :] < torch.tensor([len(r["input_ids"]) for r in rows])[:, None]).long()
+        logits = model(input_ids=input_ids.to(model.device), attention_mask=attention.to(model.device)).logits.float().cpu()
+        logits = logits[:, -width:]  # prompt / p-tuning put their virtual tokens first
         shifted = labels[:, 1:]
         losses = torch.nn.functional.cross_entropy(
-            logits[:, :-1].reshape(-1, logits.shape[-1]), shifted.reshape(-1), ignore_index=-100, reduction="sum")
-        total += losses.item()
-        count += int((shifted != -100).sum())
-    loss = total / max(count, 1)
-    return {"loss": loss, "perplexity": math.exp(min(loss, 50.0))}
+            logits[:, :-1].transpose(1, 2), shifted, ignore_index=-100, reduction="none")
+        results += [(float(total), int(count)) for total, count in zip(losses.sum(1), (shifted != -100).sum(1))]
+    return results
 
 
-def write_results(out: Path, examples: list[Example], predictions: dict, metrics: dict) -> None:
-    staging = out.with_name(out.name + ".partial")
-    staging.mkdir(parents=True, exist_ok=True)
-    with open(staging / "predictions.jsonl", "w") as handle:
+# ---------------------------------------------------------------- results
+
+
+def finish_if_complete(out: Path) -> dict | None:
+    """Once every shard is done: predictions.jsonl in input order, metrics.json and the report.
+    Whichever shard finishes last does it (under a lock, so two never write at once)."""
+    out = Path(out)
+    plan = read_plan(out)
+    if unfinished(out, plan):
+        return None
+    with open(out / ".finish.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if (out / "metrics.json").exists():
+            return json.loads((out / "metrics.json").read_text())
+        return write_results(out, plan)
+
+
+def collect(out: Path, plan: dict, system: str) -> tuple[list[dict], dict]:
+    """One system's rows of every shard, in input order, and its timing totals."""
+    rows, timing = [], {"new_tokens": 0, "seconds": 0.0}
+    for k in range(plan["shards"]):
+        path = shard_file(out, system, k, plan["shards"])
+        rows += [json.loads(line) for line in path.read_text().splitlines()]
+        marker = json.loads(marker_of(path).read_text())
+        timing["new_tokens"] += marker["new_tokens"]
+        timing["seconds"] += marker["seconds"]
+    return sorted(rows, key=lambda r: r["index"]), timing
+
+
+def write_results(out: Path, plan: dict) -> dict:
+    from launcher.report import write_report
+    from launcher.scores import text_scores
+
+    examples = [Example(**json.loads(line)) for line in (out / EXAMPLES).read_text().splitlines()]
+    references = [e.response for e in examples]
+    predictions, metrics, speed = {}, {}, {}
+    for system in (s["name"] for s in plan["systems"]):
+        rows, timing = collect(out, plan, system)
+        predictions[system] = [r["prediction"] for r in rows]
+        loss = sum(r["loss_sum"] for r in rows) / max(sum(r["loss_tokens"] for r in rows), 1)
+        metrics[system] = {"loss": loss, "perplexity": math.exp(min(loss, 50.0))}
+        if all(e.prompt for e in examples):
+            metrics[system] |= text_scores(predictions[system], references)
+        speed[system] = {"generated_tokens": timing["new_tokens"], "shard_seconds": round(timing["seconds"], 2)}
+    with open(out / ".predictions.jsonl.tmp", "w") as handle:
         for i, example in enumerate(examples):
-            row = {"prompt": example.prompt, "reference": example.response} | {s: predictions[s][i] for s in SYSTEMS}
+            row = {"prompt": example.prompt, "reference": example.response} | {s: predictions[s][i] for s in predictions}
             handle.write(json.dumps(row, ensure_ascii=False) + "\n")
-    write_atomic(staging / "metrics.json", json.dumps(metrics | {"examples": len(examples)}, indent=2) + "\n")
-    write_atomic(staging / "report.md", report_markdown(examples, predictions, metrics))
-    if out.exists():
-        shutil.rmtree(out)  # only reached with --overwrite, checked by the caller
-    staging.rename(out)
+    os.replace(out / ".predictions.jsonl.tmp", out / "predictions.jsonl")
+    result = {"examples": len(examples), "data": plan["data"], "shards": plan["shards"], "systems": metrics,
+              "speed": speed}
+    write_report(out, plan, examples, predictions, result)
+    write_atomic(out / "metrics.json", json.dumps(result, indent=2, ensure_ascii=False) + "\n")  # last: marks it done
+    return result
 
 
-def report_markdown(examples: list[Example], predictions: dict, metrics: dict) -> str:
-    names = list(metrics[SYSTEMS[0]])
-    lines = [f"# Evaluation on {len(examples)} held-out examples", "",
-             "| system | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|"]
-    for system in SYSTEMS:
-        lines.append(f"| {system} | " + " | ".join(f"{metrics[system][n]:.4f}" for n in names) + " |")
-    lines += ["", "## Sample predictions", "", "| prompt | reference | base | adapter |", "|---|---|---|---|"]
-    for i, example in enumerate(examples[:10]):
-        cells = [example.prompt, example.response, predictions["base"][i], predictions["adapter"][i]]
-        lines.append("| " + " | ".join(_cell(c) for c in cells) + " |")
-    return "\n".join(lines) + "\n"
+# ---------------------------------------------------------------- running all shards
 
 
-def _cell(text: str) -> str:
-    return text.replace("|", "\\|").replace("\n", "<br>")[:120]
+def evaluate(out: Path, executor: str = "local", console=None) -> dict:
+    """Run the unfinished shards of the planned evaluation in `out` and return its metrics."""
+    plan = read_plan(out)
+    if (Path(out) / "metrics.json").exists() and not unfinished(out, plan):
+        return json.loads((Path(out) / "metrics.json").read_text())
+    todo = sorted({k for k, _ in unfinished(out, plan)})
+    if console and plan["shards"] > 1:
+        done = plan["shards"] - len(todo)
+        console.print(f"evaluating {len(todo)} of {plan['shards']} shards ({done} done before) with {executor}", highlight=False)
+    if executor == "slurm":
+        from launcher.executors.slurm import run_eval_job
+
+        run_eval_job(out, plan, todo, console)
+    elif len(todo) == 1 and plan["shards"] == 1:
+        run_shard(out, todo[0])
+    else:
+        run_local_shards(out, todo)
+    result = finish_if_complete(out)
+    if result is None:
+        raise RuntimeError(f"{out}: shards {unfinished(out, plan)} did not finish; see {Path(out) / 'logs'}")
+    return result
+
+
+def run_local_shards(out: Path, shards: list[int]) -> None:
+    """One process per shard on this machine; the cores are split between them."""
+    import subprocess
+
+    logs = Path(out) / "logs"
+    logs.mkdir(exist_ok=True)
+    threads = str(max(1, (os.cpu_count() or 1) // len(shards)))
+    env = os.environ | {"OMP_NUM_THREADS": threads, "TOKENIZERS_PARALLELISM": "false", "PYTHONUNBUFFERED": "1"}
+    processes = []
+    for k in shards:
+        with open(logs / f"shard-{k}.log", "ab") as log:
+            processes.append(subprocess.Popen([sys.executable, "-m", "launcher.evaluate", str(out), str(k)],
+                                              stdout=log, stderr=subprocess.STDOUT, env=env))
+    failed = [k for k, p in zip(shards, processes) if p.wait() != 0]
+    if failed:
+        tail = (logs / f"shard-{failed[0]}.log").read_text(errors="replace").strip().splitlines()[-1:]
+        raise RuntimeError(f"eval shards {failed} failed ({' '.join(tail)}); see {logs}/shard-{failed[0]}.log")
+
+
+def evaluate_run(recipe: Recipe, run: RunDir, overwrite: bool = False, executor: str = "local", console=None) -> dict:
+    """The end-of-run evaluation: base and the final adapter (and checkpoints with
+    eval.checkpoints = "all") on eval.data or the held-out split, into RUN/eval."""
+    from launcher.merge import validate_adapter
+
+    validate_adapter(run.adapter)
+    if (run.eval / "metrics.json").exists() and not overwrite:
+        raise FileExistsError(f"{run.eval}: holds an evaluation; pass --overwrite to replace it")
+    plan_evaluation(recipe, systems_of([run], [], recipe.eval.checkpoints), run.eval, overwrite=overwrite, runs=[run])
+    return evaluate(run.eval, executor, console)
+
+
+if __name__ == "__main__":  # one shard: python -m launcher.evaluate EVAL_DIR SHARD
+    run_shard(Path(sys.argv[1]), int(sys.argv[2]))

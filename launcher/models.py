@@ -13,8 +13,10 @@ TORCH_DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 
 def quiet_libraries(device: str) -> None:
     """Keep library chatter (progress bars, deprecation notices) out of the user's terminal."""
-    if device == "cpu":
-        os.environ.setdefault("DS_ACCELERATOR", "cpu")  # said, not guessed: no detection warning
+    # Said, not guessed (no detection warning), and always the device in use: a value inherited
+    # from a CPU-only login node or from the CLI's pre-flight must not make DeepSpeed use the CPU
+    # next to NCCL on a GPU node.
+    os.environ["DS_ACCELERATOR"] = "cpu" if device == "cpu" else "cuda"
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     warnings.filterwarnings("ignore", category=FutureWarning)

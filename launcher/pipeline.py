@@ -102,7 +102,7 @@ def finish(recipe: Recipe, run: RunDir, console: Console | None = None) -> None:
             merge_run(recipe, run)
         run.set_state("merged")
     if recipe.eval.enabled and not (run.eval / "metrics.json").exists():
-        with console.status("evaluating base and adapter on the held-out split"):
+        with console.status(f"evaluating base and adapter ({recipe.eval.shards} shards)"):
             evaluate_run(recipe, run)
         run.set_state("evaluated")
     run.set_state("completed")
@@ -122,13 +122,17 @@ def print_summary(recipe: Recipe, run: RunDir, console: Console, wall_s: float) 
         console.print(f"  merged:  {run.merged}", highlight=False)
     metrics_path = run.eval / "metrics.json"
     if metrics_path.exists():
-        console.print(f"  report:  {run.eval / 'report.md'}", highlight=False)
-        metrics = json.loads(metrics_path.read_text())
-        table = Table(title=f"held-out evaluation ({metrics['examples']} examples)")
-        names = list(metrics["base"])
-        table.add_column("system")
-        for name in names:
-            table.add_column(name, justify="right")
-        for system in ("base", "adapter"):
-            table.add_row(system, *(f"{metrics[system][n]:.4f}" for n in names))
-        console.print(table)
+        console.print(f"  report:  {run.eval / 'report.html'}", highlight=False)
+        console.print(metrics_table(json.loads(metrics_path.read_text())))
+
+
+def metrics_table(result: dict) -> Table:
+    from launcher.report import table_rows
+
+    rows = table_rows(result)
+    table = Table(title=f"evaluation on {result['examples']} examples ({result['data']})")
+    for number, name in enumerate(rows[0]):
+        table.add_column(name, justify="left" if number == 0 else "right")
+    for row in rows[1:]:
+        table.add_row(*row)
+    return table

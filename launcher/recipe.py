@@ -239,24 +239,54 @@ class DistributedSection(Section):
     """Memory of one device; pre-flight warns when its per-device estimate exceeds it."""
 
 
+TIME_PATTERN = r"^(\d+-)?\d{1,2}:\d{2}:\d{2}$|^\d+$"
+MEM_PATTERN = r"^\d+[KMGT]?$"
+
+
 class EvalSection(Section):
     enabled: bool = True
     """Run the batch evaluation (base vs adapter) after training."""
+    data: str | None = None
+    """File (or hub dataset) to evaluate on, in data.format; default: the held-out split."""
     max_examples: int = Field(200, gt=0)
-    """Evaluate at most this many held-out examples."""
+    """Evaluate at most this many examples."""
     batch_size: int = Field(16, gt=0)
-    """Prompts per generation batch."""
+    """Prompts per generation batch (batches are built from length-sorted prompts)."""
     max_new_tokens: int = Field(32, gt=0)
-    """Generation budget per prompt."""
+    """Generation budget per prompt; generation stops earlier at EOS."""
+    do_sample: bool = False
+    """Sample instead of greedy decoding."""
+    temperature: float = Field(1.0, gt=0)
+    """Sampling temperature (with do_sample)."""
+    top_p: float = Field(1.0, gt=0, le=1)
+    """Nucleus sampling mass (with do_sample)."""
+    seed: int = 0
+    """Sampling seed (each shard adds its index)."""
+    checkpoints: Literal["final", "all"] = "final"
+    """Evaluate the final adapter only, or every complete checkpoint too."""
+    shards: int = Field(1, gt=0)
+    """Split the examples over this many processes (local) or SLURM tasks."""
+    time: str = Field("01:00:00", pattern=TIME_PATTERN)
+    """SLURM time limit of the chained eval job."""
+    cpus_per_task: int | None = Field(None, gt=0)
+    """CPUs of each eval task on SLURM (default: the cluster's)."""
+    gpus_per_task: int | None = Field(None, ge=0)
+    """GPUs of each eval task on SLURM (default: none requested)."""
+    mem: str | None = Field(None, pattern=MEM_PATTERN)
+    """Memory of the eval job's node on SLURM (default: the cluster's)."""
 
 
 class MergeSection(Section):
     enabled: bool = True
     """Merge the adapter into the base model after training (merged/)."""
+    time: str = Field("01:00:00", pattern=TIME_PATTERN)
+    """SLURM time limit of the chained merge job."""
+    cpus_per_task: int | None = Field(None, gt=0)
+    """CPUs of the merge job on SLURM (default: the cluster's)."""
+    mem: str | None = Field(None, pattern=MEM_PATTERN)
+    """Memory of the merge job on SLURM: about one shard plus the adapter (default: the cluster's)."""
 
 
-TIME_PATTERN = r"^(\d+-)?\d{1,2}:\d{2}:\d{2}$|^\d+$"
-MEM_PATTERN = r"^\d+[KMGT]?$"
 ENV_NAME_PATTERN = r"^[A-Za-z_][A-Za-z0-9_]*$"
 SECRET_NAME_PATTERN = r"TOKEN|SECRET|PASSWORD|PASSWD|API_KEY|_KEY$"
 
@@ -306,11 +336,16 @@ class SlurmSection(Section):
         return value
 
     def time_minutes(self) -> int:
-        if self.time.isdigit():
-            return int(self.time)
-        days, _, clock = self.time.rpartition("-")
-        hours, minutes, seconds = (int(x) for x in clock.split(":"))
-        return int(days or 0) * 1440 + hours * 60 + minutes + (1 if seconds else 0)
+        return minutes(self.time)
+
+
+def minutes(time: str) -> int:
+    """A SLURM time ("MM", "HH:MM:SS" or "D-HH:MM:SS") in whole minutes, rounded up."""
+    if time.isdigit():
+        return int(time)
+    days, _, clock = time.rpartition("-")
+    hours, mins, seconds = (int(x) for x in clock.split(":"))
+    return int(days or 0) * 1440 + hours * 60 + mins + (1 if seconds else 0)
 
 
 class Recipe(Section):
@@ -370,7 +405,7 @@ def reference_markdown() -> str:
 
 # ---------------------------------------------------------------- loading and overrides
 
-PATH_KEYS = ("model.name_or_path", "data.train_file", "data.eval_file")
+PATH_KEYS = ("model.name_or_path", "data.train_file", "data.eval_file", "eval.data")
 
 
 def load_recipe(path: str | Path, overrides: list[str] = ()) -> Recipe:

@@ -79,13 +79,17 @@ def test_merged_model_equals_base_plus_adapter(finished_run):
 def test_evaluation_compares_base_and_adapter(finished_run):
     run, result, *_ = finished_run
     metrics = json.loads((run.eval / "metrics.json").read_text())
-    assert set(metrics["base"]) == set(metrics["adapter"]) >= {"exact_match", "loss", "perplexity"}
-    assert metrics["adapter"]["loss"] < metrics["base"]["loss"]
-    assert metrics["adapter"]["exact_match"] > metrics["base"]["exact_match"]
+    base, adapter = metrics["systems"]["base"], metrics["systems"]["adapter"]
+    assert set(base) == set(adapter) >= {"exact_match", "bleu4", "rouge1", "rouge2", "rougeL", "loss", "perplexity"}
+    assert adapter["loss"] < base["loss"]
+    assert adapter["exact_match"] > base["exact_match"] and adapter["rouge1"] > base["rouge1"]
     rows = [json.loads(line) for line in (run.eval / "predictions.jsonl").read_text().splitlines()]
     assert len(rows) == metrics["examples"] and set(rows[0]) == {"prompt", "reference", "base", "adapter"}
     assert "| adapter |" in (run.eval / "report.md").read_text()
-    assert str(run.eval / "report.md") in result.stdout and "exact_match" in result.stdout
+    assert "<table>" in (run.eval / "report.html").read_text() and (run.eval / "loss_curve.png").stat().st_size > 1000
+    assert str(run.eval / "report.html") in result.stdout and "exact_match" in result.stdout
+    status = run_launch("status", run.root)
+    assert f"report: {run.eval / 'report.html'}" in status.stdout
 
 
 def test_rerun_finds_the_finished_run_and_changes_nothing(finished_run):
@@ -103,6 +107,8 @@ def test_stages_rerun_alone_and_refuse_to_overwrite(finished_run):
     run, *_ = finished_run
     refused = run_launch("merge", run.root)
     assert refused.returncode == 2 and "pass --overwrite" in refused.stderr
+    other = run_launch("eval", run.root, "--set", "eval.max_new_tokens=5")
+    assert other.returncode == 2 and "holds another evaluation (different decoding)" in other.stderr
     redone = run_launch("eval", run.root, "--overwrite")
     assert redone.returncode == 0, redone.stderr
     assert json.loads((run.eval / "metrics.json").read_text())["examples"] > 0

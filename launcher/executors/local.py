@@ -24,8 +24,7 @@ def worker_env(recipe: Recipe) -> dict[str, str]:
     """Split the cores between ranks so two ranks do not fight over the same threads."""
     threads = max(1, (os.cpu_count() or 1) // recipe.world_size())
     env = os.environ | {"OMP_NUM_THREADS": str(threads), "PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false"}
-    if resolve_device(recipe.distributed.device) == "cpu":
-        env["DS_ACCELERATOR"] = "cpu"
+    env["DS_ACCELERATOR"] = "cpu" if resolve_device(recipe.distributed.device) == "cpu" else "cuda"
     return env
 
 

@@ -1,0 +1,165 @@
+"""Evaluation throughput: launch's batched generation vs a naive loop shaped like the seed's
+`batch_generate_data`, and `launch eval` with 2 shards vs 1.
+
+    python bench/eval_bench.py [--hidden 256] [--layers 4] [--examples 256] [--device cpu|cuda]
+
+Builds a random Llama and prompts of mixed length (log-uniform, 4 to 256 words). Both loops
+decode greedily with the same model, prompts, batch size and max_new_tokens, and count
+generated tokens the same way (up to EOS); they alternate, twice each, in one process:
+  naive:  fixed batches in input order, left padding to the longest prompt of the batch;
+  launch: launcher.evaluate.generate (batches of length-sorted prompts).
+Then the whole `launch eval` path (plan, shards, reference loss, metrics, report) on the base
+model with eval.shards = 1 and 2, each in fresh processes. Prints JSON lines and the ratios.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import random
+import shutil
+import sys
+import time
+from pathlib import Path
+
+
+def build(out: Path, hidden: int, layers: int, examples: int, seed: int = 0) -> tuple[Path, Path]:
+    from launcher.assets import build_tiny_llama, write_jsonl
+
+    rng = random.Random(seed)
+    words = ["alpha", "bravo", "delta", "echo", "golf", "hotel", "kilo", "lima", "mike", "oscar", "papa", "romeo"]
+    rows = []
+    for _ in range(examples):
+        length = int(math.exp(rng.uniform(math.log(4), math.log(256))))
+        rows.append({"instruction": " ".join(rng.choice(words) for _ in range(length)), "input": "",
+                     "output": " ".join(rng.choice(words) for _ in range(8))})
+    data = write_jsonl(rows, out / "prompts.jsonl")
+    model = build_tiny_llama(out / "model", [" ".join(words)] * 4, hidden=hidden, layers=layers, heads=max(hidden // 64, 4))
+    config = json.loads((model / "config.json").read_text())
+    config["max_position_embeddings"] = 4096
+    (model / "config.json").write_text(json.dumps(config))
+    return model, data
+
+
+def recipe_for(model: Path, data: Path, args) -> "Recipe":
+    from launcher.recipe import validate_recipe
+
+    return validate_recipe({
+        "name": "eval-bench", "model": {"name_or_path": str(model), "dtype": args.dtype},
+        "data": {"train_file": str(data), "template": "plain", "max_length": 2048},
+        "distributed": {"device": args.device},
+        "eval": {"data": str(data), "max_examples": args.examples, "batch_size": args.batch_size,
+                 "max_new_tokens": args.max_new_tokens}}, source="eval_bench")
+
+
+def naive_generate(model, tokenizer, prompts: list[str], batch_size: int, max_new_tokens: int) -> int:
+    """The seed's shape: fixed batches in input order, padding="longest", left padded."""
+    from launcher.evaluate import generated_length
+
+    tokens = 0
+    for start in range(0, len(prompts), batch_size):
+        batch = tokenizer(prompts[start:start + batch_size], padding="longest", return_tensors="pt").to(model.device)
+        out = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False,
+                             pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
+        for row in out[:, batch["input_ids"].shape[1]:].cpu().tolist():
+            tokens += generated_length(row, tokenizer.eos_token_id)
+    return tokens
+
+
+def loops(recipe, repeats: int = 2) -> list[dict]:
+    import torch
+
+    from launcher.evaluate import eval_examples, generate
+    from launcher.models import load_base_model, load_tokenizer
+
+    device = "cuda" if recipe.distributed.device == "cuda" else "cpu"
+    tokenizer = load_tokenizer(recipe, padding_side="left")
+    model = load_base_model(recipe).to(device).eval()
+    examples = eval_examples(recipe, None)
+    prompts = [e.prompt for e in examples]
+    e = recipe.eval
+    results = []
+    with torch.no_grad():
+        naive_generate(model, tokenizer, prompts[:e.batch_size], e.batch_size, 4)  # warm-up
+        for _ in range(repeats):
+            for name in ("naive", "launch"):
+                sync(device)
+                started = time.perf_counter()
+                if name == "naive":
+                    tokens = naive_generate(model, tokenizer, prompts, e.batch_size, e.max_new_tokens)
+                else:
+                    tokens = sum(count for _, count in generate(model, tokenizer, examples, recipe))
+                sync(device)
+                seconds = time.perf_counter() - started
+                results.append({"contender": name, "generated_tokens": tokens, "seconds": round(seconds, 3),
+                                "tokens_per_s": round(tokens / seconds, 1)})
+                print(json.dumps(results[-1]), flush=True)
+    return results
+
+
+def sync(device: str) -> None:
+    import torch
+
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def sharded(recipe, out: Path, shards: int) -> dict:
+    from launcher.evaluate import System, finish_if_complete, plan_evaluation, run_local_shards
+
+    folder = out / f"eval-{shards}-shards"
+    shutil.rmtree(folder, ignore_errors=True)
+    recipe.eval.shards = shards
+    plan_evaluation(recipe, [System("base", None)], folder)
+    started = time.perf_counter()
+    run_local_shards(folder, list(range(shards)))  # fresh processes for 1 shard too: the same start-up cost
+    result = finish_if_complete(folder)
+    seconds = time.perf_counter() - started
+    tokens = result["speed"]["base"]["generated_tokens"]
+    row = {"contender": f"launch eval, {shards} shard(s)", "examples": result["examples"], "generated_tokens": tokens,
+           "wall_s": round(seconds, 2), "tokens_per_s": round(tokens / seconds, 1)}
+    print(json.dumps(row), flush=True)
+    return row
+
+
+def machine(device: str) -> str:
+    import torch
+
+    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")), platform.machine())
+    cores = len(os.sched_getaffinity(0))
+    gpu = f"{torch.cuda.get_device_name()}, " if device == "cuda" else ""
+    return f"{gpu}{cores} cores of {cpu}"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--hidden", type=int, default=256)
+    parser.add_argument("--layers", type=int, default=4)
+    parser.add_argument("--examples", type=int, default=256)
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--max-new-tokens", type=int, default=32)
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    parser.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32")
+    parser.add_argument("--out", type=Path, default=Path("/tmp/eval-bench"))
+    args = parser.parse_args()
+    from launcher.models import quiet_libraries
+
+    quiet_libraries(args.device)
+    shutil.rmtree(args.out, ignore_errors=True)
+    model, data = build(args.out, args.hidden, args.layers, args.examples)
+    recipe = recipe_for(model, data, args)
+    print(json.dumps({"machine": machine(args.device), "date": time.strftime("%Y-%m-%d"), "device": args.device,
+                      "hidden": args.hidden, "layers": args.layers, "examples": args.examples,
+                      "batch_size": args.batch_size, "max_new_tokens": args.max_new_tokens}), flush=True)
+    rows = loops(recipe)
+    best = {name: max(r["tokens_per_s"] for r in rows if r["contender"] == name) for name in ("naive", "launch")}
+    one, two = sharded(recipe, args.out, 1), sharded(recipe, args.out, 2)
+    print(json.dumps({"launch_over_naive_tokens_per_s": round(best["launch"] / best["naive"], 2),
+                      "two_shards_over_one_wall": round(one["wall_s"] / two["wall_s"], 2)}))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
