@@ -350,6 +350,8 @@ def describe_run(run) -> str:
     jobs = manifest.get("jobs", [])
     if jobs:
         lines.append(f"  job: {job_summary(jobs[-1])}")
+    for job in manifest.get("chain", []):
+        lines.append(f"  {job['stage']}: {job_summary(job)}, after job {job['after']}")
     if (run.eval / "report.html").exists():
         lines.append(f"  report: {run.eval / 'report.html'} (and report.md)")
     elif (run.eval / "plan.json").exists():
@@ -387,12 +389,14 @@ def command_cancel(args: argparse.Namespace, console: Console) -> int:
     from launcher.runs import RunDir
 
     run = RunDir(args.run_dir)
-    jobs = run.read_manifest().get("jobs", [])
-    if not jobs or not job_active(jobs[-1]):
+    manifest = run.read_manifest()
+    active = [job for job in manifest.get("jobs", [])[-1:] + manifest.get("chain", []) if job_active(job)]
+    if not active:
         raise RecipeError([f"{args.run_dir}: no running job to cancel"])
-    cancel_job(jobs[-1])
+    for job in active:
+        cancel_job(job)
+        console.print(f"cancelled {job['executor']} job {job.get('id')}{' (' + job['stage'] + ')' if 'stage' in job else ''}")
     run.set_state("cancelled")
-    console.print(f"cancelled {jobs[-1]['executor']} job {jobs[-1].get('id')}")
     return 0
 
 

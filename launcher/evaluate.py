@@ -201,7 +201,7 @@ def save_shard(path: Path, rows: list[dict], seconds: float) -> None:
     generated = sum(r["new_tokens"] for r in rows)
     write_atomic(marker_of(path), json.dumps({
         "examples": len(rows), "new_tokens": generated, "seconds": round(seconds, 3),
-        "host": os.uname().nodename, "finished": time.time()}) + "\n")
+        "node": os.environ.get("SLURMD_NODENAME", os.uname().nodename), "finished": time.time()}) + "\n")
 
 
 def evaluate_examples(model, tokenizer, examples: list[Example], recipe: Recipe) -> list[dict]:

@@ -108,6 +108,44 @@ def finish(recipe: Recipe, run: RunDir, console: Console | None = None) -> None:
     run.set_state("completed")
 
 
+def chained_stages(recipe: Recipe) -> list[str]:
+    """The stages that run as their own SLURM jobs after training (afterok), in order."""
+    merge = recipe.merge.enabled and recipe.peft.method not in PROMPT_FAMILY
+    return (["merge"] if merge else []) + (["eval"] if recipe.eval.enabled else [])
+
+
+def run_stage(run_dir: Path, stage: str, shard: int = 0) -> None:
+    """One chained stage in its SLURM job: the merge, or one eval shard (one SLURM task each).
+    The eval's plan is written by whichever task comes first (under a lock; the others find it),
+    and the task that finishes the last shard writes the results."""
+    import fcntl
+
+    from launcher.cli import load_run_recipe
+    from launcher.evaluate import plan_evaluation, run_shard, systems_of
+    from launcher.merge import merge_run, validate_adapter
+    from launcher.models import quiet_libraries
+    from launcher.render import resolve_device
+
+    recipe, run = load_run_recipe(run_dir), RunDir(run_dir)
+    quiet_libraries(resolve_device(recipe.distributed.device))
+    if stage == "merge":
+        if not run.merged.exists():
+            merge_run(recipe, run)
+        print(f"merged model: {run.merged} (peak RSS {run.read_manifest().get('merge', {}).get('peak_rss_mib')} MiB)")
+        run.set_state("merged")
+        return
+    validate_adapter(run.adapter)
+    with open(run.root / ".eval-plan.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not (run.eval / "metrics.json").exists():
+            plan_evaluation(recipe, systems_of([run], [], recipe.eval.checkpoints), run.eval, runs=[run])
+    run_shard(run.eval, shard)
+    print(f"eval shard {shard} of {recipe.eval.shards}: done")
+    if (run.eval / "metrics.json").exists():
+        print(f"report: {run.eval / 'report.html'}")
+        run.set_state("completed")
+
+
 def first_step_latency(run: RunDir, started: float) -> dict:
     if not run.metrics_log.exists():
         return {}

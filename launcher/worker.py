@@ -40,7 +40,9 @@ def main(argv: list[str] | None = None) -> int:
             print("the final adapter exists: training is done")
         else:
             train(recipe, run, rank, records)
-        if rank == 0:
+        if rank == 0 and run.read_manifest().get("chained"):
+            run.set_state("trained")  # merge and eval follow as their own SLURM jobs
+        elif rank == 0:
             from launcher.pipeline import finish
 
             finish(recipe, run)

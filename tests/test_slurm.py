@@ -50,9 +50,19 @@ def test_two_nodes_train_and_match_a_local_run(dev_cluster, tmp_path, tiny_asset
     recipe = write_recipe(tmp_path, tiny_recipe_text(tiny_assets))
     zero3 = ["--set", "distributed.deepspeed=zero3"]
     slurm = run_launch(recipe, "--run-dir", tmp_path / "slurm", "--nodes", "2", "--procs-per-node", "1",
-                       "--profile", "dev", *zero3)
+                       "--profile", "dev", "--set", "eval.shards=2", *zero3)
     assert slurm.returncode == 0, slurm.stdout + slurm.stderr
     run = RunDir(tmp_path / "slurm")
+    # Merge and eval ran as their own jobs, each queued to start after the previous one succeeded.
+    manifest = json.loads(run.manifest_path.read_text())
+    train_id = manifest["jobs"][-1]["id"]
+    merge, evaluation = manifest["chain"]
+    assert (merge["stage"], merge["after"], evaluation["stage"], evaluation["after"]) == ("merge", train_id, "eval", merge["id"])
+    assert f"queued eval as SLURM job {evaluation['id']} (after {merge['id']} succeeds)" in slurm.stdout
+    assert "merged model" in (run.logs / "slurm" / f"{merge['id']}_0_log.out").read_text()  # not the ranks: the chain
+    markers = [json.loads(p.read_text()) for p in (run.eval / "shards").rglob("*.done")]
+    assert len(markers) == 4 and {m["node"] for m in markers} <= {"n1", "n2"}  # 2 shards x (base, adapter) as SLURM tasks
+    assert manifest["state"] == "completed" and "report: " in run_launch("status", run.root).stdout
     assert "rank 0 of 2 on node n1" in run.rank_log(0).read_text()
     assert "rank 1 of 2 on node n2" in run.rank_log(1).read_text()
     assert "topology: 2 nodes, 2 ranks, backend gloo; n1: ranks [0], n2: ranks [1]" in run.rank_log(0).read_text()

@@ -23,7 +23,8 @@ def job_summary(job: dict) -> str:
         from launcher.executors.slurm import job_state
 
         state = job_state(str(job["id"])).lower()
-        return f"SLURM job {job['id']} {state}, {job.get('nodes')} nodes, {job.get('ranks')} ranks, submitted {job.get('submitted')}"
+        size = f", {job['nodes']} nodes, {job['ranks']} ranks" if "nodes" in job else ""
+        return f"SLURM job {job['id']} {state}{size}, submitted {job.get('submitted')}"
     return f"local process group {job['id']} {'running' if job_active(job) else 'ended'}, started {job.get('submitted')}"
 
 

@@ -15,7 +15,7 @@ from pathlib import Path
 from rich.console import Console
 
 from launcher.progress import follow_training, report_failure
-from launcher.recipe import Recipe, RecipeError
+from launcher.recipe import Recipe, RecipeError, minutes
 from launcher.runs import RunDir, now, write_atomic
 
 TERMINAL_STATES = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY",
@@ -109,6 +109,93 @@ class SlurmTask:
         return code
 
 
+class StageTask:
+    """What a chained job's SLURM tasks run: the merge, or eval shard number SLURM_PROCID."""
+
+    def __init__(self, run_dir: str, stage: str):
+        self.run_dir, self.stage = run_dir, stage
+
+    def __call__(self) -> None:
+        import os
+
+        from launcher.pipeline import run_stage
+
+        run_stage(Path(self.run_dir), self.stage, shard=int(os.environ.get("SLURM_PROCID", "0")))
+
+
+class ShardTask:
+    """`launch eval --executor slurm`: task i evaluates shards[i] of an evaluation already planned."""
+
+    def __init__(self, out: str, shards: list[int]):
+        self.out, self.shards = out, shards
+
+    def __call__(self) -> None:
+        import os
+
+        from launcher.evaluate import run_shard
+
+        run_shard(Path(self.out), self.shards[int(os.environ.get("SLURM_PROCID", "0"))])
+
+
+def stage_parameters(recipe: Recipe, run: RunDir, stage: str, tasks: int = 1) -> dict:
+    """A smaller job than training's: one node, [merge] or [eval]'s own time, CPUs, memory and GPUs;
+    the cluster settings (partition, account, qos, constraint, environment, setup) are training's."""
+    common = slurm_parameters(recipe, run)
+    section = recipe.merge if stage == "merge" else recipe.eval
+    own = {"cpus_per_task": section.cpus_per_task, "mem": section.mem,
+           "gpus_per_task": getattr(section, "gpus_per_task", None)}
+    return {
+        **{key: common[key] for key in ("setup", "stderr_to_stdout", "partition", "account", "qos", "constraint")
+           if key in common},
+        "job_name": f"{recipe.name}-{stage}", "nodes": 1, "ntasks_per_node": tasks, "time": minutes(section.time),
+        # When training fails for good, the chained jobs end at once instead of waiting forever.
+        "additional_parameters": {"kill_on_invalid_dep": "yes"},
+        **{key: value for key, value in own.items() if value is not None},
+    }
+
+
+def submit_chain(recipe: Recipe, run: RunDir, after: str, stages: list[str]) -> list[dict]:
+    """Queue each stage as a job that starts once the previous one succeeded (afterok)."""
+    import submitit
+
+    chain = []
+    for stage in stages:
+        tasks = recipe.eval.shards if stage == "eval" else 1
+        executor = submitit.SlurmExecutor(folder=str((run.logs / "slurm").resolve()))
+        executor.update_parameters(**stage_parameters(recipe, run, stage, tasks), dependency=f"afterok:{after}")
+        job = executor.submit(StageTask(str(run.root.resolve()), stage))
+        chain.append({"executor": "slurm", "stage": stage, "id": job.job_id, "after": after, "submitted": now()})
+        after = job.job_id
+    run.update_manifest(chain=chain)
+    return chain
+
+
+def run_eval_job(out: Path, plan: dict, shards: list[int], console: Console | None = None) -> None:
+    """`launch eval --executor slurm`: one job, one task per unfinished shard; follow it to its end."""
+    import submitit
+
+    from launcher.recipe import validate_recipe
+
+    recipe = validate_recipe(plan["recipe"], source=str(out / "plan.json"))
+    executor = submitit.SlurmExecutor(folder=str((Path(out) / "logs" / "slurm").resolve()))
+    parameters = stage_parameters(recipe, RunDir(Path(out)), "eval", len(shards))
+    parameters.pop("additional_parameters")
+    executor.update_parameters(**parameters)
+    job = executor.submit(ShardTask(str(Path(out).resolve()), shards))
+    console = console or Console(highlight=False)
+    console.print(f"submitted SLURM eval job {job.job_id} ({len(shards)} tasks)", highlight=False)
+    if not follow_job(job.job_id, console):
+        raise RecipeError([f"SLURM eval job {job.job_id} did not complete; see {Path(out) / 'logs' / 'slurm'}"])
+
+
+def follow_job(job_id: str, console: Console) -> bool:
+    """Print the job's state changes until it ends; True when it COMPLETED."""
+    states = StateWatcher(job_id, console)
+    while states.poll():
+        time.sleep(1)
+    return states.state == "COMPLETED"
+
+
 def submit(recipe: Recipe, run: RunDir) -> str:
     executor = make_executor(recipe, run)
     job = executor.submit(SlurmTask(str(run.root.resolve())))
@@ -134,11 +221,19 @@ def cancel(job_id: str) -> None:
 
 
 def train_slurm(recipe: Recipe, run: RunDir, console: Console, detach: bool = False) -> bool:
-    """Submit the training job; unless detached, follow it to its end. True on success."""
+    """Submit the training job and, after it, merge and eval as dependent jobs (afterok); unless
+    detached, follow them to their end. True on success."""
+    from launcher.pipeline import chained_stages
+
     write_sbatch(recipe, run)
+    stages = chained_stages(recipe)
+    run.update_manifest(chained=stages)  # before the ranks start: they leave these stages to the chain
     job_id = submit(recipe, run)
     console.print(f"submitted SLURM job {job_id} ({recipe.distributed.nodes} nodes x "
                   f"{recipe.distributed.procs_per_node} ranks); sbatch script: {run.root / 'sbatch.sh'}")
+    chain = submit_chain(recipe, run, job_id, stages)
+    for job in chain:
+        console.print(f"queued {job['stage']} as SLURM job {job['id']} (after {job['after']} succeeds)", highlight=False)
     if detach:
         console.print(f"detached; follow it with: launch status {run.root}  /  launch logs {run.root} -f")
         return True
@@ -147,8 +242,28 @@ def train_slurm(recipe: Recipe, run: RunDir, console: Console, detach: bool = Fa
     if states.state != "COMPLETED":
         console.print(f"[red]SLURM job {job_id} ended {states.state}[/red]")
         report_failure(run, console, fallback_log=newest_file(run.logs / "slurm"))
+        cancel_chain(chain)
         return False
+    return follow_chain(run, chain, console)
+
+
+def follow_chain(run: RunDir, chain: list[dict], console: Console) -> bool:
+    for job in chain:
+        with console.status(f"{job['stage']}: SLURM job {job['id']}"):
+            ok = follow_job(job["id"], console)
+        if not ok:
+            log = next((run.logs / "slurm").glob(f"{job['id']}_0_log.out"), None)
+            console.print(f"[red]{job['stage']} job {job['id']} did not complete[/red]; its log: {log}", highlight=False)
+            cancel_chain(chain)
+            return False
     return True
+
+
+def cancel_chain(chain: list[dict]) -> None:
+    """Cancel the chained jobs still waiting (a finished one is left as it is)."""
+    for job in chain:
+        if job_state(job["id"]).split()[0] not in TERMINAL_STATES | {"UNKNOWN"}:
+            cancel(job["id"])
 
 
 class StateWatcher:

@@ -1,0 +1,90 @@
+"""Batch evaluation for real: a trained tiny run, evaluated sharded over processes, resumed after a
+lost shard, and compared with the unsharded evaluation; the metrics on Chinese text."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from conftest import run_launch, tiny_recipe_text, write_recipe
+from launcher.runs import RunDir
+from launcher.scores import bleu4, rouge
+
+pytestmark = pytest.mark.xdist_group("eval")  # one trained run for the module, on one worker
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, tiny_assets):
+    folder = tmp_path_factory.mktemp("eval")
+    recipe = write_recipe(folder, tiny_recipe_text(tiny_assets, extra="[merge]\nenabled = false"))
+    result = run_launch(recipe, "--run-dir", folder / "run", "--set", "eval.enabled=false")
+    assert result.returncode == 0, result.stdout + result.stderr
+    return RunDir(folder / "run"), folder
+
+
+def rows_of(folder) -> list[dict]:
+    return [json.loads(line) for line in (folder / "predictions.jsonl").read_text().splitlines()]
+
+
+def test_sharded_eval_of_every_checkpoint_equals_one_process_and_resumes(trained):
+    run, folder = trained
+    sharded, single = folder / "eval-2", folder / "eval-1"
+    result = run_launch("eval", run.root, "--checkpoints", "all", "--shards", "2", "--out", sharded)
+    assert result.returncode == 0, result.stdout + result.stderr
+    metrics = json.loads((sharded / "metrics.json").read_text())
+    systems = ["base", "checkpoint-5", "checkpoint-10", "checkpoint-12", "adapter"]
+    assert list(metrics["systems"]) == systems
+    assert metrics["systems"]["adapter"]["loss"] < metrics["systems"]["base"]["loss"]
+    assert len(list((sharded / "shards").rglob("*.done"))) == 2 * len(systems)
+    assert (sharded / "checkpoint_metrics.png").stat().st_size > 1000 and "checkpoint-5" in (sharded / "report.md").read_text()
+
+    # Predictions come back in input order, whatever the shard and batch order was.
+    examples = [json.loads(line) for line in (sharded / "examples.jsonl").read_text().splitlines()]
+    assert [r["prompt"] for r in rows_of(sharded)] == [e["prompt"] for e in examples]
+
+    # The same evaluation in one process gives the same predictions and losses.
+    assert run_launch("eval", run.root, "--checkpoints", "all", "--out", single).returncode == 0
+    assert rows_of(single) == rows_of(sharded)
+    one = json.loads((single / "metrics.json").read_text())["systems"]
+    for system in systems:
+        assert one[system]["loss"] == pytest.approx(metrics["systems"][system]["loss"], rel=1e-5)
+        assert one[system]["exact_match"] == metrics["systems"][system]["exact_match"]
+
+    # A shard lost mid-way (no marker) is the only work a re-run does.
+    lost = sharded / "shards" / "checkpoint-10" / "shard-00001-of-00002.jsonl"
+    lost.with_suffix(".done").unlink()
+    lost.write_text("half a file")
+    (sharded / "metrics.json").unlink()
+    kept = {p: p.stat().st_mtime_ns for p in (sharded / "shards").rglob("*.jsonl") if p != lost}
+    again = run_launch("eval", run.root, "--checkpoints", "all", "--shards", "2", "--out", sharded)
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert "evaluating 1 of 2 shards (1 done before)" in again.stdout
+    assert {p: p.stat().st_mtime_ns for p in kept} == kept
+    assert json.loads((sharded / "metrics.json").read_text())["systems"] == metrics["systems"]
+
+    # Another plan in the same folder is refused, nothing replaced.
+    other = run_launch("eval", run.root, "--out", sharded, "--set", "eval.max_new_tokens=7")
+    assert other.returncode == 2 and "holds another evaluation (different" in other.stderr and "decoding" in other.stderr
+    assert "--overwrite" in other.stderr and (sharded / "metrics.json").exists()
+
+
+def test_eval_names_bad_targets(trained):
+    run, folder = trained
+    bad = run_launch("eval", run.logs)
+    assert bad.returncode == 2 and "neither a run dir" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_adapter_folder_evaluates_with_its_runs_recipe(trained):
+    run, folder = trained
+    out = folder / "eval-ckpt"
+    result = run_launch("eval", run.checkpoints / "checkpoint-10", "--no-base", "--out", out)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert list(json.loads((out / "metrics.json").read_text())["systems"]) == ["checkpoint-10"]
+
+
+def test_scores_segment_chinese():
+    # jieba words: prediction 这件/衣服/很/宽松, reference 这件/衣服/的/版型/很/宽松 -> P 4/4, R 4/6.
+    assert rouge(["这件衣服很宽松"], ["这件衣服的版型很宽松"])["rouge1"] == pytest.approx(80.0)
+    # Unspaced Chinese scores per character (one whole-sentence token would give 0).
+    partial = bleu4(["这件衣服的版型很宽松啊"], ["这件衣服的版型很宽松"])
+    assert 0 < partial < 100 and bleu4(["这件衣服的版型很宽松"], ["这件衣服的版型很宽松"]) == pytest.approx(100.0)
