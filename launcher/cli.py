@@ -21,6 +21,7 @@ from pathlib import Path
 from rich.console import Console
 from rich.markup import escape
 
+from launcher.combine import METHODS
 from launcher.recipe import Recipe, RecipeError, load_recipe, validate_recipe
 
 COMMANDS = ("run", "check", "merge", "eval", "status", "logs", "cancel")
@@ -82,11 +83,22 @@ def build_parser() -> argparse.ArgumentParser:
     merge = commands.add_parser("merge", help="merge the final adapter into the base model (RUN_DIR/merged)",
                                 description="Re-run the merge of a finished run: stream the base model's shards "
                                             "and add the adapter's deltas (RUN_DIR/merged).")
-    merge.add_argument("run_dir", type=Path, metavar="RUN_DIR")
-    merge.add_argument("--overwrite", action="store_true", help="replace the existing merged model")
+    merge.add_argument("run_dir", type=Path, metavar="RUN_DIR", nargs="?")
+    merge.add_argument("--overwrite", action="store_true", help="replace the existing output")
     merge.add_argument("--checkpoint", type=int, metavar="N",
                        help="merge the adapter of the complete checkpoint checkpoints/checkpoint-N into "
                             "RUN_DIR/merged-checkpoint-N instead of the final adapter")
+    merge.add_argument("--adapters", type=Path, nargs="+", metavar="RUN_DIR|ADAPTER_DIR",
+                       help="combine these LoRA adapters (same base) into one, written to --out")
+    merge.add_argument("--weights", type=float, nargs="+", metavar="W", help="one weight per adapter, e.g. 0.6 0.4")
+    merge.add_argument("--method", default="cat", choices=METHODS,
+                       help="PEFT's combination: cat (default) and svd are exact, linear/ties/dare_* approximate")
+    merge.add_argument("--density", type=float, help="fraction of each delta kept by ties, dare_* and magnitude_prune")
+    merge.add_argument("--out", type=Path, metavar="DIR", help="where the combined adapter goes (with --adapters)")
+    merge.add_argument("--recipe", type=Path, metavar="RECIPE.toml", help="the base model's recipe, for adapter "
+                                                                         "folders outside any run dir")
+    merge.add_argument("--into-base", action="store_true",
+                       help="with --adapters: also stream-merge the combined adapter into the base model (DIR-merged)")
     merge.set_defaults(handler=command_merge)
 
     evaluation = commands.add_parser(
@@ -260,12 +272,37 @@ def command_merge(args: argparse.Namespace, console: Console) -> int:
     from launcher.merge import merge_run
     from launcher.runs import RunDir
 
+    if args.adapters:
+        return command_combine(args, console)
+    if args.run_dir is None:
+        raise RecipeError(["launch merge: name a RUN_DIR, or combine adapters with --adapters A B --weights WA WB --out DIR"])
     recipe, run = load_run_recipe(args.run_dir), RunDir(args.run_dir)
     quiet_libraries_for(recipe)
     if args.checkpoint is None and not run.adapter.exists():
         raise RecipeError([f"{run.adapter}: no final adapter yet; finish training first (launch {run.recipe}), "
                            f"or merge a checkpoint with --checkpoint N"])
     console.print(f"merged model: {merge_run(recipe, run, overwrite=args.overwrite, checkpoint=args.checkpoint)}")
+    return 0
+
+
+def command_combine(args: argparse.Namespace, console: Console) -> int:
+    from launcher.combine import combine_adapters
+    from launcher.runs import RunDir
+
+    if args.out is None or args.weights is None:
+        raise RecipeError(["launch merge --adapters: give --weights (one per adapter) and --out DIR for the combination"])
+    adapters = [RunDir(a).adapter if (a / "recipe.toml").is_file() else a for a in args.adapters]
+    _, _, recipe_path = eval_targets(args.adapters, args.recipe)
+    recipe = load_recipe(recipe_path)
+    quiet_libraries_for(recipe)
+    out = combine_adapters(recipe, adapters, args.weights, args.method, args.out, args.density, args.overwrite)
+    console.print(f"combined adapter ({args.method}, weights {args.weights}): {out}", highlight=False)
+    if args.into_base:
+        from launcher.merge import merge_into_base
+
+        merged = out.with_name(out.name + "-merged")
+        done = merge_into_base(recipe, out, merged, args.overwrite)
+        console.print(f"merged into the base: {merged} (peak RSS {done['peak_rss_mib']} MiB)", highlight=False)
     return 0
 
 

@@ -70,8 +70,6 @@ def merge_run(recipe: Recipe, run: RunDir, overwrite: bool = False, checkpoint: 
 
     qlora and lora-8bit adapters merge into the unquantized base in model.dtype."""
     from launcher.checkpoints import is_complete
-    from launcher.models import load_tokenizer
-    from launcher.streaming_merge import stream_merge
 
     source, target = run.adapter, run.merged
     if checkpoint is not None:
@@ -79,15 +77,65 @@ def merge_run(recipe: Recipe, run: RunDir, overwrite: bool = False, checkpoint: 
         if not is_complete(source):
             raise RecipeError([f"--checkpoint {checkpoint}: {source} is not a complete checkpoint; pick N of a "
                                f"checkpoints/checkpoint-N with a completion marker"])
-    validate_adapter(source)
+        source = consolidated_adapter(source, run.root / f"adapter-checkpoint-{checkpoint}")
+    done = merge_into_base(recipe, source, target, overwrite)
+    run.update_manifest(**{target.name.replace("merged", "merge", 1): done})
+    return target
+
+
+def merge_into_base(recipe: Recipe, adapter: Path, target: Path, overwrite: bool = False) -> dict:
+    """Stream-merge a validated adapter into the recipe's base model, published at `target` with a rename."""
+    from launcher.models import load_tokenizer
+    from launcher.streaming_merge import stream_merge
+
+    validate_adapter(adapter)
     if target.exists() and not overwrite:
         raise FileExistsError(f"{target}: exists; pass --overwrite to replace it")
     staging = target.with_name(target.name + ".partial")
     shutil.rmtree(staging, ignore_errors=True)  # our own leftover from a killed merge
-    done = stream_merge(recipe.model.name_or_path, source, staging, recipe.model.dtype, recipe.model.revision)
+    done = stream_merge(recipe.model.name_or_path, adapter, staging, recipe.model.dtype, recipe.model.revision)
     load_tokenizer(recipe).save_pretrained(str(staging))
     if target.exists():
         shutil.rmtree(target)  # asked for with --overwrite
     staging.rename(target)
-    run.update_manifest(**{target.name.replace("merged", "merge", 1): done})
-    return target
+    return done
+
+
+def consolidated_adapter(checkpoint: Path, rebuilt: Path) -> Path:
+    """The checkpoint's adapter when it is valid; when it is empty (ZeRO-3 saved without
+    stage3_gather_16bit_weights_on_model_save) rebuilt from the checkpoint's DeepSpeed shards
+    into `rebuilt` (fp32, from the optimizer's master weights), validated, and returned."""
+    from safetensors.torch import save_file
+
+    try:
+        validate_adapter(checkpoint)
+        return checkpoint
+    except AdapterError:
+        if (rebuilt / "adapter_model.safetensors").exists():
+            return rebuilt  # rebuilt by an earlier merge
+        if not (checkpoint / "latest").is_file():  # no DeepSpeed shards to rebuild it from
+            raise
+    staging = rebuilt.with_name(rebuilt.name + ".partial")
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    save_file(tensors_from_zero_shards(checkpoint), str(staging / "adapter_model.safetensors"))
+    shutil.copy(checkpoint / "adapter_config.json", staging / "adapter_config.json")
+    validate_adapter(staging)
+    staging.rename(rebuilt)
+    return rebuilt
+
+
+def tensors_from_zero_shards(checkpoint: Path) -> dict:
+    """The adapter's tensors under PEFT's saved names, gathered from every rank's ZeRO shard."""
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    peft_type = json.loads((checkpoint / "adapter_config.json").read_text()).get("peft_type")
+    markers = {"LORA": ("lora_A", "lora_B", "lora_embedding"), "IA3": ("ia3_l",)}.get(peft_type)
+    if markers is None:
+        raise AdapterError(f"{checkpoint}: its adapter is empty and a {peft_type} adapter cannot be rebuilt from "
+                           "ZeRO shards here (LoRA family and IA3 only); resume from it with stage3_gather_16bit_"
+                           "weights_on_model_save = true and save again")
+    state = get_fp32_state_dict_from_zero_checkpoint(str(checkpoint), exclude_frozen_parameters=True)
+    # The model's names carry the adapter's name ("...lora_A.default.weight"); PEFT saves without it.
+    return {name.replace(".default.", "."): tensor.contiguous() for name, tensor in state.items()
+            if any(marker in name for marker in markers)}

@@ -112,3 +112,20 @@ def test_stages_rerun_alone_and_refuse_to_overwrite(finished_run):
     redone = run_launch("eval", run.root, "--overwrite")
     assert redone.returncode == 0, redone.stderr
     assert json.loads((run.eval / "metrics.json").read_text())["examples"] > 0
+
+
+def test_an_empty_checkpoint_adapter_is_rebuilt_from_the_zero_shards(finished_run):
+    """A ZeRO-3 save without stage3_gather_16bit_weights_on_model_save writes empty adapter tensors;
+    we write exactly that over a checkpoint's adapter and merge from it."""
+    from safetensors.torch import load_file, save_file
+
+    run, *_ = finished_run
+    checkpoint = run.checkpoints / "checkpoint-10"
+    saved = load_file(checkpoint / "adapter_model.safetensors")
+    save_file({name: torch.empty(0) for name in saved}, str(checkpoint / "adapter_model.safetensors"))
+    result = run_launch("merge", run.root, "--checkpoint", "10")
+    assert result.returncode == 0, result.stdout + result.stderr
+    rebuilt = load_file(run.root / "adapter-checkpoint-10" / "adapter_model.safetensors")
+    assert set(rebuilt) == set(saved)
+    assert max((rebuilt[name] - saved[name]).abs().max().item() for name in saved) == 0.0
+    assert (run.root / "merged-checkpoint-10" / "model.safetensors").exists()
