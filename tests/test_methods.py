@@ -68,7 +68,7 @@ def test_each_method_trains_from_its_seed_recipe_and_its_adapter_reloads_to_the_
     assert (logits - probe["logits"]).abs().max().item() <= 1e-5
 
     metrics = json.loads((run.eval / "metrics.json").read_text())
-    assert metrics["adapter"]["loss"] != metrics["base"]["loss"]  # the adapter changed the model
+    assert metrics["systems"]["adapter"]["loss"] != metrics["systems"]["base"]["loss"]  # the adapter changed the model
     if method in PROMPT_FAMILY:
         assert not run.merged.exists() and "not merged" in result.stdout
         return
