@@ -22,6 +22,7 @@ from rich.console import Console
 from rich.markup import escape
 
 from launcher.combine import METHODS
+from launcher.models import quiet_libraries_for
 from launcher.recipe import Recipe, RecipeError, load_recipe, validate_recipe
 
 COMMANDS = ("run", "check", "merge", "eval", "status", "logs", "cancel")
@@ -221,14 +222,12 @@ def command_check(args: argparse.Namespace, console: Console) -> int:
 def preflight(recipe: Recipe, console: Console, samples: int = 0):
     """Run the pre-flight checks and print them; errors are printed as the recipe errors they are."""
     from launcher.data import read_training_set
-    from launcher.models import quiet_libraries
     from launcher.preflight import run_preflight
-    from launcher.render import resolve_device
 
     if not hub_reachable(recipe):
         os.environ.setdefault("HF_HUB_OFFLINE", "1")  # fail fast on hub ids instead of retrying for a minute
         console.print("  hub: unreachable from here; checking with local files and the cache only", highlight=False)
-    quiet_libraries(resolve_device(recipe.distributed.device))
+    quiet_libraries_for(recipe)
     with console.status("pre-flight: reading data, building the model on the meta device"):
         data = read_training_set(recipe, samples)
         report = run_preflight(recipe, examples=data.examples)
@@ -351,13 +350,6 @@ def eval_targets(targets: list[Path], recipe: Path | None):
     if found is None:
         raise RecipeError(["eval: the adapters are not inside a run dir; pass --recipe RECIPE.toml (model, data format, [eval])"])
     return runs, adapters, found
-
-
-def quiet_libraries_for(recipe: Recipe) -> None:
-    from launcher.models import quiet_libraries
-    from launcher.render import resolve_device
-
-    quiet_libraries(resolve_device(recipe.distributed.device))
 
 
 def command_status(args: argparse.Namespace, console: Console) -> int:

@@ -27,6 +27,13 @@ def quiet_libraries(device: str) -> None:
     hf_logging.disable_progress_bar()
 
 
+def quiet_libraries_for(recipe: Recipe) -> None:
+    """quiet_libraries for the device this recipe runs on here (this node's, on a cluster)."""
+    from launcher.render import resolve_device
+
+    quiet_libraries(resolve_device(recipe.distributed.device))
+
+
 def torch_dtype(recipe: Recipe):
     import torch
 

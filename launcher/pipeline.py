@@ -89,11 +89,10 @@ def finish(recipe: Recipe, run: RunDir, console: Console | None = None) -> None:
     """Merge and evaluate, each only when enabled and not done yet; then the run is completed."""
     from launcher.evaluate import evaluate_run
     from launcher.merge import merge_run
-    from launcher.models import quiet_libraries
-    from launcher.render import resolve_device
+    from launcher.models import quiet_libraries_for
 
     console = console or Console(highlight=False)
-    quiet_libraries(resolve_device(recipe.distributed.device))
+    quiet_libraries_for(recipe)
     if recipe.merge.enabled and recipe.peft.method in PROMPT_FAMILY:
         console.print(f"not merged: {recipe.peft.method} learns virtual tokens, not weight deltas, so there is "
                       f"nothing to merge; the adapter in {run.adapter} is the export (load it with PeftModel)")
@@ -123,11 +122,10 @@ def run_stage(run_dir: Path, stage: str, shard: int = 0) -> None:
     from launcher.cli import load_run_recipe
     from launcher.evaluate import plan_evaluation, run_shard, systems_of
     from launcher.merge import merge_run, validate_adapter
-    from launcher.models import quiet_libraries
-    from launcher.render import resolve_device
+    from launcher.models import quiet_libraries_for
 
     recipe, run = load_run_recipe(run_dir), RunDir(run_dir)
-    quiet_libraries(resolve_device(recipe.distributed.device))
+    quiet_libraries_for(recipe)
     if stage == "merge":
         if not run.merged.exists():
             merge_run(recipe, run)

@@ -27,10 +27,9 @@ def main(argv: list[str] | None = None) -> int:
     redirect_output(run.rank_log(rank))
     try:
         recipe = validate_recipe(tomllib.loads(run.recipe.read_text()), source=str(run.recipe))
-        from launcher.models import quiet_libraries
-        from launcher.render import resolve_device
+        from launcher.models import quiet_libraries_for
 
-        quiet_libraries(resolve_device(recipe.distributed.device))  # this node's device, before DeepSpeed loads
+        quiet_libraries_for(recipe)  # this node's device, before DeepSpeed loads
         world = world_from_env()
         print(f"rank {rank} of {world['world_size']} on node {world['node']} (local rank {world['local_rank']}, "
               f"pid {os.getpid()}), master {world['master_addr']}:{world['master_port']}")
