@@ -107,15 +107,18 @@ def sync(device: str) -> None:
 
 
 def sharded(recipe, out: Path, shards: int) -> dict:
-    from launcher.evaluate import System, finish_if_complete, plan_evaluation, run_local_shards
+    from rich.console import Console
+
+    from launcher.evaluate import System, plan_evaluation
+    from launcher.pipeline import run_evaluation
 
     folder = out / f"eval-{shards}-shards"
     shutil.rmtree(folder, ignore_errors=True)
     recipe.eval.shards = shards
     plan_evaluation(recipe, [System("base", None)], folder)
     started = time.perf_counter()
-    run_local_shards(folder, list(range(shards)))  # fresh processes for 1 shard too: the same start-up cost
-    result = finish_if_complete(folder)
+    # Fresh processes for 1 shard too (one local job, a task per shard): the same start-up cost.
+    result = run_evaluation(recipe, folder, "local", Console(quiet=True))
     seconds = time.perf_counter() - started
     tokens = result["speed"]["base"]["generated_tokens"]
     row = {"contender": f"launch eval, {shards} shard(s)", "examples": result["examples"], "generated_tokens": tokens,

@@ -60,7 +60,9 @@ def run_variant(name: str, model: Path, out: Path, steps: int, device: str = "cu
     result["preflight_estimate"] = estimate.group(1) if estimate else None
     run = out / name
     manifest = json.loads((run / "manifest.json").read_text()) if (run / "manifest.json").exists() else {}
-    result |= {key: manifest.get(key) for key in ("peak_accelerator_mib", "train_wall_s", "launch_to_first_step_s")}
+    train = manifest.get("train") or {}
+    result |= {"peak_accelerator_mib": train.get("peak_accelerator_mib"), "train_wall_s": train.get("wall_s"),
+               "launch_to_first_step_s": manifest.get("launch_to_first_step_s")}
     rows = [json.loads(line) for line in (run / "logs/train_metrics.jsonl").read_text().splitlines()] \
         if (run / "logs/train_metrics.jsonl").exists() else []
     if rows:

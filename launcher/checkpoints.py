@@ -8,13 +8,12 @@ eval all ignore.
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
 import time
 from pathlib import Path
 
-from launcher.runs import write_atomic
+from launcher.runs import fsync_tree, write_atomic
 
 MARKER = "launcher-complete.json"
 NAME = re.compile(r"^checkpoint-(\d+)$")
@@ -40,16 +39,6 @@ def checkpoints_in(folder: Path) -> list[Path]:
 def latest_complete_checkpoint(folder: Path) -> Path | None:
     complete = [c for c in checkpoints_in(folder) if is_complete(c)]
     return complete[-1] if complete else None
-
-
-def fsync_tree(folder: Path) -> None:
-    for path in sorted(Path(folder).rglob("*")):
-        if path.is_file():
-            fd = os.open(path, os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
 
 
 def mark_complete(checkpoint: Path, info: dict) -> None:

@@ -15,18 +15,17 @@ import json
 import os
 import sys
 import time
-import tomllib
 from pathlib import Path
 
 from rich.console import Console
 from rich.markup import escape
 
 from launcher.combine import METHODS
+from launcher.errors import UserError
 from launcher.models import quiet_libraries_for
-from launcher.recipe import Recipe, RecipeError, load_recipe, validate_recipe
+from launcher.recipe import Recipe, load_recipe
 
 COMMANDS = ("run", "check", "merge", "eval", "status", "logs", "cancel")
-USER_ERRORS = (RecipeError, FileExistsError)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -40,8 +39,8 @@ def main(argv: list[str] | None = None) -> int:
     console = Console(highlight=False, soft_wrap=True)
     try:
         return args.handler(args, console)
-    except USER_ERRORS as err:
-        for line in getattr(err, "lines", [str(err)]):
+    except UserError as err:
+        for line in err.lines:
             print(f"error: {line}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
@@ -170,7 +169,8 @@ def recipe_from(args: argparse.Namespace) -> Recipe:
 
 
 def command_run(args: argparse.Namespace, console: Console) -> int:
-    from launcher.pipeline import describe_dry_run, execute, prepare
+    from launcher.executors import choose_executor, make_executor
+    from launcher.pipeline import describe_dry_run, execute, prepare, write_submission_script
     from launcher.runs import default_run_dir
 
     recipe = recipe_from(args)
@@ -179,29 +179,10 @@ def command_run(args: argparse.Namespace, console: Console) -> int:
         console.print("pre-flight failed: nothing was started; fix the errors above", highlight=False)
         return 2
     run = prepare(recipe, args.run_dir or default_run_dir(recipe), console, resume=args.resume)
-    if executor == "slurm":
-        from launcher.executors.slurm import write_sbatch
-
-        write_sbatch(recipe, run)
     if args.dry_run:
-        describe_dry_run(run, console, executor)
+        describe_dry_run(run, console, write_submission_script(recipe, run, make_executor(executor, recipe, run.logs)))
         return 0
-    return 0 if execute(recipe, run, console, executor=executor, detach=args.detach) else 1
-
-
-def choose_executor(asked: str, recipe: Recipe, rendering_only: bool = False) -> str:
-    from launcher.executors.slurm import default_partition, require_slurm_for, slurm_available
-
-    if asked == "local":
-        if recipe.distributed.nodes > 1:
-            raise RecipeError([f"--executor local: distributed.nodes={recipe.distributed.nodes} needs SLURM; use --executor slurm"])
-        return "local"
-    if asked == "slurm" or recipe.distributed.nodes > 1:
-        if not rendering_only:  # a dry run renders sbatch.sh without a cluster
-            require_slurm_for(recipe, asked == "slurm")
-        return "slurm"
-    known_partition = recipe.slurm.partition or default_partition()
-    return "slurm" if slurm_available() and known_partition else "local"
+    return 0 if execute(recipe, run, console, executor_name=executor, detach=args.detach) else 1
 
 
 def command_check(args: argparse.Namespace, console: Console) -> int:
@@ -260,13 +241,6 @@ def hub_reachable(recipe: Recipe, timeout_s: float = 3.0) -> bool:
         return False
 
 
-def load_run_recipe(run_dir: Path) -> Recipe:
-    path = run_dir / "recipe.toml"
-    if not path.is_file():
-        raise RecipeError([f"{run_dir}: not a run dir (no recipe.toml); pass the folder a `launch` run wrote"])
-    return validate_recipe(tomllib.loads(path.read_text()), source=str(path))
-
-
 def command_merge(args: argparse.Namespace, console: Console) -> int:
     from launcher.merge import merge_run
     from launcher.runs import RunDir
@@ -274,12 +248,10 @@ def command_merge(args: argparse.Namespace, console: Console) -> int:
     if args.adapters:
         return command_combine(args, console)
     if args.run_dir is None:
-        raise RecipeError(["launch merge: name a RUN_DIR, or combine adapters with --adapters A B --weights WA WB --out DIR"])
-    recipe, run = load_run_recipe(args.run_dir), RunDir(args.run_dir)
+        raise UserError("launch merge: name a RUN_DIR, or combine adapters with --adapters A B --weights WA WB --out DIR")
+    run = RunDir(args.run_dir)
+    recipe = run.load_recipe()
     quiet_libraries_for(recipe)
-    if args.checkpoint is None and not run.adapter.exists():
-        raise RecipeError([f"{run.adapter}: no final adapter yet; finish training first (launch {run.recipe}), "
-                           f"or merge a checkpoint with --checkpoint N"])
     console.print(f"merged model: {merge_run(recipe, run, overwrite=args.overwrite, checkpoint=args.checkpoint)}")
     return 0
 
@@ -289,7 +261,7 @@ def command_combine(args: argparse.Namespace, console: Console) -> int:
     from launcher.runs import RunDir
 
     if args.out is None or args.weights is None:
-        raise RecipeError(["launch merge --adapters: give --weights (one per adapter) and --out DIR for the combination"])
+        raise UserError(["launch merge --adapters: give --weights (one per adapter) and --out DIR for the combination"])
     adapters = [RunDir(a).adapter if (a / "recipe.toml").is_file() else a for a in args.adapters]
     _, _, recipe_path = eval_targets(args.adapters, args.recipe)
     recipe = load_recipe(recipe_path)
@@ -300,33 +272,33 @@ def command_combine(args: argparse.Namespace, console: Console) -> int:
         from launcher.merge import merge_into_base
 
         merged = out.with_name(out.name + "-merged")
-        done = merge_into_base(recipe, out, merged, args.overwrite)
-        console.print(f"merged into the base: {merged} (peak RSS {done['peak_rss_mib']} MiB)", highlight=False)
+        merge_into_base(recipe, out, merged, args.overwrite)
+        console.print(f"merged into the base: {merged}", highlight=False)
     return 0
 
 
 def command_eval(args: argparse.Namespace, console: Console) -> int:
-    from launcher.evaluate import evaluate, plan_evaluation, systems_of
-    from launcher.pipeline import metrics_table
+    from launcher.evaluate import plan_evaluation, systems_of
+    from launcher.pipeline import metrics_table, run_evaluation
 
     runs, adapters, recipe_path = eval_targets(args.targets, args.recipe)
     overrides = list(args.overrides) + [f"{key}={json.dumps(value)}" for key, value in
                                         (("eval.shards", args.shards), ("eval.checkpoints", args.checkpoints))
                                         if value is not None]
     recipe = load_recipe(recipe_path, overrides)
-    bases = {load_run_recipe(run.root).model.name_or_path for run in runs} | {recipe.model.name_or_path}
+    bases = {run.load_recipe().model.name_or_path for run in runs} | {recipe.model.name_or_path}
     if len(bases) > 1:
-        raise RecipeError([f"eval: the runs were trained on different base models ({', '.join(sorted(bases))}); "
+        raise UserError([f"eval: the runs were trained on different base models ({', '.join(sorted(bases))}); "
                            "evaluate each base in its own command"])
     missing = [run.root for run in runs if not run.adapter.exists() and recipe.eval.checkpoints == "final"]
     if missing:
-        raise RecipeError([f"{missing[0]}: no final adapter yet; finish training, or pass --checkpoints all"])
+        raise UserError([f"{missing[0]}: no final adapter yet; finish training, or pass --checkpoints all"])
     out = args.out or (runs[0].eval if runs else adapters[0].with_name(adapters[0].name + "-eval"))
     systems = systems_of(runs, adapters, recipe.eval.checkpoints, base=not args.no_base)
     quiet_libraries_for(recipe)
     plan_evaluation(recipe, systems, out, data=args.data, overwrite=args.overwrite, runs=runs)
     console.print(f"evaluating {', '.join(s.name for s in systems)} into {out}", highlight=False)
-    result = evaluate(out, args.executor, console)
+    result = run_evaluation(recipe, out, args.executor, console)
     console.print(metrics_table(result))
     console.print(f"report: {out / 'report.html'} (and report.md)", highlight=False)
     return 0
@@ -346,9 +318,9 @@ def eval_targets(targets: list[Path], recipe: Path | None):
             owner = next((p for p in (target.parent, target.parent.parent) if (p / "recipe.toml").is_file()), None)
             found = found or (owner / "recipe.toml" if owner else None)
         else:
-            raise RecipeError([f"{target}: neither a run dir (recipe.toml) nor an adapter folder (adapter_config.json)"])
+            raise UserError([f"{target}: neither a run dir (recipe.toml) nor an adapter folder (adapter_config.json)"])
     if found is None:
-        raise RecipeError(["eval: the adapters are not inside a run dir; pass --recipe RECIPE.toml (model, data format, [eval])"])
+        raise UserError(["eval: the adapters are not inside a run dir; pass --recipe RECIPE.toml (model, data format, [eval])"])
     return runs, adapters, found
 
 
@@ -364,23 +336,24 @@ def command_status(args: argparse.Namespace, console: Console) -> int:
 
 
 def describe_run(run) -> str:
-    from launcher.executors import job_summary
-
-    manifest = run.read_manifest()
-    if not manifest:
-        raise RecipeError([f"{run.root}: not a run dir (no manifest.json)"])
-    step = run.last_metrics_row()
-    progress = f"step {step['step']}/{step['max_steps']}, loss {step['loss']:.4f}" if step else "no steps yet"
     from launcher.checkpoints import latest_complete_checkpoint
+    from launcher.executors import job_of
 
-    lines = [f"{run.root}: {manifest.get('state')}, {progress}"]
+    manifest = run.manifest()
+    step = run.metrics.last()
+    progress = f"step {step['step']}/{step['max_steps']}, loss {step['loss']:.4f}" if step else "no steps yet"
+    lines = [f"{run.root}: {manifest.state}, {progress}"]
     newest = latest_complete_checkpoint(run.checkpoints)
-    lines.append(f"  last complete checkpoint: {newest.name if newest else 'none'}; requeues: {manifest.get('requeues', 0)}")
-    jobs = manifest.get("jobs", [])
-    if jobs:
-        lines.append(f"  job: {job_summary(jobs[-1])}")
-    for job in manifest.get("chain", []):
-        lines.append(f"  {job['stage']}: {job_summary(job)}, after job {job['after']}")
+    lines.append(f"  last complete checkpoint: {newest.name if newest else 'none'}; requeues: {manifest.requeues}")
+    if manifest.jobs:
+        lines.append(f"  job: {job_of(manifest.jobs[-1], run.logs).describe()}")
+    for job in manifest.chain:
+        lines.append(f"  {job.stage}: {job_of(job, run.logs).describe()}" + (f", after job {job.after}" if job.after else ""))
+    for stage in ("train", "merge", "eval"):
+        record = getattr(manifest, stage)
+        if record:
+            accelerator = f", accelerator peak {record.peak_accelerator_mib} MiB" if record.peak_accelerator_mib else ""
+            lines.append(f"  {stage}: {record.wall_s} s, peak RSS {record.peak_rss_mib} MiB{accelerator}")
     if (run.eval / "report.html").exists():
         lines.append(f"  report: {run.eval / 'report.html'} (and report.md)")
     elif (run.eval / "plan.json").exists():
@@ -389,13 +362,12 @@ def describe_run(run) -> str:
 
 
 def command_logs(args: argparse.Namespace, console: Console) -> int:
-    from launcher.executors import job_active
+    from launcher.executors import job_of
     from launcher.runs import RunDir
 
     run = RunDir(args.run_dir)
+    manifest = run.manifest()
     log = run.rank_log(args.rank)
-    if not run.manifest_path.exists():
-        raise RecipeError([f"{args.run_dir}: not a run dir (no manifest.json)"])
     offset = 0
     while True:
         if log.exists():
@@ -406,26 +378,28 @@ def command_logs(args: argparse.Namespace, console: Console) -> int:
             sys.stdout.write(chunk)
             sys.stdout.flush()
         elif not args.follow:
-            raise RecipeError([f"{log}: no log for rank {args.rank} yet"])
-        jobs = run.read_manifest().get("jobs", [])
-        if not args.follow or not jobs or not job_active(jobs[-1]):
+            raise UserError(f"{log}: no log for rank {args.rank} yet")
+        manifest = run.manifest()
+        if not args.follow or not manifest.jobs or not job_of(manifest.jobs[-1], run.logs).active():
             return 0
         time.sleep(1)
 
 
 def command_cancel(args: argparse.Namespace, console: Console) -> int:
-    from launcher.executors import cancel_job, job_active
-    from launcher.runs import RunDir
+    from launcher.executors import job_of
+    from launcher.runs import RunDir, State
 
     run = RunDir(args.run_dir)
-    manifest = run.read_manifest()
-    active = [job for job in manifest.get("jobs", [])[-1:] + manifest.get("chain", []) if job_active(job)]
+    manifest = run.manifest()
+    jobs = [job_of(record, run.logs) for record in manifest.jobs[-1:] + manifest.chain]
+    active = [job for job in jobs if job.active()]
     if not active:
-        raise RecipeError([f"{args.run_dir}: no running job to cancel"])
+        raise UserError(f"{args.run_dir}: no running job to cancel")
     for job in active:
-        cancel_job(job)
-        console.print(f"cancelled {job['executor']} job {job.get('id')}{' (' + job['stage'] + ')' if 'stage' in job else ''}")
-    run.set_state("cancelled")
+        job.cancel()
+        stage = f" ({job.record.stage})" if job.record.stage != "train" else ""
+        console.print(f"cancelled {job.record.executor} job {job.id}{stage}", highlight=False)
+    run.set_state(State.CANCELLED)
     return 0
 
 

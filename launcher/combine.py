@@ -2,11 +2,13 @@
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 from launcher.merge import validate_adapter
-from launcher.recipe import Recipe, RecipeError
+from launcher.runs import publish, staging_for
+from launcher import methods
+from launcher.errors import UserError
+from launcher.recipe import Recipe
 
 # cat and svd are exact (cat: rank = the sum of ranks); linear, ties and dare_* approximate.
 METHODS = ("linear", "cat", "svd", "ties", "ties_svd", "dare_linear", "dare_ties", "magnitude_prune")
@@ -23,14 +25,14 @@ def check_combination(adapters: list[Path], weights: list[float], method: str, d
         problems.append(f"--density: {method} keeps this fraction of each delta's entries; give a value in (0, 1], e.g. 0.5")
     configs = [json.loads((a / "adapter_config.json").read_text()) for a in adapters if (a / "adapter_config.json").is_file()]
     types = {c.get("peft_type") for c in configs}
-    if types - {"LORA"}:
+    if types - {methods.method("lora").peft_type}:
         problems.append(f"--adapters: only LoRA adapters (lora, qlora, lora-8bit) combine; these are {sorted(map(str, types))}")
     bases = {c.get("base_model_name_or_path") for c in configs}
     if len(bases) > 1:
         problems.append(f"--adapters: trained on different base models ({', '.join(sorted(map(str, bases)))}); "
                         "only adapters of the same base combine")
     if problems:
-        raise RecipeError(problems)
+        raise UserError(problems)
 
 
 def combine_adapters(recipe: Recipe, adapters: list[Path], weights: list[float], method: str, out: Path,
@@ -44,7 +46,7 @@ def combine_adapters(recipe: Recipe, adapters: list[Path], weights: list[float],
     for adapter in adapters:
         validate_adapter(adapter)
     if out.exists() and not overwrite:
-        raise FileExistsError(f"{out}: exists; pass --overwrite to replace it, or another --out")
+        raise UserError(f"{out}: exists; pass --overwrite to replace it, or another --out")
     model = PeftModel.from_pretrained(load_base_model(recipe), str(adapters[0]), adapter_name="a0")
     for number, adapter in enumerate(adapters[1:], start=1):
         model.load_adapter(str(adapter), adapter_name=f"a{number}")
@@ -53,17 +55,16 @@ def combine_adapters(recipe: Recipe, adapters: list[Path], weights: list[float],
         model.add_weighted_adapter([f"a{n}" for n in range(len(adapters))], weights, "combined",
                                    combination_type=method, **extra)
     except (ValueError, RuntimeError) as err:
-        raise RecipeError([f"--method {method}: PEFT cannot combine these adapters ({err}); "
+        raise UserError([f"--method {method}: PEFT cannot combine these adapters ({err}); "
                            "try --method cat, which accepts different ranks and target modules"]) from None
-    staging = out.with_name(out.name + ".partial")
-    shutil.rmtree(staging, ignore_errors=True)
+    staging = staging_for(out)
     model.save_pretrained(str(staging), selected_adapters=["combined"])  # PEFT writes it under combined/
-    (staging / "combined" / "launcher-combined.json").write_text(json.dumps(
+    combined = staging / "combined"
+    for path in combined.iterdir():
+        path.rename(staging / path.name)
+    combined.rmdir()
+    (staging / "launcher-combined.json").write_text(json.dumps(
         {"adapters": [str(a.resolve()) for a in adapters], "weights": weights, "method": method, "density": density},
         indent=2) + "\n")
-    validate_adapter(staging / "combined")
-    if out.exists():
-        shutil.rmtree(out)  # asked for with --overwrite
-    (staging / "combined").rename(out)
-    shutil.rmtree(staging)
-    return out
+    validate_adapter(staging)
+    return publish(staging, out, replace=overwrite)

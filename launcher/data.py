@@ -10,12 +10,13 @@ from __future__ import annotations
 import hashlib
 import json
 import random
-import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from launcher.recipe import DataSection, Recipe, RecipeError
+from launcher.errors import UserError
+from launcher.recipe import DataSection, Recipe
+from launcher.runs import publish, staging_for
 
 IGNORE_INDEX = -100
 
@@ -45,9 +46,9 @@ def read_rows(source: str, data: DataSection) -> list[tuple[str, Any]]:
         try:
             rows = json.loads(path.read_text(encoding="utf-8"))
         except json.JSONDecodeError as err:
-            raise RecipeError([f"{path}:{err.lineno}: invalid JSON: {err.msg}"]) from None
+            raise UserError([f"{path}:{err.lineno}: invalid JSON: {err.msg}"]) from None
         if not isinstance(rows, list):
-            raise RecipeError([f"{path}: expected a JSON list of objects (or use a .jsonl file)"])
+            raise UserError([f"{path}: expected a JSON list of objects (or use a .jsonl file)"])
         return [(f"{path}: item {i + 1}", row) for i, row in enumerate(rows)]
     if path.suffix in (".csv", ".parquet"):
         import pandas
@@ -57,7 +58,7 @@ def read_rows(source: str, data: DataSection) -> list[tuple[str, Any]]:
             return [(f"{path}:{i + 2}", row) for i, row in enumerate(frame.to_dict("records"))]
         frame = pandas.read_parquet(path)
         return [(f"{path}: row {i + 1}", row) for i, row in enumerate(frame.to_dict("records"))]
-    raise RecipeError([f"{path}: unsupported file type {path.suffix!r}; use .json, .jsonl, .csv or .parquet"])
+    raise UserError([f"{path}: unsupported file type {path.suffix!r}; use .json, .jsonl, .csv or .parquet"])
 
 
 def _jsonl_rows(path: Path) -> list[tuple[str, Any]]:
@@ -78,7 +79,7 @@ def _hub_rows(name: str, data: DataSection) -> list[tuple[str, Any]]:
 
         dataset = load_dataset(name, split=data.split)
     except Exception as err:  # offline, unknown id, no such split: one line, not a traceback
-        raise RecipeError([f"data: {name} is neither a local file nor a reachable hub dataset "
+        raise UserError([f"data: {name} is neither a local file nor a reachable hub dataset "
                            f"({type(err).__name__}: {str(err).splitlines()[0][:160]})"]) from None
     return [(f"{name}[{data.split}] row {i + 1}", row) for i, row in enumerate(dataset)]
 
@@ -166,7 +167,7 @@ def render(template: str, system: str | None, history: list[tuple[str, str]], qu
 
 def _chat_template(tokenizer, system, history, query) -> tuple[str, str]:
     if tokenizer is None or not getattr(tokenizer, "chat_template", None):
-        raise RecipeError(["data.template: \"tokenizer\" needs a tokenizer with a chat template; "
+        raise UserError(["data.template: \"tokenizer\" needs a tokenizer with a chat template; "
                            "this model's has none: pick chatml, transnormer, chatglm or plain"])
     messages = ([{"role": "system", "content": system}] if system else []) + [
         m for q, a in history for m in ({"role": "user", "content": q}, {"role": "assistant", "content": a})]
@@ -194,10 +195,10 @@ def load_examples(source: str, data: DataSection, tokenizer=None) -> tuple[list[
             examples.append(to_example(row, data, tokenizer))
         except BadRow as err:
             if data.on_bad_rows == "error":
-                raise RecipeError([f"{where}: {err}; fix the row, or set data.on_bad_rows = \"skip\""]) from None
+                raise UserError([f"{where}: {err}; fix the row, or set data.on_bad_rows = \"skip\""]) from None
             skipped += 1
     if not examples:
-        raise RecipeError([f"{source}: no usable rows (skipped {skipped})"])
+        raise UserError([f"{source}: no usable rows (skipped {skipped})"])
     return examples, skipped
 
 
@@ -264,11 +265,10 @@ def build_train_dataset(recipe: Recipe, tokenizer, cache_dir: Path) -> tuple[Any
         rows = [tokenize(e, tokenizer, recipe.data.max_length) | {"index": i} for i, e in enumerate(split.train)]
         stats = {"examples": len(rows), "truncated": sum(r.pop("truncated") for r in rows),
                  "tokens": sum(len(r["input_ids"]) for r in rows), "skipped_rows": split.skipped}
-        partial = target.with_name(target.name + ".partial")
-        shutil.rmtree(partial, ignore_errors=True)  # our own leftover from a killed run
-        Dataset.from_list(rows).save_to_disk(str(partial))
-        (partial / "stats.json").write_text(json.dumps(stats))
-        partial.rename(target)
+        staging = staging_for(target)
+        Dataset.from_list(rows).save_to_disk(str(staging))
+        (staging / "stats.json").write_text(json.dumps(stats))
+        publish(staging, target)
     return load_from_disk(str(target)), json.loads((target / "stats.json").read_text())
 
 

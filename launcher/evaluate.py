@@ -10,21 +10,20 @@ An evaluation folder holds:
 """
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import json
 import math
 import os
 import shutil
-import sys
 import time
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from launcher.data import Example, tokenize
-from launcher.recipe import Recipe, RecipeError, validate_recipe
-from launcher.runs import RunDir, write_atomic
+from launcher.errors import UserError
+from launcher.recipe import Recipe, validate_recipe
+from launcher.runs import RunDir, accelerator_peak_mib, exclusive, peak_rss_mib, write_atomic
 
 PLAN, EXAMPLES = "plan.json", "examples.jsonl"
 DECODING_KEYS = ("max_new_tokens", "do_sample", "temperature", "top_p", "seed", "batch_size")
@@ -57,7 +56,7 @@ def systems_of(runs: list[RunDir], adapters: list[Path], checkpoints: str, base:
         found.append(System(f"{adapter.parent.name}/{adapter.name}" if several else adapter.name, str(adapter.resolve())))
     names = [s.name for s in found]
     if len(set(names)) != len(names):
-        raise RecipeError([f"two systems would share a name ({', '.join(names)}); evaluate them in separate --out folders"])
+        raise UserError([f"two systems would share a name ({', '.join(names)}); evaluate them in separate --out folders"])
     return found
 
 
@@ -71,7 +70,7 @@ def eval_examples(recipe: Recipe, data: str | None) -> list[Example]:
     else:
         examples = split_examples(recipe, tokenizer).held_out
     if not examples:
-        raise RecipeError(["eval: no examples to evaluate; set data.eval_file, data.eval_fraction > 0 or pass --data FILE"])
+        raise UserError(["eval: no examples to evaluate; set data.eval_file, data.eval_fraction > 0 or pass --data FILE"])
     return examples[: recipe.eval.max_examples]
 
 
@@ -93,11 +92,11 @@ def plan_evaluation(recipe: Recipe, systems: list[System], out: Path, data: str 
     if old is not None and not overwrite:
         if {k: v for k, v in old.items() if k != "recipe"} == {k: v for k, v in plan.items() if k != "recipe"}:
             return old  # the same evaluation: resume its unfinished shards
-        raise FileExistsError(f"{out}: holds another evaluation ({describe_difference(old, plan)}); "
+        raise UserError(f"{out}: holds another evaluation ({describe_difference(old, plan)}); "
                               f"pass --out DIR for a new one, or --overwrite to replace it")
     if out.exists() and (overwrite or any(out.iterdir())):
         if not overwrite:
-            raise FileExistsError(f"{out}: exists and is not an evaluation folder; pass --out DIR or --overwrite")
+            raise UserError(f"{out}: exists and is not an evaluation folder; pass --out DIR or --overwrite")
         shutil.rmtree(out)  # asked for with --overwrite
     out.mkdir(parents=True, exist_ok=True)
     write_atomic(out / EXAMPLES, "\n".join(lines) + "\n")
@@ -131,9 +130,9 @@ def unfinished(out: Path, plan: dict) -> list[tuple[int, str]]:
 # ---------------------------------------------------------------- one shard
 
 
-def run_shard(out: Path, shard: int, device: str | None = None) -> None:
-    """Evaluate every unfinished system on shard `shard`'s examples (every K-th, from `shard`),
-    then write the results if this was the last unfinished shard."""
+def run_shard(out: Path, shard: int, device: str | None = None, started: float | None = None) -> None:
+    """Evaluate every unfinished system on shard `shard`'s examples (every K-th, from `shard`);
+    `started` is when this shard's process began (its markers record it)."""
     import torch
 
     from launcher.models import load_base_model, load_tokenizer, quiet_libraries
@@ -152,13 +151,12 @@ def run_shard(out: Path, shard: int, device: str | None = None) -> None:
         model = with_adapters(load_base_model(recipe).to(device).eval(), [s for s in pending if s.adapter])
         for system in pending:
             torch.manual_seed(recipe.eval.seed + shard)
-            started = time.time()
+            began = time.time()
             with torch.no_grad(), selected(model, system):
                 rows = evaluate_examples(model, tokenizer, [examples[i] for i in indices], recipe)
             for index, row in zip(indices, rows):
                 row["index"] = index
-            save_shard(shard_file(out, system.name, shard, shards), rows, time.time() - started)
-    finish_if_complete(out)
+            save_shard(shard_file(out, system.name, shard, shards), rows, time.time() - began, started or began)
 
 
 def shard_device(device: str, shard: int) -> str:
@@ -195,13 +193,22 @@ def selected(model, system: System):
     return nullcontext()
 
 
-def save_shard(path: Path, rows: list[dict], seconds: float) -> None:
+def save_shard(path: Path, rows: list[dict], seconds: float, started: float) -> None:
+    """The rows, then the marker (last): generation time, and this process's start and peaks."""
     path.parent.mkdir(parents=True, exist_ok=True)
     write_atomic(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
     generated = sum(r["new_tokens"] for r in rows)
     write_atomic(marker_of(path), json.dumps({
         "examples": len(rows), "new_tokens": generated, "seconds": round(seconds, 3),
-        "node": os.environ.get("SLURMD_NODENAME", os.uname().nodename), "finished": time.time()}) + "\n")
+        "node": os.environ.get("SLURMD_NODENAME", os.uname().nodename), "started": started, "finished": time.time(),
+        "peak_rss_mib": peak_rss_mib(), "peak_accelerator_mib": accelerator_peak_mib()}) + "\n")
+
+
+def shard_markers(out: Path) -> list[dict]:
+    """Every completion marker of the planned evaluation in `out`."""
+    plan = read_plan(out)
+    return [json.loads(marker_of(shard_file(out, s["name"], k, plan["shards"])).read_text())
+            for k in range(plan["shards"]) for s in plan["systems"]]
 
 
 def evaluate_examples(model, tokenizer, examples: list[Example], recipe: Recipe) -> list[dict]:
@@ -281,8 +288,7 @@ def finish_if_complete(out: Path) -> dict | None:
     plan = read_plan(out)
     if unfinished(out, plan):
         return None
-    with open(out / ".finish.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
+    with exclusive(out / ".finish.lock"):
         if (out / "metrics.json").exists():
             return json.loads((out / "metrics.json").read_text())
         return write_results(out, plan)
@@ -315,74 +321,11 @@ def write_results(out: Path, plan: dict) -> dict:
         if all(e.prompt for e in examples):
             metrics[system] |= text_scores(predictions[system], references)
         speed[system] = {"generated_tokens": timing["new_tokens"], "shard_seconds": round(timing["seconds"], 2)}
-    with open(out / ".predictions.jsonl.tmp", "w") as handle:
-        for i, example in enumerate(examples):
-            row = {"prompt": example.prompt, "reference": example.response} | {s: predictions[s][i] for s in predictions}
-            handle.write(json.dumps(row, ensure_ascii=False) + "\n")
-    os.replace(out / ".predictions.jsonl.tmp", out / "predictions.jsonl")
+    rows = [{"prompt": e.prompt, "reference": e.response} | {s: predictions[s][i] for s in predictions}
+            for i, e in enumerate(examples)]
+    write_atomic(out / "predictions.jsonl", "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
     result = {"examples": len(examples), "data": plan["data"], "shards": plan["shards"], "systems": metrics,
               "speed": speed}
     write_report(out, plan, examples, predictions, result)
     write_atomic(out / "metrics.json", json.dumps(result, indent=2, ensure_ascii=False) + "\n")  # last: marks it done
     return result
-
-
-# ---------------------------------------------------------------- running all shards
-
-
-def evaluate(out: Path, executor: str = "local", console=None) -> dict:
-    """Run the unfinished shards of the planned evaluation in `out` and return its metrics."""
-    plan = read_plan(out)
-    if (Path(out) / "metrics.json").exists() and not unfinished(out, plan):
-        return json.loads((Path(out) / "metrics.json").read_text())
-    todo = sorted({k for k, _ in unfinished(out, plan)})
-    if console and plan["shards"] > 1:
-        done = plan["shards"] - len(todo)
-        console.print(f"evaluating {len(todo)} of {plan['shards']} shards ({done} done before) with {executor}", highlight=False)
-    if executor == "slurm":
-        from launcher.executors.slurm import run_eval_job
-
-        run_eval_job(out, plan, todo, console)
-    elif len(todo) == 1 and plan["shards"] == 1:
-        run_shard(out, todo[0])
-    else:
-        run_local_shards(out, todo)
-    result = finish_if_complete(out)
-    if result is None:
-        raise RuntimeError(f"{out}: shards {unfinished(out, plan)} did not finish; see {Path(out) / 'logs'}")
-    return result
-
-
-def run_local_shards(out: Path, shards: list[int]) -> None:
-    """One process per shard on this machine; the cores are split between them."""
-    import subprocess
-
-    logs = Path(out) / "logs"
-    logs.mkdir(exist_ok=True)
-    threads = str(max(1, (os.cpu_count() or 1) // len(shards)))
-    env = os.environ | {"OMP_NUM_THREADS": threads, "TOKENIZERS_PARALLELISM": "false", "PYTHONUNBUFFERED": "1"}
-    processes = []
-    for k in shards:
-        with open(logs / f"shard-{k}.log", "ab") as log:
-            processes.append(subprocess.Popen([sys.executable, "-m", "launcher.evaluate", str(out), str(k)],
-                                              stdout=log, stderr=subprocess.STDOUT, env=env))
-    failed = [k for k, p in zip(shards, processes) if p.wait() != 0]
-    if failed:
-        tail = (logs / f"shard-{failed[0]}.log").read_text(errors="replace").strip().splitlines()[-1:]
-        raise RuntimeError(f"eval shards {failed} failed ({' '.join(tail)}); see {logs}/shard-{failed[0]}.log")
-
-
-def evaluate_run(recipe: Recipe, run: RunDir, overwrite: bool = False, executor: str = "local", console=None) -> dict:
-    """The end-of-run evaluation: base and the final adapter (and checkpoints with
-    eval.checkpoints = "all") on eval.data or the held-out split, into RUN/eval."""
-    from launcher.merge import validate_adapter
-
-    validate_adapter(run.adapter)
-    if (run.eval / "metrics.json").exists() and not overwrite:
-        raise FileExistsError(f"{run.eval}: holds an evaluation; pass --overwrite to replace it")
-    plan_evaluation(recipe, systems_of([run], [], recipe.eval.checkpoints), run.eval, overwrite=overwrite, runs=[run])
-    return evaluate(run.eval, executor, console)
-
-
-if __name__ == "__main__":  # one shard: python -m launcher.evaluate EVAL_DIR SHARD
-    run_shard(Path(sys.argv[1]), int(sys.argv[2]))

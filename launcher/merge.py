@@ -3,16 +3,19 @@ from __future__ import annotations
 
 import json
 import shutil
+import time
 from pathlib import Path
 
-from launcher.recipe import Recipe, RecipeError
-from launcher.runs import RunDir
+from launcher import methods
+from launcher.errors import UserError
+from launcher.recipe import Recipe
+from launcher.runs import RunDir, publish, stage_record, staging_for
 
 
 PROBE_FILE = "launcher-probe.safetensors"  # the trained model's logits on two examples (worker.trained_probe)
 
 
-class AdapterError(Exception):
+class AdapterError(UserError):
     """The adapter on disk is unusable; the message says what is wrong with which tensor."""
 
 
@@ -30,7 +33,8 @@ def validate_adapter(adapter_dir: Path, trained: bool = True) -> str:
             raise AdapterError(f"{path}: missing; the adapter was not saved")
     config = json.loads(config_path.read_text())
     rank = config.get("r") if config.get("peft_type") == "LORA" else None  # AdaLoRA's ranks vary by layer
-    identity = {"LORA": ("lora_B", 0.0), "ADALORA": ("lora_E", 0.0), "IA3": ("ia3_l", 1.0)}.get(config.get("peft_type"))
+    spec = methods.of_peft_type(config.get("peft_type"))
+    identity = spec.identity if spec else None
     moved, count, params = False, 0, 0
     with safe_open(str(weights), framework="pt") as tensors:
         names = list(tensors.keys())
@@ -66,20 +70,33 @@ def check_lora_shape(weights: Path, name: str, tensor, rank: int | None) -> None
 
 def merge_run(recipe: Recipe, run: RunDir, overwrite: bool = False, checkpoint: int | None = None) -> Path:
     """Merge adapter/ (or checkpoints/checkpoint-N's adapter) into the base model, shard by shard,
-    and save merged/ (or merged-checkpoint-N/) in plain transformers format.
+    and save merged/ (or merged-checkpoint-N/) in plain transformers format; the manifest records
+    this process's wall time and peak memory.
 
     qlora and lora-8bit adapters merge into the unquantized base in model.dtype."""
     from launcher.checkpoints import is_complete
 
+    started = time.time()
     source, target = run.adapter, run.merged
+    if not recipe.peft.spec.merges:
+        raise UserError(f"{recipe.peft.method} learns virtual tokens, not weight deltas: there is nothing to merge; "
+                        f"load {run.adapter} with PeftModel instead")
+    if checkpoint is None and not run.adapter.exists():
+        raise UserError(f"{run.adapter}: no final adapter yet; finish training first (launch {run.recipe}), "
+                        f"or merge a checkpoint with --checkpoint N")
     if checkpoint is not None:
         source, target = run.checkpoints / f"checkpoint-{checkpoint}", run.root / f"merged-checkpoint-{checkpoint}"
         if not is_complete(source):
-            raise RecipeError([f"--checkpoint {checkpoint}: {source} is not a complete checkpoint; pick N of a "
-                               f"checkpoints/checkpoint-N with a completion marker"])
+            raise UserError(f"--checkpoint {checkpoint}: {source} is not a complete checkpoint; pick N of a "
+                            f"checkpoints/checkpoint-N with a completion marker")
         source = consolidated_adapter(source, run.root / f"adapter-checkpoint-{checkpoint}")
     done = merge_into_base(recipe, source, target, overwrite)
-    run.update_manifest(**{target.name.replace("merged", "merge", 1): done})
+    record = stage_record(started, merged_weights=done["merged_weights"], shards=done["shards"])
+    with run.editing_manifest() as manifest:
+        if checkpoint is None:
+            manifest.merge = record
+        else:
+            manifest.checkpoint_merges[str(checkpoint)] = record
     return target
 
 
@@ -90,14 +107,12 @@ def merge_into_base(recipe: Recipe, adapter: Path, target: Path, overwrite: bool
 
     validate_adapter(adapter)
     if target.exists() and not overwrite:
-        raise FileExistsError(f"{target}: exists; pass --overwrite to replace it")
-    staging = target.with_name(target.name + ".partial")
-    shutil.rmtree(staging, ignore_errors=True)  # our own leftover from a killed merge
+        raise UserError(f"{target}: exists; pass --overwrite to replace it")
+    staging = staging_for(target)
+    staging.rmdir()  # stream_merge creates it
     done = stream_merge(recipe.model.name_or_path, adapter, staging, recipe.model.dtype, recipe.model.revision)
     load_tokenizer(recipe).save_pretrained(str(staging))
-    if target.exists():
-        shutil.rmtree(target)  # asked for with --overwrite
-    staging.rename(target)
+    publish(staging, target, replace=overwrite)
     return done
 
 
@@ -115,14 +130,11 @@ def consolidated_adapter(checkpoint: Path, rebuilt: Path) -> Path:
             return rebuilt  # rebuilt by an earlier merge
         if not (checkpoint / "latest").is_file():  # no DeepSpeed shards to rebuild it from
             raise
-    staging = rebuilt.with_name(rebuilt.name + ".partial")
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir(parents=True)
+    staging = staging_for(rebuilt)
     save_file(tensors_from_zero_shards(checkpoint), str(staging / "adapter_model.safetensors"))
     shutil.copy(checkpoint / "adapter_config.json", staging / "adapter_config.json")
     validate_adapter(staging)
-    staging.rename(rebuilt)
-    return rebuilt
+    return publish(staging, rebuilt)
 
 
 def tensors_from_zero_shards(checkpoint: Path) -> dict:
@@ -130,8 +142,9 @@ def tensors_from_zero_shards(checkpoint: Path) -> dict:
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
     peft_type = json.loads((checkpoint / "adapter_config.json").read_text()).get("peft_type")
-    markers = {"LORA": ("lora_A", "lora_B", "lora_embedding"), "IA3": ("ia3_l",)}.get(peft_type)
-    if markers is None:
+    spec = methods.of_peft_type(peft_type)
+    markers = spec.shard_tensors if spec else ()
+    if not markers:
         raise AdapterError(f"{checkpoint}: its adapter is empty and a {peft_type} adapter cannot be rebuilt from "
                            "ZeRO shards here (LoRA family and IA3 only); resume from it with stage3_gather_16bit_"
                            "weights_on_model_save = true and save again")

@@ -92,13 +92,13 @@ def load_base_model(recipe: Recipe, name_or_path: str | None = None, quantizatio
 
 
 def quantization_config(recipe: Recipe):
-    """bitsandbytes settings for qlora (4-bit) and lora-8bit; None for an unquantized base."""
+    """bitsandbytes settings of the method's quantized base (qlora: 4-bit, lora-8bit: 8-bit); None otherwise."""
     from transformers import BitsAndBytesConfig
 
-    method = recipe.peft.method
-    if method == "lora-8bit":
+    kind = recipe.peft.spec.quantization
+    if kind == "8bit":
         return BitsAndBytesConfig(load_in_8bit=True)
-    if method != "qlora":
+    if kind != "4bit":
         return None
     dtype = torch_dtype(recipe)
     return BitsAndBytesConfig(
@@ -117,40 +117,7 @@ def load_training_model(recipe: Recipe, total_steps: int, device):
     if quantized is not None:
         model = prepare_model_for_kbit_training(
             model, use_gradient_checkpointing=recipe.train.gradient_checkpointing)
-    return get_peft_model(model, peft_config(recipe, total_steps))
-
-
-def peft_config(recipe: Recipe, total_steps: int = 0):
-    import peft
-
-    p = recipe.peft
-    task = peft.TaskType.CAUSAL_LM
-    if p.method in ("lora", "qlora", "lora-8bit"):
-        return peft.LoraConfig(task_type=task, r=p.r, lora_alpha=p.alpha, lora_dropout=p.dropout,
-                               target_modules=p.target_modules or "all-linear")
-    if p.method == "adalora":
-        tinit, tfinal = p.adalora_steps(total_steps)
-        return peft.AdaLoraConfig(
-            task_type=task, init_r=p.init_r, target_r=p.target_r, tinit=tinit, tfinal=tfinal,
-            deltaT=p.delta_t, total_step=total_steps, lora_alpha=p.alpha, lora_dropout=p.dropout,
-            target_modules=p.target_modules or "all-linear")
-    if p.method == "ia3":
-        return peft.IA3Config(task_type=task, target_modules=p.target_modules,
-                              feedforward_modules=p.feedforward_modules)
-    if p.method == "prefix-tuning":
-        return peft.PrefixTuningConfig(task_type=task, num_virtual_tokens=p.num_virtual_tokens,
-                                       prefix_projection=p.prefix_projection,
-                                       encoder_hidden_size=p.encoder_hidden_size)
-    if p.method == "prompt-tuning":
-        init = peft.PromptTuningInit.TEXT if p.prompt_init == "text" else peft.PromptTuningInit.RANDOM
-        return peft.PromptTuningConfig(task_type=task, num_virtual_tokens=p.num_virtual_tokens,
-                                       prompt_tuning_init=init, prompt_tuning_init_text=p.prompt_init_text,
-                                       tokenizer_name_or_path=recipe.model.name_or_path)
-    encoder = peft.PromptEncoderReparameterizationType.LSTM if p.encoder_type == "lstm" else \
-        peft.PromptEncoderReparameterizationType.MLP
-    return peft.PromptEncoderConfig(task_type=task, num_virtual_tokens=p.num_virtual_tokens,
-                                    encoder_reparameterization_type=encoder,
-                                    encoder_hidden_size=p.encoder_hidden_size)
+    return get_peft_model(model, recipe.peft.spec.build_config(recipe, total_steps))
 
 
 def planned_steps(recipe: Recipe, examples: int) -> int:

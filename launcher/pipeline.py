@@ -1,16 +1,34 @@
-"""The one flow: recipe -> run dir -> train -> merge -> eval -> summary. Each finished stage is skipped on a re-run."""
+"""The one flow: recipe -> run dir -> train -> merge -> eval -> summary.
+
+This module alone knows the order of the stages. It hands the stages that are still to do, as
+job bodies with their resources, to one executor: each waits for the one before it (locally
+they run as their own processes one after another; on SLURM they are an afterok chain, which
+finishes on its own after a detached launch).
+"""
 from __future__ import annotations
 
-import json
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 from rich.console import Console
 from rich.table import Table
 
-from launcher.recipe import PROMPT_FAMILY, Recipe, RecipeError
+from launcher.errors import UserError
+from launcher.executors import make_executor
+from launcher.executors.base import COMPLETED, Executor, Job, Resources
+from launcher.jobs import EvalJob, MergeJob, TrainJob
+from launcher.progress import StateWatcher, follow_training, report_failure
+from launcher.recipe import Recipe, minutes
 from launcher.render import render_run, worker_command
-from launcher.runs import RunDir, claim_run_dir
+from launcher.runs import RunDir, State, claim_run_dir
+
+
+@dataclass(frozen=True)
+class Stage:
+    name: str
+    body: object
+    resources: Resources
 
 
 def prepare(recipe: Recipe, run_dir: Path, console: Console, resume: str = "auto") -> RunDir:
@@ -18,11 +36,11 @@ def prepare(recipe: Recipe, run_dir: Path, console: Console, resume: str = "auto
     run = RunDir(run_dir)
     existed = run.manifest_path.exists()
     if existed and resume == "never":
-        raise RecipeError([f"--resume never: {run.root} holds a run already; pass a new --run-dir to start over"])
+        raise UserError(f"--resume never: {run.root} holds a run already; pass a new --run-dir to start over")
     changes = claim_run_dir(run, recipe)
     render_run(recipe, run)
     if existed:
-        console.print(f"run dir {run.root} exists with this recipe: continuing it (state: {run.read_manifest().get('state')})",
+        console.print(f"run dir {run.root} exists with this recipe: continuing it (state: {run.manifest().state})",
                       highlight=False)
     for change in changes:
         console.print(f"  recipe changed since the last launch: {change}", highlight=False)
@@ -38,120 +56,188 @@ def rewind(run: RunDir, checkpoint: Path, console: Console) -> None:
 
     checkpoint = checkpoint.resolve()
     if checkpoint.parent != run.checkpoints.resolve() or not is_complete(checkpoint):
-        raise RecipeError([f"--resume {checkpoint}: not a complete checkpoint of {run.root}; "
-                           f"pick one of {run.checkpoints}/checkpoint-N with a completion marker"])
+        raise UserError(f"--resume {checkpoint}: not a complete checkpoint of {run.root}; "
+                        f"pick one of {run.checkpoints}/checkpoint-N with a completion marker")
     for moved in rewind_to(checkpoint):
         console.print(f"  newer checkpoint kept as {moved}", highlight=False)
     archive(run, [run.adapter, run.merged, run.eval])  # they belong to the later history
 
 
-def describe_dry_run(run: RunDir, console: Console, executor: str = "local") -> None:
+def stages_to_do(recipe: Recipe, run: RunDir) -> list[Stage]:
+    """train -> merge -> eval, leaving out what is disabled or done; the last one completes the run."""
+    root = str(run.root.resolve())
+    merges = recipe.merge.enabled and recipe.peft.spec.merges
+    todo = [name for name, needed in (("train", not run.adapter.exists()),
+                                      ("merge", merges and not run.merged.exists()),
+                                      ("eval", recipe.eval.enabled and not (run.eval / "metrics.json").exists()))
+            if needed]
+    stages = []
+    for name in todo:
+        last = name == todo[-1]
+        if name == "train":
+            body = TrainJob(root, last_stage=last)
+        elif name == "merge":
+            body = MergeJob(root, last_stage=last)
+        else:
+            body = EvalJob(str(run.eval.resolve()), run_dir=root, last_stage=last)
+        stages.append(Stage(name, body, stage_resources(recipe, run, name)))
+    return stages
+
+
+def stage_resources(recipe: Recipe, run: RunDir, stage: str) -> Resources:
+    """Training: the recipe's topology and [slurm] resources. Merge and eval: one node, their own
+    section's time, CPUs, memory (and GPUs for eval), one task per eval shard."""
+    if stage == "train":
+        s = recipe.slurm
+        return Resources(name=recipe.name, stage=stage, nodes=recipe.distributed.nodes,
+                         tasks_per_node=recipe.distributed.procs_per_node, time_minutes=s.time_minutes(),
+                         cpus_per_task=s.cpus_per_task, mem=s.mem, gpus_per_node=s.gpus_per_node,
+                         all_or_nothing=True, requeue_run=str(run.root.resolve()))
+    section = recipe.merge if stage == "merge" else recipe.eval
+    return Resources(name=f"{recipe.name}-{stage}", stage=stage, time_minutes=minutes(section.time),
+                     tasks_per_node=recipe.eval.shards if stage == "eval" else 1,
+                     cpus_per_task=section.cpus_per_task, mem=section.mem,
+                     gpus_per_task=getattr(section, "gpus_per_task", None))
+
+
+def write_submission_script(recipe: Recipe, run: RunDir, executor: Executor) -> Path | None:
+    """sbatch.sh: the training job's script, when the executor submits one; never replaced by another."""
+    from launcher.runs import write_atomic
+
+    text = executor.submission_script(stage_resources(recipe, run, "train"))
+    if text is None:
+        return None
+    path = run.root / "sbatch.sh"
+    if path.exists() and path.read_text() != text:
+        raise UserError(f"{path}: differs from what this recipe renders now; restore it or use a new --run-dir")
+    if not path.exists():
+        write_atomic(path, text)
+    return path
+
+
+def describe_dry_run(run: RunDir, console: Console, script: Path | None) -> None:
     console.print(f"rendered into {run.root}:", highlight=False)
-    files = [run.recipe, run.accelerate_config, run.deepspeed_config, run.manifest_path]
-    for path in files + ([run.root / "sbatch.sh"] if executor == "slurm" else []):
+    for path in [run.recipe, run.accelerate_config, run.deepspeed_config, run.manifest_path] + ([script] if script else []):
         console.print(f"  {path}", highlight=False)
-    if executor == "slurm":
-        console.print(f"would submit {run.root / 'sbatch.sh'} with sbatch (through submitit)", highlight=False)
+    if script:
+        console.print(f"would submit {script} with sbatch (through submitit)", highlight=False)
     else:
         console.print("workers would start with:\n  " + " ".join(worker_command(run)), highlight=False)
 
 
-def execute(recipe: Recipe, run: RunDir, console: Console, executor: str = "local", detach: bool = False) -> bool:
-    """Train (unless the adapter exists already), merge, evaluate; True on success.
-
-    The job itself merges and evaluates on rank 0 when training ends (so a detached SLURM job
-    finishes on its own); `finish` here only does what is still missing.
-    """
+def execute(recipe: Recipe, run: RunDir, console: Console, executor_name: str = "local", detach: bool = False) -> bool:
+    """Submit the stages still to do, each after the one before; unless detached, follow them to
+    their end. True on success."""
     started = time.time()
-    if not run.adapter.exists():
-        run.set_state("training")
-        if executor == "slurm":
-            from launcher.executors.slurm import train_slurm
-
-            ok = train_slurm(recipe, run, console, detach=detach)
-        else:
-            from launcher.executors.local import train_local
-
-            ok = train_local(recipe, run, console)
-        if not ok:
-            run.set_state("failed")
-            return False
-        if detach:
-            return True
-        run.update_manifest(train_wall_s=round(time.time() - started, 1), **first_step_latency(run, started))
-    finish(recipe, run, console)
-    run.update_manifest(wall_s=round(time.time() - started, 1))
-    print_summary(recipe, run, console, time.time() - started)
+    executor = make_executor(executor_name, recipe, run.logs)
+    write_submission_script(recipe, run, executor)
+    if recipe.merge.enabled and not recipe.peft.spec.merges:
+        console.print(f"not merged: {recipe.peft.method} learns virtual tokens, not weight deltas, so there is "
+                      f"nothing to merge; the adapter in {run.adapter} is the export (load it with PeftModel)")
+    stages = stages_to_do(recipe, run)
+    jobs = submit(executor, stages, run, console)
+    if detach and jobs:
+        console.print(f"detached; follow it with: launch status {run.root}  /  launch logs {run.root} -f")
+        return True
+    try:
+        ok = follow(run, jobs, console)
+    except KeyboardInterrupt:
+        if not executor.detachable:  # its jobs end with this process: none is left behind
+            for _, job in jobs:
+                job.cancel()
+        raise
+    if not ok:
+        run.set_state(State.FAILED)
+        for _, job in jobs:
+            if job.active():
+                job.cancel()
+        return False
+    if jobs and jobs[0][0] == "train":
+        first = run.metrics.rows()[:1]
+        run.update_manifest(launch_to_first_step_s=round(first[0]["time"] - started, 1) if first else None)
+    print_summary(run, console, time.time() - started)
     return True
 
 
-def finish(recipe: Recipe, run: RunDir, console: Console | None = None) -> None:
-    """Merge and evaluate, each only when enabled and not done yet; then the run is completed."""
-    from launcher.evaluate import evaluate_run
-    from launcher.merge import merge_run
-    from launcher.models import quiet_libraries_for
-
-    console = console or Console(highlight=False)
-    quiet_libraries_for(recipe)
-    if recipe.merge.enabled and recipe.peft.method in PROMPT_FAMILY:
-        console.print(f"not merged: {recipe.peft.method} learns virtual tokens, not weight deltas, so there is "
-                      f"nothing to merge; the adapter in {run.adapter} is the export (load it with PeftModel)")
-    elif recipe.merge.enabled and not run.merged.exists():
-        with console.status("merging the adapter into the base model"):
-            merge_run(recipe, run)
-        run.set_state("merged")
-    if recipe.eval.enabled and not (run.eval / "metrics.json").exists():
-        with console.status(f"evaluating base and adapter ({recipe.eval.shards} shards)"):
-            evaluate_run(recipe, run)
-        run.set_state("evaluated")
-    run.set_state("completed")
-
-
-def chained_stages(recipe: Recipe) -> list[str]:
-    """The stages that run as their own SLURM jobs after training (afterok), in order."""
-    merge = recipe.merge.enabled and recipe.peft.method not in PROMPT_FAMILY
-    return (["merge"] if merge else []) + (["eval"] if recipe.eval.enabled else [])
+def submit(executor: Executor, stages: list[Stage], run: RunDir, console: Console) -> list[tuple[str, Job]]:
+    """Queue every stage after the previous one and record the jobs in the manifest."""
+    jobs, after = [], None
+    if stages and stages[0].name == "train":
+        run.set_state(State.TRAINING)
+    for stage in stages:
+        job = executor.submit(stage.body, stage.resources, after=after)
+        jobs.append((stage.name, job))
+        if stage.name == "train":
+            r = stage.resources
+            console.print(f"submitted {job.kind} job {job.id} ({r.nodes} nodes x {r.tasks_per_node} ranks)"
+                          + (f"; sbatch script: {run.root / 'sbatch.sh'}" if executor.detachable else ""),
+                          highlight=False)
+        else:
+            console.print(f"queued {stage.name} as {job.kind} job {job.id}"
+                          + (f" (after {after.id} succeeds)" if after else ""), highlight=False)
+        after = job
+    with run.editing_manifest() as manifest:
+        train = [job.record for name, job in jobs if name == "train"]
+        manifest.jobs += train
+        manifest.chain = [job.record for name, job in jobs if name != "train"] if jobs else manifest.chain
+    return jobs
 
 
-def run_stage(run_dir: Path, stage: str, shard: int = 0) -> None:
-    """One chained stage in its SLURM job: the merge, or one eval shard (one SLURM task each).
-    The eval's plan is written by whichever task comes first (under a lock; the others find it),
-    and the task that finishes the last shard writes the results."""
-    import fcntl
-
-    from launcher.cli import load_run_recipe
-    from launcher.evaluate import plan_evaluation, run_shard, systems_of
-    from launcher.merge import merge_run, validate_adapter
-    from launcher.models import quiet_libraries_for
-
-    recipe, run = load_run_recipe(run_dir), RunDir(run_dir)
-    quiet_libraries_for(recipe)
-    if stage == "merge":
-        if not run.merged.exists():
-            merge_run(recipe, run)
-        print(f"merged model: {run.merged} (peak RSS {run.read_manifest().get('merge', {}).get('peak_rss_mib')} MiB)")
-        run.set_state("merged")
-        return
-    validate_adapter(run.adapter)
-    with open(run.root / ".eval-plan.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        if not (run.eval / "metrics.json").exists():
-            plan_evaluation(recipe, systems_of([run], [], recipe.eval.checkpoints), run.eval, runs=[run])
-    run_shard(run.eval, shard)
-    print(f"eval shard {shard} of {recipe.eval.shards}: done")
-    if (run.eval / "metrics.json").exists():
-        print(f"report: {run.eval / 'report.html'}")
-        run.set_state("completed")
+def follow(run: RunDir, jobs: list[tuple[str, Job]], console: Console) -> bool:
+    """Training with a progress bar, then each later stage; False (with the failed job's log lines)
+    when one does not complete."""
+    for stage, job in jobs:
+        watcher = StateWatcher(job, console)
+        if stage == "train":
+            follow_training(run, watcher.poll, console)
+        else:
+            with console.status(f"{stage}: {job.kind} job {job.id}"):
+                while watcher.poll():
+                    time.sleep(0.5)
+        if watcher.state != COMPLETED:
+            console.print(f"[red]{'training' if stage == 'train' else stage} failed[/red]: {job.kind} job {job.id} "
+                          f"ended {watcher.state}", highlight=False)
+            report_failure(run, console, fallback_log=job.log(0))
+            return False
+        if stage == "train" and not run.adapter.exists():
+            console.print(f"training stopped at a checkpoint (stop signal) before the end; run the same command "
+                          f"again to resume: launch {run.recipe} --run-dir {run.root}", highlight=False)
+            return False
+    return True
 
 
-def first_step_latency(run: RunDir, started: float) -> dict:
-    if not run.metrics_log.exists():
-        return {}
-    first = json.loads(run.metrics_log.read_text().splitlines()[0])
-    return {"launch_to_first_step_s": round(first["time"] - started, 1)}
+def run_evaluation(recipe: Recipe, out: Path, executor_name: str, console: Console) -> dict:
+    """`launch eval`: the unfinished shards of the evaluation planned in `out`, one task each, as one
+    job; then its metrics."""
+    from launcher.evaluate import finish_if_complete, read_plan, unfinished
+
+    plan = read_plan(out)
+    todo = sorted({k for k, _ in unfinished(out, plan)})
+    if todo:
+        done = plan["shards"] - len(todo)
+        console.print(f"evaluating {len(todo)} of {plan['shards']} shards ({done} done before) with {executor_name}",
+                      highlight=False)
+        executor = make_executor(executor_name, recipe, Path(out) / "logs")
+        resources = Resources(name=f"{recipe.name}-eval", stage="eval", tasks_per_node=len(todo),
+                              time_minutes=minutes(recipe.eval.time), cpus_per_task=recipe.eval.cpus_per_task,
+                              mem=recipe.eval.mem, gpus_per_task=recipe.eval.gpus_per_task)
+        job = executor.submit(EvalJob(str(Path(out).resolve()), shards=todo), resources)
+        watcher = StateWatcher(job, console)
+        with console.status(f"eval: {job.kind} job {job.id}"):
+            while watcher.poll():
+                time.sleep(0.5)
+        if watcher.state != COMPLETED:
+            tail = job.log(0).read_text(errors="replace").strip().splitlines()[-1:] if job.log(0).exists() else []
+            raise RuntimeError(f"eval job {job.id} ended {watcher.state} ({' '.join(tail)}); see {job.log(0)}")
+    result = finish_if_complete(out)
+    if result is None:
+        raise RuntimeError(f"{out}: shards {unfinished(out, plan)} did not finish; see {Path(out) / 'logs'}")
+    return result
 
 
-def print_summary(recipe: Recipe, run: RunDir, console: Console, wall_s: float) -> None:
+def print_summary(run: RunDir, console: Console, wall_s: float) -> None:
+    import json
+
     console.print(f"\n[bold green]done[/bold green] in {wall_s:.0f} s — run dir {run.root}", highlight=False)
     console.print(f"  adapter: {run.adapter}", highlight=False)
     if run.merged.exists():
@@ -172,3 +258,4 @@ def metrics_table(result: dict) -> Table:
     for row in rows[1:]:
         table.add_row(*row)
     return table
+

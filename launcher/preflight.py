@@ -12,9 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from launcher.quirks import config_value, hidden_size, quirks_for
-from launcher.recipe import LORA_FAMILY, PROMPT_FAMILY, Recipe
-
-QUANTIZED = ("qlora", "lora-8bit")
+from launcher.recipe import Recipe
 
 # (what, rule) rows of README's compatibility table; `compatibility_problems` enforces them.
 COMPATIBILITY = [
@@ -44,15 +42,15 @@ def compatibility_problems(recipe: Recipe, stage: int, model_type: str | None) -
     method, errors, warnings = recipe.peft.method, [], []
     quirks = quirks_for(model_type)
     checkpointing = recipe.train.gradient_checkpointing
-    if method == "prefix-tuning" and checkpointing:
-        errors.append("train.gradient_checkpointing: prefix-tuning cannot recompute activations (its prefix is fed "
-                      "as past key/values); set it to false or pick p-tuning / prompt-tuning")
-    if method in PROMPT_FAMILY and not quirks.prompt_learning:
+    spec = recipe.peft.spec
+    if spec.checkpointing_refusal and checkpointing:
+        errors.append(f"train.gradient_checkpointing: {method} cannot recompute activations ({spec.checkpointing_refusal})")
+    if spec.prompt_learning and not quirks.prompt_learning:
         errors.append(f"peft.method: {method} does not work with {model_type} models (their forward needs input_ids, "
                       f"not embeddings); use lora or ia3")
-    if method == "adalora" and stage == 3:
-        errors.append("distributed.deepspeed: adalora cannot run under ZeRO-3 (peft's rank allocator reads and masks "
-                      "whole parameters, ZeRO-3 holds shards of them); use zero2")
+    if spec.zero3_refusal and stage == 3:
+        errors.append(f"distributed.deepspeed: {method} cannot run under ZeRO-3 ({spec.zero3_refusal}); "
+                      f"use zero2")
     if checkpointing and not quirks.gradient_checkpointing_works:
         warnings.append(f"train.gradient_checkpointing: {model_type}'s code ignores it, so it saves no memory")
     return errors, warnings
@@ -102,7 +100,7 @@ def linear_module_names(model) -> list[str]:
 def target_problems(recipe: Recipe, model) -> list[str]:
     """One line per target_modules (and ia3 feedforward_modules) entry that matches no module."""
     p = recipe.peft
-    if p.method not in (*LORA_FAMILY, "ia3"):
+    if not p.spec.has_targets:
         return []
     wanted = p.target_modules if isinstance(p.target_modules, list) else []
     names = [name for name, _ in model.named_modules()]
@@ -123,10 +121,9 @@ def adapter_parameters(recipe: Recipe, model) -> int:
 
     from peft import get_peft_model
 
-    from launcher.models import peft_config
-
     try:
-        tuned = get_peft_model(copy.deepcopy(model), peft_config(recipe, total_steps=max(recipe.train.max_steps, 100)))
+        config = recipe.peft.spec.build_config(recipe, max(recipe.train.max_steps, 100))
+        tuned = get_peft_model(copy.deepcopy(model), config)
         return tuned.get_nb_trainable_parameters()[0]
     except Exception:  # an adapter peft cannot attach on meta: estimate without it
         return 0
@@ -154,9 +151,9 @@ def memory_estimate(recipe: Recipe, model, adapter: int, stage: int, offload: bo
     linear = sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear)
                  and m is not model.get_output_embeddings())
     total = sum(p.numel() for p in model.parameters())
-    per_linear = {"qlora": 0.52, "lora-8bit": 1.0}.get(recipe.peft.method, size)
+    per_linear = recipe.peft.spec.bytes_per_linear_weight or size
     weights = linear * per_linear + (total - linear) * size
-    if stage == 3 and recipe.peft.method not in QUANTIZED:  # quantized bases are not partitioned
+    if stage == 3 and not recipe.peft.spec.quantization:  # quantized bases are not partitioned
         weights = 0.0 if offload else weights / world
     optimizer = adapter * (8 if recipe.model.dtype == "fp32" else 12)
     gradients = adapter * size

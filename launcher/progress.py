@@ -1,7 +1,6 @@
 """Following a training job from the outside: rank 0's metrics log -> a progress bar; failures -> log tails."""
 from __future__ import annotations
 
-import json
 import re
 import time
 from collections.abc import Callable
@@ -11,24 +10,26 @@ from rich.console import Console
 from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
+from launcher.executors.base import TERMINAL_STATES
 from launcher.runs import RunDir
 
 
-class MetricsTail:
-    """Reads rows appended to logs/train_metrics.jsonl since the last call."""
+class StateWatcher:
+    """Polls a job's state; prints each change (pending, running, requeued, ...)."""
 
-    def __init__(self, path: Path):
-        self.path, self.offset = path, 0
+    def __init__(self, job, console: Console):
+        self.job, self.console, self.every_s = job, console, job.poll_interval_s
+        self.state, self.checked = "SUBMITTED", 0.0
 
-    def new_rows(self) -> list[dict]:
-        if not self.path.exists():
-            return []
-        with open(self.path) as handle:
-            handle.seek(self.offset)
-            text = handle.read()
-        complete = text[: text.rfind("\n") + 1]  # a row still being written waits for the next call
-        self.offset += len(complete)
-        return [json.loads(line) for line in complete.splitlines() if line.strip()]
+    def poll(self) -> str | None:
+        """The state in a word while the job lasts; None once it ended."""
+        if time.time() - self.checked >= self.every_s or self.state == "SUBMITTED":
+            self.checked = time.time()
+            state = self.job.state()
+            if state != self.state:
+                self.console.print(f"job {self.job.id}: {state.lower()}", highlight=False)
+                self.state = state
+        return None if self.state in TERMINAL_STATES else self.state.lower()
 
 
 def follow_training(run: RunDir, job_state: Callable[[], str | None], console: Console, poll_s: float = 0.5) -> dict | None:
@@ -36,7 +37,7 @@ def follow_training(run: RunDir, job_state: Callable[[], str | None], console: C
 
     `job_state` answers the job's state in a word ("pending", "running"), or None once it ended.
     """
-    tail, last = MetricsTail(run.metrics_log), None
+    tail, last = run.metrics, None
     columns = [TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
                TextColumn("loss {task.fields[loss]}"), TextColumn("{task.fields[speed]} tok/s"),
                TextColumn("ETA"), TimeRemainingColumn()]

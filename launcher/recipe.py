@@ -1,7 +1,7 @@
 """TOML recipe -> typed, validated Recipe.
 
 Every default lives in the field definitions below, and nowhere else. Problems are collected
-as `RecipeError` lines ("key.path: what is wrong; how to fix") so the CLI can print one clear
+as `UserError` lines (launcher.errors) ("key.path: what is wrong; how to fix") so the CLI can print one clear
 line per problem instead of a traceback.
 """
 from __future__ import annotations
@@ -14,17 +14,11 @@ import tomllib
 from pathlib import Path
 from typing import Any, Literal
 
+from launcher import methods
+from launcher.errors import UserError
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]*$"
-
-
-class RecipeError(Exception):
-    """A user error in a recipe: one or more lines, each saying what, where and how to fix."""
-
-    def __init__(self, lines: list[str]):
-        self.lines = lines
-        super().__init__("\n".join(lines))
 
 
 class Section(BaseModel):
@@ -99,35 +93,8 @@ class DataSection(Section):
     """Seed of the train/eval split."""
 
 
-LORA_FAMILY = ("lora", "qlora", "lora-8bit", "adalora")
-PROMPT_FAMILY = ("prefix-tuning", "prompt-tuning", "p-tuning")
-PEFT_METHODS = (*LORA_FAMILY, "ia3", *PROMPT_FAMILY)
-
-# Which methods each method-specific [peft] key belongs to (a key set for another method is an error).
-METHOD_KEYS = {
-    "r": ("lora", "qlora", "lora-8bit"),
-    "alpha": LORA_FAMILY,
-    "dropout": LORA_FAMILY,
-    "target_modules": (*LORA_FAMILY, "ia3"),
-    "quant_type": ("qlora",),
-    "double_quant": ("qlora",),
-    "init_r": ("adalora",),
-    "target_r": ("adalora",),
-    "tinit": ("adalora",),
-    "tfinal": ("adalora",),
-    "delta_t": ("adalora",),
-    "feedforward_modules": ("ia3",),
-    "num_virtual_tokens": PROMPT_FAMILY,
-    "prompt_init": ("prompt-tuning",),
-    "prompt_init_text": ("prompt-tuning",),
-    "encoder_type": ("p-tuning",),
-    "encoder_hidden_size": ("p-tuning", "prefix-tuning"),
-    "prefix_projection": ("prefix-tuning",),
-}
-
-
 class PeftSection(Section):
-    method: Literal[PEFT_METHODS] = "lora"
+    method: Literal[methods.NAMES] = "lora"
     """Adapter method: lora, qlora (4-bit base), lora-8bit (8-bit base), adalora, ia3, prefix-tuning, prompt-tuning, p-tuning."""
     r: int = Field(8, gt=0)
     """LoRA rank (lora, qlora, lora-8bit)."""
@@ -176,7 +143,7 @@ class PeftSection(Section):
     @model_validator(mode="after")
     def _keys_of_this_method(self):
         for key in sorted(self.model_fields_set - {"method"}):
-            owners = METHOD_KEYS[key]
+            owners = methods.owners_of(key)
             if self.method not in owners:
                 raise ValueError(f"peft.{key} belongs to {' / '.join(owners)}, not {self.method}; "
                                  f"remove it or change peft.method")
@@ -185,6 +152,11 @@ class PeftSection(Section):
         if self.method == "adalora" and self.target_r > self.init_r:
             raise ValueError(f"peft.target_r ({self.target_r}) must not exceed peft.init_r ({self.init_r})")
         return self
+
+    @property
+    def spec(self) -> methods.Method:
+        """This method's entry in the PEFT-method registry."""
+        return methods.method(self.method)
 
     def adalora_steps(self, total_steps: int) -> tuple[int, int]:
         """(tinit, tfinal) in steps for a run of `total_steps`."""
@@ -367,7 +339,7 @@ class Recipe(Section):
         """The resolved recipe; [peft] lists only the keys of its method (others would be refused)."""
         resolved = self.model_dump(mode="json", exclude_none=True)
         resolved["peft"] = {key: value for key, value in resolved["peft"].items()
-                            if key == "method" or self.peft.method in METHOD_KEYS[key]}
+                            if key == "method" or key in self.peft.spec.keys}
         return resolved
 
     def fingerprint(self) -> str:
@@ -409,14 +381,14 @@ PATH_KEYS = ("model.name_or_path", "data.train_file", "data.eval_file", "eval.da
 
 
 def load_recipe(path: str | Path, overrides: list[str] = ()) -> Recipe:
-    """Read, override, resolve paths and validate a recipe; raise RecipeError on any problem."""
+    """Read, override, resolve paths and validate a recipe; raise UserError on any problem."""
     path = Path(path)
     if not path.is_file():
-        raise RecipeError([f"{path}: recipe file not found"])
+        raise UserError([f"{path}: recipe file not found"])
     try:
         raw = tomllib.loads(path.read_text())
     except tomllib.TOMLDecodeError as err:
-        raise RecipeError([f"{path}: TOML syntax error: {err}"]) from None
+        raise UserError([f"{path}: TOML syntax error: {err}"]) from None
     raw.setdefault("name", path.stem)
     _resolve_paths(raw, base=path.parent.resolve())
     for item in overrides:
@@ -439,15 +411,15 @@ def _apply_profile(raw: dict[str, Any]) -> None:
     path = PROFILE_DIR / f"{name}.toml"
     if not path.is_file():
         known = ", ".join(sorted(p.stem for p in PROFILE_DIR.glob("*.toml"))) or "none"
-        raise RecipeError([f"slurm.profile: no profile {name!r} in {PROFILE_DIR} (known: {known})"])
+        raise UserError([f"slurm.profile: no profile {name!r} in {PROFILE_DIR} (known: {known})"])
     try:
         profile = tomllib.loads(path.read_text())
     except tomllib.TOMLDecodeError as err:
-        raise RecipeError([f"{path}: TOML syntax error: {err}"]) from None
+        raise UserError([f"{path}: TOML syntax error: {err}"]) from None
     try:
         SlurmSection.model_validate(profile | {"profile": name})
     except ValidationError as err:
-        raise RecipeError([f"{path}: " + _describe(e | {"loc": ("slurm", *e["loc"])}) for e in err.errors()]) from None
+        raise UserError([f"{path}: " + _describe(e | {"loc": ("slurm", *e["loc"])}) for e in err.errors()]) from None
     slurm.update(profile)
 
 
@@ -455,10 +427,10 @@ def validate_recipe(raw: dict[str, Any], source: str = "recipe") -> Recipe:
     try:
         recipe = Recipe.model_validate(raw)
     except ValidationError as err:
-        raise RecipeError([_describe(e) for e in err.errors()]) from None
+        raise UserError([_describe(e) for e in err.errors()]) from None
     missing = _missing_files(recipe)
     if missing:
-        raise RecipeError(missing)
+        raise UserError(missing)
     return recipe
 
 
@@ -467,7 +439,7 @@ def _apply_override(raw: dict[str, Any], item: str) -> None:
     key, sep, text = item.partition("=")
     key = key.strip()
     if not sep or not key:
-        raise RecipeError([f"--set {item}: expected KEY=VALUE, for example --set train.learning_rate=2e-4"])
+        raise UserError([f"--set {item}: expected KEY=VALUE, for example --set train.learning_rate=2e-4"])
     _check_known_path(key)
     try:
         value = tomllib.loads(f"v = {text}")["v"]
@@ -482,7 +454,7 @@ def _apply_override(raw: dict[str, Any], item: str) -> None:
     for part in parents:
         node = node.setdefault(part, {})
         if not isinstance(node, dict):
-            raise RecipeError([f"--set {key}: {part} is not a table"])
+            raise UserError([f"--set {key}: {part} is not a table"])
     node[leaf] = value
 
 
@@ -493,7 +465,7 @@ def _check_known_path(key: str) -> None:
         fields = model.model_fields
         if part not in fields:
             where = ".".join(walked + [part])
-            raise RecipeError([f"--set {where}: unknown key{_suggestion(part, fields, walked)}"])
+            raise UserError([f"--set {where}: unknown key{_suggestion(part, fields, walked)}"])
         walked.append(part)
         annotation = fields[part].annotation
         if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):

@@ -5,6 +5,7 @@ No torch here: rendering and --dry-run answer in about a second.
 from __future__ import annotations
 
 import copy
+import functools
 import json
 import shutil
 import subprocess
@@ -14,7 +15,8 @@ from typing import Any
 import tomli_w
 import yaml
 
-from launcher.recipe import Recipe, RecipeError
+from launcher.errors import UserError
+from launcher.recipe import Recipe
 from launcher.runs import RunDir, new_manifest, write_atomic
 
 DS_CONFIG_DIR = Path(__file__).resolve().parent.parent / "ds_configs"
@@ -24,11 +26,11 @@ def deepspeed_template(name: str) -> dict[str, Any]:
     path = Path(name) if name.endswith(".json") else DS_CONFIG_DIR / f"{name}.json"
     if not path.is_file():
         known = ", ".join(sorted(p.stem for p in DS_CONFIG_DIR.glob("*.json")))
-        raise RecipeError([f"distributed.deepspeed: no template {name!r}; use one of {known} or a path to a .json file"])
+        raise UserError([f"distributed.deepspeed: no template {name!r}; use one of {known} or a path to a .json file"])
     try:
         return json.loads(path.read_text())
     except json.JSONDecodeError as err:
-        raise RecipeError([f"{path}:{err.lineno}: invalid JSON in DeepSpeed template: {err.msg}"]) from None
+        raise UserError([f"{path}:{err.lineno}: invalid JSON in DeepSpeed template: {err.msg}"]) from None
 
 
 def render_deepspeed(recipe: Recipe) -> dict[str, Any]:
@@ -46,7 +48,7 @@ def render_deepspeed(recipe: Recipe) -> dict[str, Any]:
     }
     for key, value in owned.items():
         if config.get(key, "auto") not in ("auto", value):
-            raise RecipeError([f"distributed.deepspeed_overrides.{key}: {config[key]} disagrees with the recipe's {value}; set it in [train] instead"])
+            raise UserError([f"distributed.deepspeed_overrides.{key}: {config[key]} disagrees with the recipe's {value}; set it in [train] instead"])
         config[key] = value
     for precision in ("bf16", "fp16"):
         config.setdefault(precision, {})["enabled"] = recipe.model.dtype == precision
@@ -91,8 +93,9 @@ def render_accelerate(recipe: Recipe, run: RunDir, ds_config: dict[str, Any]) ->
     }
 
 
+@functools.cache
 def resolve_device(device: str) -> str:
-    """cpu or cuda, without importing torch: auto means cuda when nvidia-smi lists a GPU."""
+    """cpu or cuda, without importing torch: auto means cuda when nvidia-smi lists a GPU (asked once per process)."""
     if device != "auto":
         return device
     smi = shutil.which("nvidia-smi")
@@ -125,11 +128,10 @@ def render_run(recipe: Recipe, run: RunDir) -> list[Path]:
     files = rendered_files(recipe, run)
     for path, text in files.items():
         if path.exists() and path.read_text() != text:
-            raise RecipeError([f"{path}: differs from what this recipe renders now (was a ds_configs/ template edited?); "
+            raise UserError([f"{path}: differs from what this recipe renders now (was a ds_configs/ template edited?); "
                                f"restore it or start a new run with --run-dir"])
     for path, text in files.items():
         if not path.exists():
             write_atomic(path, text)
-    if not run.manifest_path.exists():
-        run.update_manifest(**new_manifest(recipe), worker_command=worker_command(run))
+    run.create_manifest(new_manifest(recipe, worker_command(run)))
     return [*files, run.manifest_path]

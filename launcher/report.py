@@ -83,11 +83,12 @@ def page(title: str, examples, predictions, result, plots: list[Path]) -> str:
 
 def loss_plot(out: Path, plan: dict) -> Path | None:
     """Training loss per step of each evaluated run (from its logs/train_metrics.jsonl)."""
+    from launcher.runs import RunDir
+
     curves = {}
     for root in plan.get("runs", []):
-        log = Path(root) / "logs" / "train_metrics.jsonl"
-        if log.is_file():
-            rows = [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
+        rows = RunDir(Path(root)).metrics.rows()
+        if rows:
             curves[Path(root).name] = ([r["step"] for r in rows], [r["loss"] for r in rows])
     if not curves:
         return None

@@ -4,17 +4,206 @@ from __future__ import annotations
 import json
 import os
 import platform
+import shutil
+import socket
 import subprocess
+import sys
 import time
 import tomllib
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
+from enum import Enum
 from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from launcher.recipe import Recipe, RecipeError
+from pydantic import BaseModel, ConfigDict
+
+from launcher.errors import UserError
+from launcher.recipe import Recipe, validate_recipe
 
 TRACKED_PACKAGES = ("torch", "transformers", "peft", "deepspeed", "accelerate", "datasets")
+
+
+class State(str, Enum):
+    """Where a run stands; each stage's job moves it on."""
+    RENDERED = "rendered"
+    TRAINING = "training"
+    PREEMPTED = "preempted"
+    REQUEUED = "requeued"
+    TRAINED = "trained"
+    MERGED = "merged"
+    EVALUATED = "evaluated"
+    COMPLETED = "completed"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+
+class Record(BaseModel):
+    model_config = ConfigDict(extra="forbid", use_enum_values=True)
+
+
+class JobRecord(Record):
+    """One submitted job, as its executor can find it again (launch status / logs / cancel)."""
+    executor: str
+    id: str
+    stage: str = "train"
+    submitted: str
+    nodes: int | None = None
+    ranks: int | None = None
+    after: str | None = None
+    """The job it waits for (afterok)."""
+
+
+class StageRecord(Record):
+    """What one stage cost, measured in the stage's own process (rank 0 for training)."""
+    wall_s: float
+    peak_rss_mib: float
+    peak_accelerator_mib: float | None = None
+    merged_weights: int | None = None
+    shards: int | None = None
+
+
+class Manifest(Record):
+    """manifest.json: what the run is, where it stands, its jobs and what each stage cost."""
+    name: str
+    recipe_hash: str
+    launcher_version: str | None = None
+    git_sha: str | None = None
+    versions: dict[str, str | None] = {}
+    created: str
+    updated: str | None = None
+    state: State = State.RENDERED
+    worker_command: list[str] = []
+    recipe_changes: list[str] = []
+    jobs: list[JobRecord] = []
+    """Training jobs, one per launch."""
+    chain: list[JobRecord] = []
+    """The jobs after the newest training job (merge, eval), in order."""
+    data: dict[str, Any] = {}
+    attempts: int = 0
+    requeues: int = 0
+    crash_restarts: int = 0
+    stopped_in: str | None = None
+    logged_steps_at_last_crash: int | None = None
+    launch_to_first_step_s: float | None = None
+    train: StageRecord | None = None
+    merge: StageRecord | None = None
+    eval: StageRecord | None = None
+    checkpoint_merges: dict[str, StageRecord] = {}
+    """launch merge --checkpoint N: merged-checkpoint-N's record under "N"."""
+
+
+@contextmanager
+def exclusive(lock: Path, stale_after_s: float = 120.0, timeout_s: float = 600.0):
+    """Hold `lock` (a file created with O_EXCL) for the block.
+
+    O_EXCL creation is atomic on local disks, NFS and Lustre alike, unlike flock, which Lustre
+    honours across nodes only when mounted with -o flock. A holder killed inside the block leaves
+    the file behind: a lock older than stale_after_s (every holder here keeps it for milliseconds)
+    is taken over.
+    """
+    owner = f"{socket.gethostname()} {os.getpid()} {time.time()}"
+    deadline = time.time() + timeout_s
+    while True:
+        try:
+            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            break
+        except FileExistsError:
+            try:
+                age = time.time() - lock.stat().st_mtime
+            except FileNotFoundError:
+                continue  # released meanwhile
+            if age > stale_after_s:
+                with suppress(FileNotFoundError):
+                    lock.rename(lock.with_name(f"{lock.name}.stale-{os.getpid()}"))  # one taker wins the rename
+                    lock.with_name(f"{lock.name}.stale-{os.getpid()}").unlink()
+                continue
+            if time.time() > deadline:
+                raise TimeoutError(f"{lock}: held for more than {timeout_s:.0f} s ({lock.read_text(errors='replace')})")
+            time.sleep(0.02)
+    try:
+        os.write(fd, owner.encode())
+        os.close(fd)
+        yield
+    finally:
+        with suppress(FileNotFoundError):
+            if lock.read_text() == owner:  # not taken over as stale meanwhile
+                lock.unlink()
+
+
+def write_atomic(path: Path, text: str) -> None:
+    """Write-to-temp, fsync, rename: a reader sees the old file or the new one, never half of one."""
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    with open(tmp, "w") as handle:
+        handle.write(text)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(tmp, path)
+
+
+def fsync_tree(folder: Path) -> None:
+    for path in sorted(Path(folder).rglob("*")):
+        if path.is_file():
+            fd = os.open(path, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+
+
+def staging_for(target: Path) -> Path:
+    """An empty `TARGET.partial` folder to build `target` in. What an interrupted attempt left there
+    is ours and unpublished: it is cleared, and the log says so."""
+    staging = target.with_name(target.name + ".partial")
+    if staging.exists():
+        print(f"{staging}: left by an interrupted attempt; cleared and started again")
+        shutil.rmtree(staging)
+    staging.mkdir(parents=True)
+    return staging
+
+
+def publish(staging: Path, target: Path, replace: bool = False) -> Path:
+    """Make a finished staging folder visible at `target` at once: fsync, then rename. An existing
+    target is replaced only when asked (--overwrite)."""
+    fsync_tree(staging)
+    if target.exists():
+        if not replace:
+            raise UserError(f"{target}: exists; pass --overwrite to replace it")
+        shutil.rmtree(target)
+    staging.rename(target)
+    return target
+
+
+class MetricsLog:
+    """logs/train_metrics.jsonl, rank 0's one row per logged step: its one reader."""
+
+    def __init__(self, path: Path):
+        self.path, self.offset = path, 0
+
+    def rows(self) -> list[dict]:
+        if not self.path.exists():
+            return []
+        return [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
+
+    def count(self) -> int:
+        """Rows over all attempts: it grows with every step any attempt makes."""
+        return len(self.rows())
+
+    def last(self) -> dict | None:
+        rows = self.rows()
+        return rows[-1] if rows else None
+
+    def new_rows(self) -> list[dict]:
+        """Rows appended since the last call (a row still being written waits for the next call)."""
+        if not self.path.exists():
+            return []
+        with open(self.path) as handle:
+            handle.seek(self.offset)
+            text = handle.read()
+        complete = text[: text.rfind("\n") + 1]
+        self.offset += len(complete)
+        return [json.loads(line) for line in complete.splitlines() if line.strip()]
 
 
 @dataclass(frozen=True)
@@ -31,44 +220,58 @@ class RunDir:
     eval = property(lambda self: self.root / "eval")
     logs = property(lambda self: self.root / "logs")
     cache = property(lambda self: self.root / "cache")
-    metrics_log = property(lambda self: self.root / "logs" / "train_metrics.jsonl")
+    metrics = property(lambda self: MetricsLog(self.root / "logs" / "train_metrics.jsonl"))
+
+    @property
+    def metrics_log(self) -> Path:
+        return self.metrics.path
 
     def rank_log(self, rank: int) -> Path:
         return self.logs / f"rank{rank}.log"
 
-    def read_manifest(self) -> dict[str, Any]:
-        if not self.manifest_path.exists():
-            return {}
-        return json.loads(self.manifest_path.read_text())
+    def load_recipe(self) -> Recipe:
+        """The run's resolved recipe, through the schema (every default from there)."""
+        if not self.recipe.is_file():
+            raise UserError(f"{self.root}: not a run dir (no recipe.toml); pass the folder a `launch` run wrote")
+        return validate_recipe(tomllib.loads(self.recipe.read_text()), source=str(self.recipe))
 
-    def update_manifest(self, **changes: Any) -> dict[str, Any]:
-        manifest = self.read_manifest() | changes
-        write_atomic(self.manifest_path, json.dumps(manifest, indent=2) + "\n")
+    def manifest(self) -> Manifest:
+        if not self.manifest_path.exists():
+            raise UserError(f"{self.root}: not a run dir (no manifest.json); pass the folder a `launch` run wrote")
+        return Manifest.model_validate_json(self.manifest_path.read_text())
+
+    @contextmanager
+    def editing_manifest(self):
+        """Read, change and write the manifest under its lock: writers on several nodes never lose
+        each other's changes."""
+        with exclusive(self.manifest_path.with_name(".manifest.lock")):
+            manifest = self.manifest()
+            yield manifest
+            checked = Manifest.model_validate(manifest.model_dump())
+            write_atomic(self.manifest_path, checked.model_dump_json(indent=2, exclude_none=True) + "\n")
+
+    def create_manifest(self, manifest: Manifest) -> None:
+        with exclusive(self.manifest_path.with_name(".manifest.lock")):
+            if not self.manifest_path.exists():
+                write_atomic(self.manifest_path, manifest.model_dump_json(indent=2, exclude_none=True) + "\n")
+
+    def update_manifest(self, **changes: Any) -> Manifest:
+        with self.editing_manifest() as manifest:
+            for key, value in changes.items():
+                setattr(manifest, key, value)
         return manifest
 
-    def set_state(self, state: str) -> None:
-        self.update_manifest(state=state, updated=now())
-
-    def last_metrics_row(self) -> dict | None:
-        """The newest row of logs/train_metrics.jsonl (None before the first logged step)."""
-        if not self.metrics_log.exists():
-            return None
-        lines = self.metrics_log.read_text().splitlines()
-        return json.loads(lines[-1]) if lines else None
+    def set_state(self, state: State) -> None:
+        self.update_manifest(state=State(state), updated=now())
 
 
 def default_run_dir(recipe: Recipe) -> Path:
     return Path("runs") / recipe.name
 
 
-def write_atomic(path: Path, text: str) -> None:
-    """Write-to-temp, fsync, rename: a reader sees the old file or the new one, never half of one."""
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "w") as handle:
-        handle.write(text)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
+def allocation() -> str:
+    """This attempt of a SLURM job: its id and how many times SLURM restarted it (a requeue keeps the id)."""
+    return f"{os.environ.get('SLURM_JOB_ID')}.{os.environ.get('SLURM_RESTART_COUNT', '0')}"
 
 
 def now() -> str:
@@ -85,15 +288,15 @@ def claim_run_dir(run: RunDir, recipe: Recipe) -> list[str]:
     if not run.root.exists() or not any(run.root.iterdir()):
         run.root.mkdir(parents=True, exist_ok=True)
         return []
-    recorded = run.read_manifest().get("recipe_hash")
-    if recorded is None or not run.recipe.is_file():
-        raise RecipeError([f"{run.root}: exists and is not a run dir of this launcher; choose another --run-dir"])
-    if recorded == recipe.fingerprint():
+    if not run.manifest_path.is_file() or not run.recipe.is_file():
+        raise UserError(f"{run.root}: exists and is not a run dir of this launcher; choose another --run-dir")
+    if run.manifest().recipe_hash == recipe.fingerprint():
         return []
     changes = reconcile(tomllib.loads(run.recipe.read_text()), recipe.to_dict(), run.root)
     archive(run, [run.recipe, run.root / "sbatch.sh"])
-    manifest = run.read_manifest()
-    run.update_manifest(recipe_hash=recipe.fingerprint(), recipe_changes=manifest.get("recipe_changes", []) + changes)
+    with run.editing_manifest() as manifest:
+        manifest.recipe_hash = recipe.fingerprint()
+        manifest.recipe_changes += changes
     return changes
 
 
@@ -113,7 +316,7 @@ def reconcile(old: dict, new: dict, where: Path) -> list[str]:
     changed = [(key, a, b) for key, a, b in differences(old, new)]
     refused = [(k, a, b) for k, a, b in changed if not k.startswith(RESUMABLE) and k not in RESUMABLE]
     if refused:
-        raise RecipeError([
+        raise UserError([
             f"{key}: {json.dumps(a)} -> {json.dumps(b)} cannot change when resuming {where} "
             f"({next(v for p, v in WHY_NOT.items() if key.startswith(p))}); restore it, or start a new run with --run-dir"
             for key, a, b in refused])
@@ -138,17 +341,11 @@ def archive(run: RunDir, paths: list[Path]) -> None:
             path.rename(run.root / "history" / f"{stamp}-{path.name}")
 
 
-def new_manifest(recipe: Recipe) -> dict[str, Any]:
-    return {
-        "name": recipe.name,
-        "recipe_hash": recipe.fingerprint(),
-        "launcher_version": package_version("peft-launcher"),
-        "git_sha": git_sha(),
-        "versions": {"python": platform.python_version()} | {p: package_version(p) for p in TRACKED_PACKAGES},
-        "created": now(),
-        "state": "rendered",
-        "jobs": [],
-    }
+def new_manifest(recipe: Recipe, worker_command: list[str]) -> Manifest:
+    return Manifest(
+        name=recipe.name, recipe_hash=recipe.fingerprint(), launcher_version=package_version("peft-launcher"),
+        git_sha=git_sha(), created=now(), worker_command=worker_command,
+        versions={"python": platform.python_version()} | {p: package_version(p) for p in TRACKED_PACKAGES})
 
 
 def package_version(name: str) -> str | None:
@@ -176,3 +373,17 @@ def peak_rss_mib() -> float:
     import resource
 
     return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+
+
+def accelerator_peak_mib() -> float | None:
+    """This process's peak GPU memory, when it used torch with CUDA (None otherwise)."""
+    torch = sys.modules.get("torch")
+    if torch is None or not torch.cuda.is_available() or not torch.cuda.is_initialized():
+        return None
+    return round(torch.cuda.max_memory_allocated() / 2**20, 1)
+
+
+def stage_record(started: float, **extra: Any) -> StageRecord:
+    """Wall time since `started` and this process's peaks: what the stage that ran here cost."""
+    return StageRecord(wall_s=round(time.time() - started, 1), peak_rss_mib=peak_rss_mib(),
+                       peak_accelerator_mib=accelerator_peak_mib(), **extra)

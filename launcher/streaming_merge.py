@@ -11,6 +11,8 @@ import json
 import shutil
 from pathlib import Path
 
+from launcher import methods
+from launcher.errors import UserError
 from launcher.models import TORCH_DTYPES
 from launcher.runs import peak_rss_mib
 
@@ -33,7 +35,7 @@ def shard_names(base_dir: Path) -> list[str]:
         return sorted(set(json.loads(index.read_text())["weight_map"].values()))
     if (base_dir / "model.safetensors").is_file():
         return ["model.safetensors"]
-    raise FileNotFoundError(f"{base_dir}: no model.safetensors or model.safetensors.index.json (streaming merge "
+    raise UserError(f"{base_dir}: no model.safetensors or model.safetensors.index.json (streaming merge "
                             f"reads safetensors only; re-save the base with save_pretrained)")
 
 
@@ -45,8 +47,9 @@ def adapter_updates(adapter_dir: Path):
     config = json.loads((adapter_dir / "adapter_config.json").read_text())
     tensors = {k.removeprefix(PREFIX): v.float() for k, v in load_file(str(adapter_dir / "adapter_model.safetensors")).items()}
     kind = config["peft_type"]
-    if kind not in ("LORA", "ADALORA", "IA3"):
-        raise ValueError(f"{adapter_dir}: {kind} adapters hold no weight deltas and cannot be merged")
+    spec = methods.of_peft_type(kind)
+    if spec is None or not spec.merges:
+        raise UserError(f"{adapter_dir}: {kind} adapters hold no weight deltas and cannot be merged")
     modules = {name.split(".lora_")[0].split(".ia3_l")[0] for name in tensors}
     part = lambda module, what: tensors.get(f"{module}.{what}.weight", tensors.get(f"{module}.{what}"))  # noqa: E731
     updates = {}
@@ -67,7 +70,7 @@ def adapter_updates(adapter_dir: Path):
         transpose = bool(config.get("fan_in_fan_out"))
         updates[f"{module}.weight"] = (lambda w, a=a, b=b, t=transpose: w.add_((b @ a).T if t else b @ a))
     if not updates:
-        raise ValueError(f"{adapter_dir}: no mergeable tensors found")
+        raise UserError(f"{adapter_dir}: no mergeable tensors found")
     return updates
 
 
@@ -101,7 +104,7 @@ def stream_merge(base: str, adapter_dir: Path, out_dir: Path, dtype: str = "fp32
         save_file(tensors, str(out_dir / shard), metadata=metadata)
         del tensors
     if updates:
-        raise ValueError(f"{adapter_dir}: {len(updates)} adapted weights not found in {base_dir} "
+        raise UserError(f"{adapter_dir}: {len(updates)} adapted weights not found in {base_dir} "
                          f"(first: {next(iter(updates))}); is this the adapter's base model?")
     copy_side_files(base_dir, out_dir, dtype)
     return {"merged_weights": merged, "shards": len(shard_names(base_dir)),

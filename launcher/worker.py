@@ -1,8 +1,10 @@
-"""Per-rank entry point: `accelerate launch --config_file RUN/accelerate.yaml -m launcher.worker RUN`.
+"""The training stage, on one rank: `jobs.TrainJob` calls it in every task of the training job
+(and by hand: `accelerate launch --config_file RUN/accelerate.yaml -m launcher.worker RUN`).
 
 Each rank writes its own log under RUN/logs/; rank 0 also writes logs/train_metrics.jsonl.
 The worker trains with HF Trainer and the run's rendered deepspeed.json, then gathers and
-validates the final adapter into RUN/adapter/.
+validates the final adapter into RUN/adapter/. It never merges or evaluates: those are stages
+of their own.
 """
 from __future__ import annotations
 
@@ -10,23 +12,23 @@ import json
 import os
 import sys
 import time
-import tomllib
 import traceback
 from pathlib import Path
 
 from launcher.checkpoints import checkpoint_guard, stop_flag
-from launcher.recipe import Recipe, validate_recipe
+from launcher.recipe import Recipe
 from launcher.rendezvous import check_in, smoke_all_reduce, topology_line, world_from_env
-from launcher.runs import RunDir, peak_rss_mib
+from launcher.runs import RunDir, State, allocation, publish, stage_record, staging_for
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, last_stage: bool = False) -> int:
+    started = time.time()
     argv = sys.argv[1:] if argv is None else argv
     run = RunDir(Path(argv[0]))
     rank = int(os.environ.get("RANK", "0"))
     redirect_output(run.rank_log(rank))
     try:
-        recipe = validate_recipe(tomllib.loads(run.recipe.read_text()), source=str(run.recipe))
+        recipe = run.load_recipe()
         from launcher.models import quiet_libraries_for
 
         quiet_libraries_for(recipe)  # this node's device, before DeepSpeed loads
@@ -35,16 +37,12 @@ def main(argv: list[str] | None = None) -> int:
               f"pid {os.getpid()}), master {world['master_addr']}:{world['master_port']}")
         records = check_in(world, recipe.world_size())
         fail_if_asked(rank)
-        if run.adapter.exists():  # an earlier attempt trained and saved it: only finishing is left
+        if run.adapter.exists():  # an earlier attempt trained and saved it
             print("the final adapter exists: training is done")
-        else:
-            train(recipe, run, rank, records)
-        if rank == 0 and run.read_manifest().get("chained"):
-            run.set_state("trained")  # merge and eval follow as their own SLURM jobs
-        elif rank == 0:
-            from launcher.pipeline import finish
-
-            finish(recipe, run)
+        elif train(recipe, run, rank, records) and rank == 0:
+            with run.editing_manifest() as manifest:
+                manifest.train = stage_record(started)  # this attempt, in rank 0's process
+                manifest.state = State.COMPLETED if last_stage else State.TRAINED
     except BaseException:
         traceback.print_exc()
         sys.stderr.flush()
@@ -133,7 +131,8 @@ def metrics_logger(run: RunDir, attempt: int):
     return MetricsLogger()
 
 
-def train(recipe: Recipe, run: RunDir, rank: int, records: list[dict]) -> None:
+def train(recipe: Recipe, run: RunDir, rank: int, records: list[dict]) -> bool:
+    """Train to the end (True: the final adapter is saved), or to a stop signal's checkpoint (False)."""
     import torch
     from transformers import Trainer, set_seed
 
@@ -142,7 +141,7 @@ def train(recipe: Recipe, run: RunDir, rank: int, records: list[dict]) -> None:
     from launcher.render import resolve_device
 
     stop = stop_flag()  # a signal during start-up is acted on at the first step
-    attempt = run.read_manifest().get("attempts", 0) + 1  # rank 0 records it below
+    attempt = run.manifest().attempts + 1  # rank 0 records it below
     args = training_arguments(recipe, run)  # before the model: it turns on ZeRO-3 sharded loading
     tokenizer = load_tokenizer(recipe)
     with args.main_process_first(local=False, desc="tokenize"):
@@ -176,17 +175,9 @@ def train(recipe: Recipe, run: RunDir, rank: int, records: list[dict]) -> None:
     trainer.train(resume_from_checkpoint=str(resume) if resume else None)
     if guard.stopped_at is not None:
         stopped(run, rank, guard.stopped_at)
-        return
-    if rank == 0:  # the number to hold the pre-flight memory estimate against (CPU: the whole process)
-        run.update_manifest(peak_rss_mib=peak_rss_mib(),
-                            peak_accelerator_mib=accelerator_peak_mib())
+        return False
     save_final_adapter(trainer, run, rank, probe=trained_probe(trainer, dataset, tokenizer))
-
-
-def accelerator_peak_mib() -> float | None:
-    import torch
-
-    return round(torch.cuda.max_memory_allocated() / 2**20, 1) if torch.cuda.is_available() else None
+    return True
 
 
 def trained_probe(trainer, dataset, tokenizer) -> dict:
@@ -240,14 +231,12 @@ def resume_point(run: RunDir, rank: int) -> Path | None:
 
 
 def stopped(run: RunDir, rank: int, step: int) -> None:
-    """After a stop signal: the checkpoint of `step` is complete; requeue the SLURM job."""
-    from launcher.executors.requeue import allocation, requeue_self
-
+    """After a stop signal: the checkpoint of `step` is complete. The job ends; on SLURM its
+    teardown requeues it (manifest.stopped_in names this allocation)."""
     if rank == 0:
-        run.update_manifest(state="preempted", requeues=run.read_manifest().get("requeues", 0) + 1,
-                            stopped_in=allocation())
+        with run.editing_manifest() as manifest:
+            manifest.state, manifest.requeues, manifest.stopped_in = State.PREEMPTED, manifest.requeues + 1, allocation()
         print(f"stop signal: saved a complete checkpoint at step {step}; requeueing")
-        requeue_self()
 
 
 def save_final_adapter(trainer, run: RunDir, rank: int, probe: dict) -> None:
@@ -258,21 +247,21 @@ def save_final_adapter(trainer, run: RunDir, rank: int, probe: dict) -> None:
     from launcher.merge import PROBE_FILE, validate_adapter
 
     staging = run.root / "adapter.partial"
+    if rank == 0:
+        staging = staging_for(run.adapter)
+    if dist.is_initialized():
+        dist.barrier()  # the staging folder is cleared before any rank writes into it
     trainer.save_model(str(staging))  # every rank takes part in the ZeRO-3 gather
     if dist.is_initialized():
         dist.barrier()
     if rank == 0:
         save_file(probe, str(staging / PROBE_FILE))
         summary = validate_adapter(staging, trained=True)
-        staging.rename(run.adapter)
-        run.set_state("trained")
+        publish(staging, run.adapter)
         print(f"adapter: {summary}")
     if dist.is_initialized():
         dist.barrier()
-        dist.destroy_process_group()  # rank 0 merges and evaluates alone
-    from transformers.integrations.deepspeed import unset_hf_deepspeed_config
-
-    unset_hf_deepspeed_config()  # later loads (merge, eval) are plain, not ZeRO-3 sharded
+        dist.destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -7,7 +7,8 @@ import pytest
 from conftest import run_launch, tiny_recipe_text, write_recipe
 
 from launcher.data import IGNORE_INDEX, render, split_examples, tokenize
-from launcher.recipe import RecipeError, load_recipe
+from launcher.errors import UserError
+from launcher.recipe import load_recipe
 
 
 def recipe_for(tmp_path, tiny_assets, train_file, data_keys: str, extra: str = ""):
@@ -81,13 +82,13 @@ def test_bad_rows_name_file_and_line_or_are_skipped_and_counted(tmp_path, tiny_a
              '{"instruction": "a", "output": "  "}', '{"instruction": "c", "output": "d"}']
     data = tmp_path / "bad.jsonl"
     data.write_text("\n".join(lines) + "\n")
-    with pytest.raises(RecipeError) as caught:
+    with pytest.raises(UserError) as caught:
         split_examples(recipe_for(tmp_path, tiny_assets, data, ""))
     assert caught.value.lines == [f"{data}:2: invalid JSON: Expecting value; fix the row, or set data.on_bad_rows = \"skip\""]
     split = split_examples(recipe_for(tmp_path, tiny_assets, data, 'on_bad_rows = "skip"\neval_fraction = 0.0'))
     assert split.skipped == 3 and [e.response for e in split.train] == ["b", "d"]
     data.write_text(lines[0] + "\n" + lines[2] + "\n")
-    with pytest.raises(RecipeError) as caught:
+    with pytest.raises(UserError) as caught:
         split_examples(recipe_for(tmp_path, tiny_assets, data, ""))
     assert caught.value.lines[0].startswith(f"{data}:2: column 'output' is missing or empty (set data.output_column")
 
@@ -104,7 +105,7 @@ def test_check_shows_tokenized_samples_with_the_masked_part_and_counts_truncatio
 
 def test_an_unreachable_hub_dataset_is_one_line(tmp_path, tiny_assets):
     recipe = recipe_for(tmp_path, tiny_assets, "Abirate/english_quotes", 'format = "text"\ntext_column = "quote"')
-    with pytest.raises(RecipeError) as caught:
+    with pytest.raises(UserError) as caught:
         split_examples(recipe)
     assert len(caught.value.lines) == 1
     assert caught.value.lines[0].startswith("data: Abirate/english_quotes is neither a local file nor a reachable hub dataset")

@@ -8,7 +8,8 @@ import pytest
 from conftest import run_launch, tiny_recipe_text, write_recipe
 
 from launcher.preflight import run_preflight
-from launcher.recipe import RecipeError, load_recipe
+from launcher.errors import UserError
+from launcher.recipe import load_recipe
 from launcher.quirks import apply_quirks, hidden_size, quirks_for, rebuild_meta_slopes
 
 
@@ -38,7 +39,7 @@ def test_the_compatibility_matrix_is_enforced(tmp_path, tiny_assets, extra, mess
 
 def test_a_key_of_another_method_says_which_method_it_belongs_to(tmp_path, tiny_assets):
     path = write_recipe(tmp_path, tiny_recipe_text(tiny_assets, extra='[peft]\nmethod = "lora"\nnum_virtual_tokens = 8\n'))
-    with pytest.raises(RecipeError) as caught:
+    with pytest.raises(UserError) as caught:
         load_recipe(path)
     assert caught.value.lines == ["peft.num_virtual_tokens belongs to prefix-tuning / prompt-tuning / p-tuning, "
                                   "not lora; remove it or change peft.method"]

@@ -5,11 +5,12 @@ import pytest
 
 from conftest import run_launch, tiny_recipe_text, write_recipe
 from launcher.cli import main
-from launcher.recipe import RecipeError, load_recipe
+from launcher.errors import UserError
+from launcher.recipe import load_recipe
 
 
 def errors_of(path, overrides=()) -> list[str]:
-    with pytest.raises(RecipeError) as caught:
+    with pytest.raises(UserError) as caught:
         load_recipe(path, list(overrides))
     return caught.value.lines
 

@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 
 from conftest import REPO, run_launch, tiny_recipe_text, write_recipe
-from launcher.recipe import RecipeError, load_recipe
+from launcher.errors import UserError
+from launcher.recipe import load_recipe
 from launcher.render import DS_CONFIG_DIR, render_run
 from launcher.runs import RunDir, claim_run_dir
 
@@ -61,7 +62,7 @@ def test_accelerate_accepts_the_rendered_config(tmp_path, tiny_assets):
 
 
 def test_override_that_disagrees_with_the_recipe_is_refused(tmp_path, tiny_assets):
-    with pytest.raises(RecipeError, match="train_micro_batch_size_per_gpu: 3 disagrees with the recipe's 8"):
+    with pytest.raises(UserError, match="train_micro_batch_size_per_gpu: 3 disagrees with the recipe's 8"):
         rendered(tmp_path, tiny_assets, ["distributed.deepspeed_overrides={train_micro_batch_size_per_gpu=3}"])
 
 

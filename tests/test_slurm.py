@@ -128,7 +128,8 @@ def test_status_logs_and_cancel_on_a_running_job(dev_cluster, tmp_path, tiny_ass
 def test_sbatch_script_quotes_every_value(tmp_path, tiny_assets):
     """Golden sbatch.sh with hostile values; then real bash runs it (with a recording `srun`
     stand-in: this checks shell quoting, not SLURM) and nothing hostile executes."""
-    from launcher.executors.slurm import sbatch_text
+    from launcher.executors import make_executor
+    from launcher.pipeline import stage_resources
 
     from test_render import GOLDEN, assert_matches_golden
 
@@ -137,7 +138,7 @@ def test_sbatch_script_quotes_every_value(tmp_path, tiny_assets):
         f"environment = {{ EVIL = {json.dumps(HOSTILE_ENV)} }}\n"
     recipe = load_recipe(write_recipe(tmp_path, text), ["distributed.nodes=2"])
     run = RunDir(tmp_path / "run $(touch pwned) `x`")
-    script = sbatch_text(recipe, run)
+    script = make_executor("slurm", recipe, run.logs).submission_script(stage_resources(recipe, run, "train"))
     shown = script.replace(str(run.root.resolve()), "{RUN_DIR}").replace(shlex.quote(str(run.root.resolve())), "{RUN_DIR}")
     assert_matches_golden(shown.replace(sys.executable, "{PYTHON}"), GOLDEN / "sbatch.sh")
 

@@ -62,6 +62,7 @@ def test_an_adapter_of_another_base_is_refused(sharded_base, tmp_path):
     from safetensors.torch import save_file
     import torch
 
+    from launcher.errors import UserError
     from launcher.streaming_merge import stream_merge
 
     adapter = tmp_path / "adapter"
@@ -70,5 +71,5 @@ def test_an_adapter_of_another_base_is_refused(sharded_base, tmp_path):
     save_file({"base_model.model.model.layers.0.mlp.fc_in.lora_A.weight": torch.ones(2, 64),
                "base_model.model.model.layers.0.mlp.fc_in.lora_B.weight": torch.ones(64, 2)},
               str(adapter / "adapter_model.safetensors"))
-    with pytest.raises(ValueError, match="1 adapted weights not found .* is this the adapter's base model"):
+    with pytest.raises(UserError, match="1 adapted weights not found .* is this the adapter's base model"):
         stream_merge(str(sharded_base), adapter, tmp_path / "merged")

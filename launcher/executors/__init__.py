@@ -1,37 +1,50 @@
-"""Executors: where the ranks run. local.py (this machine) and slurm.py (a SLURM cluster) train a
-run; the helpers here answer questions about a job recorded in a run's manifest, whichever ran it."""
+"""Executors: where jobs run. base.py is the interface; local.py (this machine) and slurm.py (a SLURM
+cluster) implement it. This factory is the one place that picks an implementation by name."""
 from __future__ import annotations
 
-import os
-import signal
+from pathlib import Path
+
+from launcher.errors import UserError
+from launcher.executors.base import Executor, Job
+from launcher.recipe import Recipe
+from launcher.runs import JobRecord
+
+NAMES = ("local", "slurm")
 
 
-def job_active(job: dict) -> bool:
-    if job["executor"] == "slurm":
-        from launcher.executors.slurm import TERMINAL_STATES, job_state
+def make_executor(name: str, recipe: Recipe, logs: Path) -> Executor:
+    """The executor `name`, writing its job files and task logs under logs/<name>/."""
+    if name == "slurm":
+        from launcher.executors.slurm import SlurmExecutor
 
-        return job_state(str(job["id"])).split()[0] not in TERMINAL_STATES | {"UNKNOWN"}
-    try:
-        os.killpg(int(job["id"]), 0)
-    except (ProcessLookupError, PermissionError):
-        return False
-    return True
+        return SlurmExecutor(recipe.slurm, Path(logs) / "slurm")
+    from launcher.executors.local import LocalExecutor
 
-
-def job_summary(job: dict) -> str:
-    if job["executor"] == "slurm":
-        from launcher.executors.slurm import job_state
-
-        state = job_state(str(job["id"])).lower()
-        size = f", {job['nodes']} nodes, {job['ranks']} ranks" if "nodes" in job else ""
-        return f"SLURM job {job['id']} {state}{size}, submitted {job.get('submitted')}"
-    return f"local process group {job['id']} {'running' if job_active(job) else 'ended'}, started {job.get('submitted')}"
+    return LocalExecutor(Path(logs) / "local")
 
 
-def cancel_job(job: dict) -> None:
-    if job["executor"] == "slurm":
-        from launcher.executors.slurm import cancel
+def job_of(record: JobRecord, logs: Path) -> Job:
+    """The handle of a job recorded in a manifest, whichever executor ran it."""
+    if record.executor == "slurm":
+        from launcher.executors.slurm import SlurmJob
 
-        cancel(str(job["id"]))
-    else:
-        os.killpg(int(job["id"]), signal.SIGTERM)
+        return SlurmJob(record, Path(logs) / "slurm")
+    from launcher.executors.local import LocalJob
+
+    return LocalJob(record, Path(logs) / "local")
+
+
+def choose_executor(asked: str, recipe: Recipe, rendering_only: bool = False) -> str:
+    """local or slurm for `--executor asked` (auto: SLURM when sbatch answers and a partition is known)."""
+    from launcher.executors.slurm import default_partition, require_slurm, slurm_available
+
+    nodes = recipe.distributed.nodes
+    if asked == "local":
+        if nodes > 1:
+            raise UserError(f"--executor local: distributed.nodes={nodes} needs SLURM; use --executor slurm")
+        return "local"
+    if asked == "slurm" or nodes > 1:
+        if not rendering_only:  # a dry run renders sbatch.sh without a cluster
+            require_slurm("--executor slurm" if asked == "slurm" else f"distributed.nodes={nodes} (several nodes)")
+        return "slurm"
+    return "slurm" if slurm_available() and (recipe.slurm.partition or default_partition()) else "local"
