@@ -169,7 +169,7 @@ def recipe_from(args: argparse.Namespace) -> Recipe:
 
 
 def command_run(args: argparse.Namespace, console: Console) -> int:
-    from launcher.executors import choose_executor, make_executor
+    from launcher.executors.factory import choose_executor, make_executor
     from launcher.pipeline import describe_dry_run, execute, prepare, write_submission_script
     from launcher.runs import default_run_dir
 
@@ -337,7 +337,7 @@ def command_status(args: argparse.Namespace, console: Console) -> int:
 
 def describe_run(run) -> str:
     from launcher.checkpoints import latest_complete_checkpoint
-    from launcher.executors import job_of
+    from launcher.executors.factory import job_of
 
     manifest = run.manifest()
     step = run.metrics.last()
@@ -362,7 +362,7 @@ def describe_run(run) -> str:
 
 
 def command_logs(args: argparse.Namespace, console: Console) -> int:
-    from launcher.executors import job_of
+    from launcher.executors.factory import job_of
     from launcher.runs import RunDir
 
     run = RunDir(args.run_dir)
@@ -386,7 +386,7 @@ def command_logs(args: argparse.Namespace, console: Console) -> int:
 
 
 def command_cancel(args: argparse.Namespace, console: Console) -> int:
-    from launcher.executors import job_of
+    from launcher.executors.factory import job_of
     from launcher.runs import RunDir, State
 
     run = RunDir(args.run_dir)

@@ -110,8 +110,12 @@ def merge_into_base(recipe: Recipe, adapter: Path, target: Path, overwrite: bool
         raise UserError(f"{target}: exists; pass --overwrite to replace it")
     staging = staging_for(target)
     staging.rmdir()  # stream_merge creates it
-    done = stream_merge(recipe.model.name_or_path, adapter, staging, recipe.model.dtype, recipe.model.revision)
-    load_tokenizer(recipe).save_pretrained(str(staging))
+    try:
+        done = stream_merge(recipe.model.name_or_path, adapter, staging, recipe.model.dtype, recipe.model.revision)
+        load_tokenizer(recipe).save_pretrained(str(staging))
+    except UserError:
+        shutil.rmtree(staging, ignore_errors=True)  # nothing of a refused merge stays behind
+        raise
     publish(staging, target, replace=overwrite)
     return done
 

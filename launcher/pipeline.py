@@ -15,7 +15,7 @@ from rich.console import Console
 from rich.table import Table
 
 from launcher.errors import UserError
-from launcher.executors import make_executor
+from launcher.executors.factory import make_executor
 from launcher.executors.base import COMPLETED, Executor, Job, Resources
 from launcher.jobs import EvalJob, MergeJob, TrainJob
 from launcher.progress import StateWatcher, follow_training, report_failure

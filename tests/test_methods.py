@@ -9,7 +9,10 @@ import json
 import pytest
 from conftest import REPO, run_launch, tiny_recipe_text, write_recipe
 
-from launcher.recipe import PROMPT_FAMILY, load_recipe
+from launcher.methods import names_where
+from launcher.recipe import load_recipe
+
+PROMPT_FAMILY = names_where(lambda m: m.prompt_learning)
 from launcher.runs import RunDir
 
 TINY_TARGETS = 'peft.target_modules=["q_proj", "v_proj"]'

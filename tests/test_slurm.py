@@ -128,7 +128,7 @@ def test_status_logs_and_cancel_on_a_running_job(dev_cluster, tmp_path, tiny_ass
 def test_sbatch_script_quotes_every_value(tmp_path, tiny_assets):
     """Golden sbatch.sh with hostile values; then real bash runs it (with a recording `srun`
     stand-in: this checks shell quoting, not SLURM) and nothing hostile executes."""
-    from launcher.executors import make_executor
+    from launcher.executors.factory import make_executor
     from launcher.pipeline import stage_resources
 
     from test_render import GOLDEN, assert_matches_golden

@@ -1,0 +1,95 @@
+"""The executor interface with real processes (local) and the installed submitit (SLURM rendering)."""
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+import pytest
+from conftest import REPO, tiny_recipe_text, write_recipe
+
+from launcher.executors.base import CANCELLED, COMPLETED, FAILED, Resources
+from launcher.executors.local import LocalExecutor
+
+
+class WriteRank:
+    """A body that records what its task saw."""
+
+    def __init__(self, folder: str):
+        self.folder = folder
+
+    def __call__(self):
+        keys = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "OMP_NUM_THREADS")
+        Path(self.folder, f"task-{os.environ['RANK']}").write_text(" ".join(os.environ[k] for k in keys))
+
+
+class FailOnRankOne:
+    """Rank 1 fails at once; rank 0 would wait a minute (as a rank in a collective would)."""
+
+    def __call__(self):
+        if os.environ["RANK"] == "1":
+            raise RuntimeError("rank 1 failed")
+        time.sleep(60)
+
+
+@pytest.fixture
+def executor(tmp_path, monkeypatch) -> LocalExecutor:
+    monkeypatch.setenv("PYTHONPATH", f"{REPO / 'tests'}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
+    return LocalExecutor(tmp_path / "jobs")
+
+
+def wait(job, timeout_s: float = 60) -> str:
+    deadline = time.time() + timeout_s
+    while job.active() and time.time() < deadline:
+        time.sleep(job.poll_interval_s)
+    return job.state()
+
+
+def test_every_task_gets_its_rank_and_the_distributed_variables(executor, tmp_path):
+    job = executor.submit(WriteRank(str(tmp_path)), Resources(name="t", stage="train", tasks_per_node=2))
+    assert wait(job) == COMPLETED
+    seen = [(tmp_path / f"task-{rank}").read_text().split() for rank in (0, 1)]
+    assert [s[:4] for s in seen] == [["0", "0", "2", "127.0.0.1"], ["1", "1", "2", "127.0.0.1"]]
+    assert int(seen[0][4]) == max(1, (os.cpu_count() or 1) // 2)
+
+
+def test_one_failed_rank_ends_the_others_and_the_job_after_it_never_starts(executor, tmp_path):
+    started = time.time()
+    ranks = executor.submit(FailOnRankOne(), Resources(name="t", stage="train", tasks_per_node=2, all_or_nothing=True))
+    after = executor.submit(WriteRank(str(tmp_path)), Resources(name="m", stage="merge"), after=ranks)
+    assert after.state() == "PENDING"
+    assert wait(ranks) == FAILED and time.time() - started < 30  # not rank 0's minute
+    assert wait(after) == CANCELLED and not (tmp_path / "task-0").exists()
+    assert "RuntimeError: rank 1 failed" in ranks.log(1).read_text()
+
+
+def test_a_job_waits_for_the_one_before_it(executor, tmp_path):
+    first = executor.submit(WriteRank(str(tmp_path / "a")), Resources(name="a", stage="train"))
+    (tmp_path / "a").mkdir()
+    second = executor.submit(WriteRank(str(tmp_path / "b")), Resources(name="b", stage="merge"), after=first)
+    (tmp_path / "b").mkdir()
+    assert wait(second) == COMPLETED and wait(first) == COMPLETED
+    assert (tmp_path / "a" / "task-0").stat().st_mtime <= (tmp_path / "b" / "task-0").stat().st_mtime
+
+
+def test_a_cancelled_job_ends_its_whole_process_group(executor):
+    job = executor.submit(FailOnRankOne(), Resources(name="t", stage="train", tasks_per_node=1))
+    time.sleep(0.5)
+    recorded = executor.job(job.record)  # as `launch cancel` finds it from the manifest
+    assert recorded.active()
+    recorded.cancel()
+    assert wait(job) in (CANCELLED, FAILED) and not recorded.active()
+
+
+def test_submitits_private_script_renderer_still_works(tmp_path, tiny_assets):
+    """The one private submitit call (executors/slurm.rendered_script), against the installed submitit."""
+    from launcher.executors.slurm import SlurmExecutor
+    from launcher.recipe import load_recipe
+
+    recipe = load_recipe(write_recipe(tmp_path, tiny_recipe_text(tiny_assets)), ['slurm.partition="gpu"'])
+    script = SlurmExecutor(recipe.slurm, tmp_path / "slurm").submission_script(
+        Resources(name="tiny", stage="train", nodes=2, tasks_per_node=4, time_minutes=30, requeue_run="/runs/x",
+                  all_or_nothing=True))
+    assert script.startswith("#!/bin/bash") and "#SBATCH --nodes=2" in script and "#SBATCH --ntasks-per-node=4" in script
+    assert "#SBATCH --partition=gpu" in script and "#SBATCH --requeue" in script and "--kill-on-bad-exit=1" in script
+    assert "-m launcher.executors.requeue /runs/x" in script and "submitit.core._submit" in script

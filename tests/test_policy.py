@@ -1,0 +1,163 @@
+"""Pure decisions and arithmetic, with pinned numbers, on every machine in seconds: the requeue /
+give-up decision, the memory estimate, planned steps, AdaLoRA's schedule, resume reconciliation,
+SLURM times, the manifest lock, and the local executor's job semantics."""
+from __future__ import annotations
+
+import json
+import multiprocessing
+import os
+import time
+
+import pytest
+from conftest import tiny_recipe_text, write_recipe
+
+from launcher.errors import UserError
+from launcher.executors import requeue
+from launcher.models import planned_steps
+from launcher.recipe import load_recipe, minutes
+from launcher.render import render_run
+from launcher.runs import Manifest, RunDir, State, exclusive, reconcile
+
+
+@pytest.fixture
+def run(tmp_path, tiny_assets) -> RunDir:
+    recipe = load_recipe(write_recipe(tmp_path, tiny_recipe_text(tiny_assets)), ["slurm.max_restarts=2"])
+    run = RunDir(tmp_path / "run")
+    run.root.mkdir()
+    render_run(recipe, run)
+    return run
+
+
+@pytest.fixture
+def requeued(monkeypatch) -> list[str]:
+    """SLURM's requeue, recorded instead of called: this is a decision test, not a cluster test."""
+    calls = []
+    monkeypatch.setattr(requeue, "requeue_self", lambda: calls.append(os.environ["SLURM_JOB_ID"]) or True)
+    monkeypatch.setenv("SLURM_JOB_ID", "77")
+    monkeypatch.setenv("SLURM_RESTART_COUNT", "0")
+    return calls
+
+
+def log_steps(run: RunDir, count: int) -> None:
+    run.logs.mkdir(exist_ok=True)
+    with open(run.metrics_log, "a") as handle:
+        for _ in range(count):
+            handle.write(json.dumps({"step": 1, "loss": 1.0}) + "\n")
+
+
+def test_a_crash_is_requeued_up_to_max_restarts_while_steps_are_made(run, requeued, monkeypatch):
+    assert requeue.after_job_step(run, 0) == "ok" and requeued == []
+    log_steps(run, 3)
+    assert requeue.after_job_step(run, 1) == "requeued"
+    log_steps(run, 2)  # the second attempt trained on, then crashed
+    monkeypatch.setenv("SLURM_RESTART_COUNT", "1")
+    assert requeue.after_job_step(run, 1) == "requeued"
+    manifest = run.manifest()
+    assert (manifest.crash_restarts, manifest.requeues, manifest.logged_steps_at_last_crash) == (2, 2, 5)
+    assert manifest.state == State.REQUEUED and requeued == ["77", "77"]
+    log_steps(run, 1)
+    assert requeue.after_job_step(run, 1) == "failed (exit code 1; 2 of 2 crash restarts used)"
+    assert len(requeued) == 2
+
+
+def test_a_crash_without_a_step_since_the_last_one_is_not_requeued(run, requeued):
+    log_steps(run, 4)
+    assert requeue.after_job_step(run, 137) == "requeued"
+    assert requeue.after_job_step(run, 137).startswith("failed (exit code 137; no training step since")
+    assert requeued == ["77"]
+
+
+def test_a_stop_signal_requeues_even_after_a_clean_exit_and_a_cancelled_run_is_not_requeued(run, requeued):
+    run.update_manifest(stopped_in="77.0", state=State.PREEMPTED)
+    assert requeue.after_job_step(run, 0) == "requeued after the stop signal" and requeued == ["77"]
+    run.update_manifest(stopped_in=None, state=State.CANCELLED)
+    log_steps(run, 1)
+    assert requeue.after_job_step(run, 143) == "failed (exit code 143; 0 of 2 crash restarts used)"
+    assert requeued == ["77"]
+
+
+def test_memory_estimates_match_the_documented_arithmetic(tmp_path, tiny_assets):
+    from launcher.preflight import run_preflight
+
+    path = write_recipe(tmp_path, tiny_recipe_text(tiny_assets))
+    lora = run_preflight(load_recipe(path), examples=1000)
+    # fp32 LoRA, ZeRO-2 over 2 ranks, tiny Llama (111,936 parameters, hidden 64, 2 layers, 4 heads,
+    # vocab 296), 16,384 adapter parameters, 8 x 64 tokens per step:
+    weights, adapter = 111_936 * 4, 16_384 * 4
+    gradients, optimizer = adapter / 2, 16_384 * 8 / 2
+    tokens = 8 * 64
+    activations = 2 * (tokens * 64 * 34 + 5 * 4 * tokens * 64) * 2 + tokens * 296 * 4 * 2
+    assert lora.memory_bytes == weights + adapter + gradients + optimizer + activations == 8_901_888
+    qlora = run_preflight(load_recipe(path, ['peft.method="qlora"', 'model.dtype="bf16"', 'distributed.deepspeed="zero3"',
+                                             "train.gradient_checkpointing=true"]), examples=1000)
+    assert qlora.memory_bytes == pytest.approx(2_850_882.56)  # pinned: a change to the estimate is deliberate
+
+
+@pytest.mark.parametrize("examples, overrides, steps", [
+    (1000, [], 12),  # max_steps wins
+    (1000, ["train.max_steps=-1"], 63),  # ceil(ceil(1000 / 2 ranks) / 8 per batch)
+    (1000, ["train.max_steps=-1", "train.gradient_accumulation_steps=4", "train.epochs=3"], 45),  # 3 x (63 // 4)
+    (5, ["train.max_steps=-1"], 1),  # fewer examples than a batch: one step
+])
+def test_planned_steps(tmp_path, tiny_assets, examples, overrides, steps):
+    recipe = load_recipe(write_recipe(tmp_path, tiny_recipe_text(tiny_assets)), overrides)
+    assert planned_steps(recipe, examples) == steps
+
+
+def test_adalora_schedule_takes_fractions_or_steps(tmp_path, tiny_assets):
+    path = write_recipe(tmp_path, tiny_recipe_text(tiny_assets, extra='[peft]\nmethod = "adalora"\n'))
+    assert load_recipe(path).peft.adalora_steps(200) == (20, 40)  # defaults 0.1 and 0.2 of the run
+    assert load_recipe(path, ["peft.tinit=15", "peft.tfinal=0.5"]).peft.adalora_steps(200) == (15, 100)
+
+
+def test_resume_reconciliation_accepts_safe_changes_and_refuses_the_rest(tmp_path):
+    old = {"train": {"max_steps": 10, "learning_rate": 1e-3}, "eval": {"shards": 1}, "peft": {"r": 8}}
+    new = {"train": {"max_steps": 20, "learning_rate": 1e-3}, "eval": {"shards": 2}, "peft": {"r": 8}}
+    assert reconcile(old, new, tmp_path) == ["eval.shards: 1 -> 2 (the new value wins)",
+                                              "train.max_steps: 10 -> 20 (the new value wins)"]
+    with pytest.raises(UserError) as refused:
+        reconcile(old, new | {"peft": {"r": 4}, "train": {"max_steps": 10, "learning_rate": 2e-3}}, tmp_path)
+    assert [line.split(" cannot")[0] for line in refused.value.lines] == ["peft.r: 8 -> 4", "train.learning_rate: 0.001 -> 0.002"]
+
+
+@pytest.mark.parametrize("text, expected", [("90", 90), ("01:00:00", 60), ("00:10:01", 11), ("2-00:30:00", 2910)])
+def test_slurm_times_in_minutes(text, expected):
+    assert minutes(text) == expected
+
+
+def add_requeues(root: str, count: int) -> None:
+    run = RunDir(__import__("pathlib").Path(root))
+    for _ in range(count):
+        with run.editing_manifest() as manifest:
+            manifest.requeues += 1
+
+
+def test_concurrent_manifest_updates_lose_nothing(run):
+    writers = [multiprocessing.get_context("spawn").Process(target=add_requeues, args=(str(run.root), 25))
+               for _ in range(4)]
+    for writer in writers:
+        writer.start()
+    for writer in writers:
+        writer.join(60)
+    assert [w.exitcode for w in writers] == [0] * 4
+    assert run.manifest().requeues == 100
+
+
+def test_a_lock_left_by_a_killed_holder_is_taken_over(tmp_path):
+    lock = tmp_path / ".lock"
+    lock.write_text("n9 4242 0")  # a holder that died inside its block
+    os.utime(lock, (time.time() - 600, time.time() - 600))
+    with exclusive(lock, stale_after_s=60):
+        assert lock.read_text().split()[1] == str(os.getpid())
+    assert not lock.exists()
+    lock.write_text("n9 4243 0")  # fresh: someone holds it now
+    with pytest.raises(TimeoutError, match="held for more than"):
+        with exclusive(lock, stale_after_s=60, timeout_s=0.3):
+            pass
+
+
+def test_an_unknown_manifest_key_or_state_is_refused(run):
+    with pytest.raises(ValueError):
+        Manifest.model_validate(json.loads(run.manifest_path.read_text()) | {"chained": ["merge"]})
+    with pytest.raises(ValueError):
+        Manifest.model_validate(json.loads(run.manifest_path.read_text()) | {"state": "finished"})
