@@ -11,7 +11,13 @@ generated tokens the same way (up to EOS); they alternate, twice each, in one pr
 Then the whole `launch eval` path (plan, shards, reference loss, metrics, report) on the base
 model with eval.shards = 1 and 2, each in fresh processes. Prints JSON lines and the ratios.
 """
+
 from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from launcher.recipe import Recipe
 
 import argparse
 import json
@@ -33,8 +39,13 @@ def build(out: Path, hidden: int, layers: int, examples: int, seed: int = 0) -> 
     rows = []
     for _ in range(examples):
         length = int(math.exp(rng.uniform(math.log(4), math.log(256))))
-        rows.append({"instruction": " ".join(rng.choice(words) for _ in range(length)), "input": "",
-                     "output": " ".join(rng.choice(words) for _ in range(8))})
+        rows.append(
+            {
+                "instruction": " ".join(rng.choice(words) for _ in range(length)),
+                "input": "",
+                "output": " ".join(rng.choice(words) for _ in range(8)),
+            }
+        )
     data = write_jsonl(rows, out / "prompts.jsonl")
     model = build_tiny_llama(out / "model", [" ".join(words)] * 4, hidden=hidden, layers=layers, heads=max(hidden // 64, 4))
     config = json.loads((model / "config.json").read_text())
@@ -43,15 +54,24 @@ def build(out: Path, hidden: int, layers: int, examples: int, seed: int = 0) -> 
     return model, data
 
 
-def recipe_for(model: Path, data: Path, args) -> "Recipe":
+def recipe_for(model: Path, data: Path, args) -> Recipe:
     from launcher.recipe import validate_recipe
 
-    return validate_recipe({
-        "name": "eval-bench", "model": {"name_or_path": str(model), "dtype": args.dtype},
-        "data": {"train_file": str(data), "template": "plain", "max_length": 2048},
-        "distributed": {"device": args.device},
-        "eval": {"data": str(data), "max_examples": args.examples, "batch_size": args.batch_size,
-                 "max_new_tokens": args.max_new_tokens}}, source="eval_bench")
+    return validate_recipe(
+        {
+            "name": "eval-bench",
+            "model": {"name_or_path": str(model), "dtype": args.dtype},
+            "data": {"train_file": str(data), "template": "plain", "max_length": 2048},
+            "distributed": {"device": args.device},
+            "eval": {
+                "data": str(data),
+                "max_examples": args.examples,
+                "batch_size": args.batch_size,
+                "max_new_tokens": args.max_new_tokens,
+            },
+        },
+        source="eval_bench",
+    )
 
 
 def naive_generate(model, tokenizer, prompts: list[str], batch_size: int, max_new_tokens: int) -> int:
@@ -60,10 +80,15 @@ def naive_generate(model, tokenizer, prompts: list[str], batch_size: int, max_ne
 
     tokens = 0
     for start in range(0, len(prompts), batch_size):
-        batch = tokenizer(prompts[start:start + batch_size], padding="longest", return_tensors="pt").to(model.device)
-        out = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False,
-                             pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
-        for row in out[:, batch["input_ids"].shape[1]:].cpu().tolist():
+        batch = tokenizer(prompts[start : start + batch_size], padding="longest", return_tensors="pt").to(model.device)
+        out = model.generate(
+            **batch,
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            pad_token_id=tokenizer.pad_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+        )
+        for row in out[:, batch["input_ids"].shape[1] :].cpu().tolist():
             tokens += generated_length(row, tokenizer.eos_token_id)
     return tokens
 
@@ -82,7 +107,7 @@ def loops(recipe, repeats: int = 2) -> list[dict]:
     e = recipe.eval
     results = []
     with torch.no_grad():
-        naive_generate(model, tokenizer, prompts[:e.batch_size], e.batch_size, 4)  # warm-up
+        naive_generate(model, tokenizer, prompts[: e.batch_size], e.batch_size, 4)  # warm-up
         for _ in range(repeats):
             for name in ("naive", "launch"):
                 sync(device)
@@ -93,8 +118,14 @@ def loops(recipe, repeats: int = 2) -> list[dict]:
                     tokens = sum(count for _, count in generate(model, tokenizer, examples, recipe))
                 sync(device)
                 seconds = time.perf_counter() - started
-                results.append({"contender": name, "generated_tokens": tokens, "seconds": round(seconds, 3),
-                                "tokens_per_s": round(tokens / seconds, 1)})
+                results.append(
+                    {
+                        "contender": name,
+                        "generated_tokens": tokens,
+                        "seconds": round(seconds, 3),
+                        "tokens_per_s": round(tokens / seconds, 1),
+                    }
+                )
                 print(json.dumps(results[-1]), flush=True)
     return results
 
@@ -121,8 +152,13 @@ def sharded(recipe, out: Path, shards: int) -> dict:
     result = run_evaluation(recipe, folder, "local", Console(quiet=True))
     seconds = time.perf_counter() - started
     tokens = result["speed"]["base"]["generated_tokens"]
-    row = {"contender": f"launch eval, {shards} shard(s)", "examples": result["examples"], "generated_tokens": tokens,
-           "wall_s": round(seconds, 2), "tokens_per_s": round(tokens / seconds, 1)}
+    row = {
+        "contender": f"launch eval, {shards} shard(s)",
+        "examples": result["examples"],
+        "generated_tokens": tokens,
+        "wall_s": round(seconds, 2),
+        "tokens_per_s": round(tokens / seconds, 1),
+    }
     print(json.dumps(row), flush=True)
     return row
 
@@ -130,8 +166,14 @@ def sharded(recipe, out: Path, shards: int) -> dict:
 def machine(device: str) -> str:
     import torch
 
-    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                if line.startswith("model name")), platform.machine())
+    cpu = next(
+        (
+            line.split(":", 1)[1].strip()
+            for line in Path("/proc/cpuinfo").read_text().splitlines()
+            if line.startswith("model name")
+        ),
+        platform.machine(),
+    )
     cores = len(os.sched_getaffinity(0))
     gpu = f"{torch.cuda.get_device_name()}, " if device == "cuda" else ""
     return f"{gpu}{cores} cores of {cpu}"
@@ -154,14 +196,32 @@ def main() -> None:
     shutil.rmtree(args.out, ignore_errors=True)
     model, data = build(args.out, args.hidden, args.layers, args.examples)
     recipe = recipe_for(model, data, args)
-    print(json.dumps({"machine": machine(args.device), "date": time.strftime("%Y-%m-%d"), "device": args.device,
-                      "hidden": args.hidden, "layers": args.layers, "examples": args.examples,
-                      "batch_size": args.batch_size, "max_new_tokens": args.max_new_tokens}), flush=True)
+    print(
+        json.dumps(
+            {
+                "machine": machine(args.device),
+                "date": time.strftime("%Y-%m-%d"),
+                "device": args.device,
+                "hidden": args.hidden,
+                "layers": args.layers,
+                "examples": args.examples,
+                "batch_size": args.batch_size,
+                "max_new_tokens": args.max_new_tokens,
+            }
+        ),
+        flush=True,
+    )
     rows = loops(recipe)
     best = {name: max(r["tokens_per_s"] for r in rows if r["contender"] == name) for name in ("naive", "launch")}
     one, two = sharded(recipe, args.out, 1), sharded(recipe, args.out, 2)
-    print(json.dumps({"launch_over_naive_tokens_per_s": round(best["launch"] / best["naive"], 2),
-                      "two_shards_over_one_wall": round(one["wall_s"] / two["wall_s"], 2)}))
+    print(
+        json.dumps(
+            {
+                "launch_over_naive_tokens_per_s": round(best["launch"] / best["naive"], 2),
+                "two_shards_over_one_wall": round(one["wall_s"] / two["wall_s"], 2),
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@ linear layers, then runs each contender in its own process (so peak RSS is its o
 the other in the same run: `cp` of the shards (the disk's limit), the streaming merge, and
 PEFT's merge_and_unload + save_pretrained. Prints one JSON line per contender and the ratios.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -26,13 +27,18 @@ def build(out: Path, hidden: int, layers: int) -> tuple[Path, Path]:
     base, adapter = out / "base", out / "adapter"
     if base.exists() and adapter.exists():
         return base, adapter
-    config = LlamaConfig(hidden_size=hidden, intermediate_size=hidden * 11 // 4, num_hidden_layers=layers,
-                         num_attention_heads=hidden // 128, num_key_value_heads=hidden // 128, vocab_size=32000)
+    config = LlamaConfig(
+        hidden_size=hidden,
+        intermediate_size=hidden * 11 // 4,
+        num_hidden_layers=layers,
+        num_attention_heads=hidden // 128,
+        num_key_value_heads=hidden // 128,
+        vocab_size=32000,
+    )
     torch.manual_seed(0)
     model = LlamaForCausalLM(config)
     model.save_pretrained(base, max_shard_size="1GB")
-    tuned = peft.get_peft_model(model, peft.LoraConfig(r=16, lora_alpha=32, target_modules="all-linear",
-                                                        init_lora_weights=False))
+    tuned = peft.get_peft_model(model, peft.LoraConfig(r=16, lora_alpha=32, target_modules="all-linear", init_lora_weights=False))
     tuned.save_pretrained(adapter)
     return base, adapter
 
@@ -56,8 +62,7 @@ def contender(kind: str, base: Path, adapter: Path, out: Path) -> dict:
 
         model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
         PeftModel.from_pretrained(model, str(adapter)).merge_and_unload().save_pretrained(out, max_shard_size="1GB")
-    return {"contender": kind, "wall_s": round(time.perf_counter() - started, 2),
-            "peak_rss_mib": peak_rss_mib()}
+    return {"contender": kind, "wall_s": round(time.perf_counter() - started, 2), "peak_rss_mib": peak_rss_mib()}
 
 
 def main() -> None:
@@ -78,16 +83,24 @@ def main() -> None:
     for kind in ("copy", "streaming", "peft"):
         target = args.out / f"out-{kind}"
         shutil.rmtree(target, ignore_errors=True)
-        done = subprocess.run([sys.executable, __file__, "--one", kind, str(base), str(adapter), str(target)],
-                              capture_output=True, text=True, check=True)
+        done = subprocess.run(
+            [sys.executable, __file__, "--one", kind, str(base), str(adapter), str(target)],
+            capture_output=True,
+            text=True,
+            check=True,
+        )
         results[kind] = json.loads(done.stdout.strip().splitlines()[-1])
         print(json.dumps(results[kind]))
         shutil.rmtree(target, ignore_errors=True)
-    print(json.dumps({
-        "peak_rss_peft_over_streaming": round(results["peft"]["peak_rss_mib"] / results["streaming"]["peak_rss_mib"], 2),
-        "wall_peft_over_streaming": round(results["peft"]["wall_s"] / results["streaming"]["wall_s"], 2),
-        "wall_streaming_over_copy": round(results["streaming"]["wall_s"] / results["copy"]["wall_s"], 2),
-    }))
+    print(
+        json.dumps(
+            {
+                "peak_rss_peft_over_streaming": round(results["peft"]["peak_rss_mib"] / results["streaming"]["peak_rss_mib"], 2),
+                "wall_peft_over_streaming": round(results["peft"]["wall_s"] / results["streaming"]["wall_s"], 2),
+                "wall_streaming_over_copy": round(results["streaming"]["wall_s"] / results["copy"]["wall_s"], 2),
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -3,6 +3,7 @@
 Used by the quickstart (its assets under recipes/assets/ were written by `python -m
 launcher.assets recipes/assets`) and by the tests, which build their own copies.
 """
+
 from __future__ import annotations
 
 import json
@@ -19,11 +20,13 @@ def parity_rows(count: int, seed: int = 0) -> list[dict[str, str]]:
     rows = []
     for _ in range(count):
         number = rng.randrange(0, 10 ** rng.randint(1, 4))
-        rows.append({
-            "instruction": "Is this number even or odd?",
-            "input": str(number),
-            "output": "even" if number % 2 == 0 else "odd",
-        })
+        rows.append(
+            {
+                "instruction": "Is this number even or odd?",
+                "input": str(number),
+                "output": "even" if number % 2 == 0 else "odd",
+            }
+        )
     return rows
 
 
@@ -40,24 +43,29 @@ def build_tokenizer(texts: list[str], out_dir: Path, vocab_size: int = 384):
 
     tokenizer = Tokenizer(models.BPE())
     # One token per digit, so arithmetic-style tasks see every digit (as Llama's tokenizer does).
-    tokenizer.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Digits(individual_digits=True), pre_tokenizers.ByteLevel(add_prefix_space=False)])
+    tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
+        [pre_tokenizers.Digits(individual_digits=True), pre_tokenizers.ByteLevel(add_prefix_space=False)]
+    )
     tokenizer.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS,
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False,
+        vocab_size=vocab_size,
+        special_tokens=SPECIAL_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
     )
     tokenizer.train_from_iterator(texts, trainer=trainer)
     wrapped = PreTrainedTokenizerFast(
-        tokenizer_object=tokenizer, pad_token="<pad>", bos_token="<s>", eos_token="</s>",
+        tokenizer_object=tokenizer,
+        pad_token="<pad>",
+        bos_token="<s>",
+        eos_token="</s>",
         additional_special_tokens=["<|im_start|>", "<|im_end|>"],
     )
     wrapped.save_pretrained(out_dir)
     return wrapped
 
 
-def build_tiny_llama(out_dir: Path, texts: list[str], hidden: int = 64, layers: int = 2, seed: int = 0,
-                     heads: int = 4) -> Path:
+def build_tiny_llama(out_dir: Path, texts: list[str], hidden: int = 64, layers: int = 2, seed: int = 0, heads: int = 4) -> Path:
     """A randomly initialised Llama of ~0.1M parameters plus its tokenizer, saved with save_pretrained."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
@@ -65,11 +73,17 @@ def build_tiny_llama(out_dir: Path, texts: list[str], hidden: int = 64, layers: 
     out_dir = Path(out_dir)
     tokenizer = build_tokenizer(texts, out_dir)
     config = LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=hidden * 2,
-        num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=max(heads // 2, 1),
-        max_position_embeddings=512, tie_word_embeddings=False,
+        vocab_size=len(tokenizer),
+        hidden_size=hidden,
+        intermediate_size=hidden * 2,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=max(heads // 2, 1),
+        max_position_embeddings=512,
+        tie_word_embeddings=False,
         initializer_range=0.05,
-        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
     )
     torch.manual_seed(seed)
@@ -86,7 +100,9 @@ def build_tiny_llama(out_dir: Path, texts: list[str], hidden: int = 64, layers: 
 
 def corpus_of(rows: list[dict[str, str]]) -> list[str]:
     return [" ".join(str(v) for v in row.values()) for row in rows] + [
-        "<|im_start|>user\n", "<|im_start|>assistant\n", "<|im_end|>\n",
+        "<|im_start|>user\n",
+        "<|im_start|>assistant\n",
+        "<|im_end|>\n",
     ]
 
 

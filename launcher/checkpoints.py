@@ -5,6 +5,7 @@ after every rank has written and fsynced its files, with write-to-temp + fsync +
 job killed mid-save leaves a checkpoint without a marker, which resume, rotation, merge and
 eval all ignore.
 """
+
 from __future__ import annotations
 
 import json

@@ -1,13 +1,14 @@
 """`launch`: argument parsing only; each command calls one stage.
 
-    launch RECIPE.toml [--set KEY=VALUE ...] [--run-dir DIR] [--dry-run] [--procs-per-node N]
-    launch check RECIPE.toml [--set KEY=VALUE ...]
-    launch merge RUN_DIR [--checkpoint N] [--overwrite]
-    launch eval RUN_DIR|ADAPTER_DIR ... [--data FILE] [--shards K] [--executor local|slurm] [--checkpoints all]
-    launch status [RUN_DIR]
-    launch logs RUN_DIR [--rank N] [-f]
-    launch cancel RUN_DIR
+launch RECIPE.toml [--set KEY=VALUE ...] [--run-dir DIR] [--dry-run] [--procs-per-node N]
+launch check RECIPE.toml [--set KEY=VALUE ...]
+launch merge RUN_DIR [--checkpoint N] [--overwrite]
+launch eval RUN_DIR|ADAPTER_DIR ... [--data FILE] [--shards K] [--executor local|slurm] [--checkpoints all]
+launch status [RUN_DIR]
+launch logs RUN_DIR [--rank N] [-f]
+launch cancel RUN_DIR
 """
+
 from __future__ import annotations
 
 import argparse
@@ -50,91 +51,157 @@ def main(argv: list[str] | None = None) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="launch", description="Validate, render, train, merge and evaluate a PEFT fine-tuning recipe.",
+        prog="launch",
+        description="Validate, render, train, merge and evaluate a PEFT fine-tuning recipe.",
         epilog="`launch RECIPE.toml ...` is short for `launch run RECIPE.toml ...`. "
-               "Run `launch COMMAND --help` for each command's options.")
+        "Run `launch COMMAND --help` for each command's options.",
+    )
     commands = parser.add_subparsers(title="commands", metavar="COMMAND")
 
-    run = commands.add_parser("run", help="train a recipe end to end (the default command)",
-                              description="Render the run dir, train on every rank, then merge and evaluate. "
-                                          "Re-running on an existing run dir continues it.")
+    run = commands.add_parser(
+        "run",
+        help="train a recipe end to end (the default command)",
+        description="Render the run dir, train on every rank, then merge and evaluate. "
+        "Re-running on an existing run dir continues it.",
+    )
     add_recipe_arguments(run)
     run.add_argument("--run-dir", type=Path, help="where the run writes (default: runs/<recipe name>)")
     run.add_argument("--dry-run", action="store_true", help="write the rendered files, print where, and stop")
-    run.add_argument("--executor", choices=["auto", "local", "slurm"], default="auto",
-                     help="where the ranks run (auto: SLURM when sbatch answers and a partition is known, else local)")
-    run.add_argument("--resume", default="auto", metavar="auto|never|CHECKPOINT",
-                     help="auto: continue an existing run from its newest complete checkpoint (default); never: "
-                          "refuse to reuse a run dir; CHECKPOINT: continue from that one (newer results are kept, renamed)")
+    run.add_argument(
+        "--executor",
+        choices=["auto", "local", "slurm"],
+        default="auto",
+        help="where the ranks run (auto: SLURM when sbatch answers and a partition is known, else local)",
+    )
+    run.add_argument(
+        "--resume",
+        default="auto",
+        metavar="auto|never|CHECKPOINT",
+        help="auto: continue an existing run from its newest complete checkpoint (default); never: "
+        "refuse to reuse a run dir; CHECKPOINT: continue from that one (newer results are kept, renamed)",
+    )
     run.add_argument("--detach", action="store_true", help="with SLURM: return after submitting instead of following the job")
     add_topology_arguments(run)
     run.set_defaults(handler=command_run)
 
-    check = commands.add_parser("check", help="validate a recipe and run the pre-flight checks, running nothing",
-                                description="Validate the recipe, read its data, build the model on the meta device "
-                                            "(no weights) and check target modules, the method's compatibility, the "
-                                            "batch arithmetic and the per-device memory estimate.")
+    check = commands.add_parser(
+        "check",
+        help="validate a recipe and run the pre-flight checks, running nothing",
+        description="Validate the recipe, read its data, build the model on the meta device "
+        "(no weights) and check target modules, the method's compatibility, the "
+        "batch arithmetic and the per-device memory estimate.",
+    )
     add_recipe_arguments(check)
-    check.add_argument("--show-samples", type=int, default=0, metavar="N",
-                       help="print N tokenized training samples with the masked (not trained) part marked")
+    check.add_argument(
+        "--show-samples",
+        type=int,
+        default=0,
+        metavar="N",
+        help="print N tokenized training samples with the masked (not trained) part marked",
+    )
     add_topology_arguments(check)
     check.set_defaults(handler=command_check)
 
-    merge = commands.add_parser("merge", help="merge the final adapter into the base model (RUN_DIR/merged)",
-                                description="Re-run the merge of a finished run: stream the base model's shards "
-                                            "and add the adapter's deltas (RUN_DIR/merged).")
+    merge = commands.add_parser(
+        "merge",
+        help="merge the final adapter into the base model (RUN_DIR/merged)",
+        description="Re-run the merge of a finished run: stream the base model's shards "
+        "and add the adapter's deltas (RUN_DIR/merged).",
+    )
     merge.add_argument("run_dir", type=Path, metavar="RUN_DIR", nargs="?")
     merge.add_argument("--overwrite", action="store_true", help="replace the existing output")
-    merge.add_argument("--checkpoint", type=int, metavar="N",
-                       help="merge the adapter of the complete checkpoint checkpoints/checkpoint-N into "
-                            "RUN_DIR/merged-checkpoint-N instead of the final adapter")
-    merge.add_argument("--adapters", type=Path, nargs="+", metavar="RUN_DIR|ADAPTER_DIR",
-                       help="combine these LoRA adapters (same base) into one, written to --out")
+    merge.add_argument(
+        "--checkpoint",
+        type=int,
+        metavar="N",
+        help="merge the adapter of the complete checkpoint checkpoints/checkpoint-N into "
+        "RUN_DIR/merged-checkpoint-N instead of the final adapter",
+    )
+    merge.add_argument(
+        "--adapters",
+        type=Path,
+        nargs="+",
+        metavar="RUN_DIR|ADAPTER_DIR",
+        help="combine these LoRA adapters (same base) into one, written to --out",
+    )
     merge.add_argument("--weights", type=float, nargs="+", metavar="W", help="one weight per adapter, e.g. 0.6 0.4")
-    merge.add_argument("--method", default="cat", choices=METHODS,
-                       help="PEFT's combination: cat (default) and svd are exact, linear/ties/dare_* approximate")
+    merge.add_argument(
+        "--method",
+        default="cat",
+        choices=METHODS,
+        help="PEFT's combination: cat (default) and svd are exact, linear/ties/dare_* approximate",
+    )
     merge.add_argument("--density", type=float, help="fraction of each delta kept by ties, dare_* and magnitude_prune")
     merge.add_argument("--out", type=Path, metavar="DIR", help="where the combined adapter goes (with --adapters)")
-    merge.add_argument("--recipe", type=Path, metavar="RECIPE.toml", help="the base model's recipe, for adapter "
-                                                                         "folders outside any run dir")
-    merge.add_argument("--into-base", action="store_true",
-                       help="with --adapters: also stream-merge the combined adapter into the base model (DIR-merged)")
+    merge.add_argument(
+        "--recipe", type=Path, metavar="RECIPE.toml", help="the base model's recipe, for adapter folders outside any run dir"
+    )
+    merge.add_argument(
+        "--into-base",
+        action="store_true",
+        help="with --adapters: also stream-merge the combined adapter into the base model (DIR-merged)",
+    )
     merge.set_defaults(handler=command_merge)
 
     evaluation = commands.add_parser(
-        "eval", help="batch-evaluate the base model and adapters side by side (RUN_DIR/eval)",
+        "eval",
+        help="batch-evaluate the base model and adapters side by side (RUN_DIR/eval)",
         description="Batched generation and reference loss for the base model and each adapter or checkpoint, "
-                    "sharded over processes or SLURM tasks; a re-run resumes the unfinished shards. Writes "
-                    "predictions.jsonl, metrics.json, report.md and report.html.")
-    evaluation.add_argument("targets", type=Path, nargs="+", metavar="RUN_DIR|ADAPTER_DIR",
-                            help="run dirs (their final adapter) or adapter folders, evaluated side by side")
-    evaluation.add_argument("--data", metavar="FILE", help="evaluate on this file (in the recipe's data.format) "
-                                                           "instead of eval.data or the held-out split")
+        "sharded over processes or SLURM tasks; a re-run resumes the unfinished shards. Writes "
+        "predictions.jsonl, metrics.json, report.md and report.html.",
+    )
+    evaluation.add_argument(
+        "targets",
+        type=Path,
+        nargs="+",
+        metavar="RUN_DIR|ADAPTER_DIR",
+        help="run dirs (their final adapter) or adapter folders, evaluated side by side",
+    )
+    evaluation.add_argument(
+        "--data",
+        metavar="FILE",
+        help="evaluate on this file (in the recipe's data.format) instead of eval.data or the held-out split",
+    )
     evaluation.add_argument("--shards", type=int, metavar="K", help="split the examples over K processes or SLURM tasks")
     evaluation.add_argument("--executor", choices=["local", "slurm"], default="local", help="where the shards run")
-    evaluation.add_argument("--checkpoints", choices=["final", "all"],
-                            help="all: every complete checkpoint of each run too (eval.checkpoints)")
-    evaluation.add_argument("--recipe", type=Path, metavar="RECIPE.toml",
-                            help="the recipe of adapter folders that are not inside a run dir")
+    evaluation.add_argument(
+        "--checkpoints", choices=["final", "all"], help="all: every complete checkpoint of each run too (eval.checkpoints)"
+    )
+    evaluation.add_argument(
+        "--recipe", type=Path, metavar="RECIPE.toml", help="the recipe of adapter folders that are not inside a run dir"
+    )
     evaluation.add_argument("--out", type=Path, metavar="DIR", help="where to write (default: the first run's eval/)")
     evaluation.add_argument("--no-base", action="store_true", help="leave the base model out")
-    evaluation.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                            help="override an [eval] key, e.g. --set eval.max_new_tokens=64 (repeatable)")
+    evaluation.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override an [eval] key, e.g. --set eval.max_new_tokens=64 (repeatable)",
+    )
     evaluation.add_argument("--overwrite", action="store_true", help="replace an evaluation already in the folder")
     evaluation.set_defaults(handler=command_eval)
 
-    status = commands.add_parser("status", help="state of one run, or of every run under runs/",
-                                 description="Show state, steps done and outputs from the run dirs' manifests.")
+    status = commands.add_parser(
+        "status",
+        help="state of one run, or of every run under runs/",
+        description="Show state, steps done and outputs from the run dirs' manifests.",
+    )
     status.add_argument("run_dir", type=Path, nargs="?", metavar="RUN_DIR")
     status.set_defaults(handler=command_status)
 
-    logs = commands.add_parser("logs", help="print (or follow) one rank's log", description="Print a rank's log from RUN_DIR/logs.")
+    logs = commands.add_parser(
+        "logs", help="print (or follow) one rank's log", description="Print a rank's log from RUN_DIR/logs."
+    )
     logs.add_argument("run_dir", type=Path, metavar="RUN_DIR")
     logs.add_argument("--rank", type=int, default=0, help="which rank (default 0)")
     logs.add_argument("-f", "--follow", action="store_true", help="keep printing new lines until the job ends")
     logs.set_defaults(handler=command_logs)
 
-    cancel = commands.add_parser("cancel", help="cancel a run's job", description="Cancel the run's running job (SLURM or local).")
+    cancel = commands.add_parser(
+        "cancel", help="cancel a run's job", description="Cancel the run's running job (SLURM or local)."
+    )
     cancel.add_argument("run_dir", type=Path, metavar="RUN_DIR")
     cancel.set_defaults(handler=command_cancel)
     return parser
@@ -151,12 +218,23 @@ def add_topology_arguments(parser: argparse.ArgumentParser) -> None:
 
 def add_recipe_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("recipe", type=Path, metavar="RECIPE.toml", help="the experiment's recipe")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a recipe key, e.g. --set train.learning_rate=2e-4 (repeatable)")
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a recipe key, e.g. --set train.learning_rate=2e-4 (repeatable)",
+    )
 
 
-FLAG_KEYS = {"nodes": "distributed.nodes", "procs_per_node": "distributed.procs_per_node",
-             "time": "slurm.time", "partition": "slurm.partition", "profile": "slurm.profile"}
+FLAG_KEYS = {
+    "nodes": "distributed.nodes",
+    "procs_per_node": "distributed.procs_per_node",
+    "time": "slurm.time",
+    "partition": "slurm.partition",
+    "profile": "slurm.profile",
+}
 
 
 def recipe_from(args: argparse.Namespace) -> Recipe:
@@ -192,10 +270,15 @@ def command_check(args: argparse.Namespace, console: Console) -> int:
     ds_config = render_deepspeed(recipe)
     console.print(f"{args.recipe}: valid", highlight=False)
     if recipe.slurm.profile:
-        console.print(f"  SLURM profile {recipe.slurm.profile}: partition {recipe.slurm.partition}, time {recipe.slurm.time}", highlight=False)
-    console.print(f"  model {recipe.model.name_or_path} ({recipe.model.dtype}), peft {recipe.peft.method}, "
-                  f"{recipe.world_size()} ranks, DeepSpeed {recipe.distributed.deepspeed} (ZeRO-{zero_stage(ds_config)})",
-                  highlight=False)
+        console.print(
+            f"  SLURM profile {recipe.slurm.profile}: partition {recipe.slurm.partition}, time {recipe.slurm.time}",
+            highlight=False,
+        )
+    console.print(
+        f"  model {recipe.model.name_or_path} ({recipe.model.dtype}), peft {recipe.peft.method}, "
+        f"{recipe.world_size()} ranks, DeepSpeed {recipe.distributed.deepspeed} (ZeRO-{zero_stage(ds_config)})",
+        highlight=False,
+    )
     report = preflight(recipe, console, samples=args.show_samples)
     return 2 if report.errors else 0
 
@@ -282,14 +365,20 @@ def command_eval(args: argparse.Namespace, console: Console) -> int:
     from launcher.pipeline import metrics_table, run_evaluation
 
     runs, adapters, recipe_path = eval_targets(args.targets, args.recipe)
-    overrides = list(args.overrides) + [f"{key}={json.dumps(value)}" for key, value in
-                                        (("eval.shards", args.shards), ("eval.checkpoints", args.checkpoints))
-                                        if value is not None]
+    overrides = list(args.overrides) + [
+        f"{key}={json.dumps(value)}"
+        for key, value in (("eval.shards", args.shards), ("eval.checkpoints", args.checkpoints))
+        if value is not None
+    ]
     recipe = load_recipe(recipe_path, overrides)
     bases = {run.load_recipe().model.name_or_path for run in runs} | {recipe.model.name_or_path}
     if len(bases) > 1:
-        raise UserError([f"eval: the runs were trained on different base models ({', '.join(sorted(bases))}); "
-                           "evaluate each base in its own command"])
+        raise UserError(
+            [
+                f"eval: the runs were trained on different base models ({', '.join(sorted(bases))}); "
+                "evaluate each base in its own command"
+            ]
+        )
     missing = [run.root for run in runs if not run.adapter.exists() and recipe.eval.checkpoints == "final"]
     if missing:
         raise UserError([f"{missing[0]}: no final adapter yet; finish training, or pass --checkpoints all"])

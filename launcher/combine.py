@@ -1,14 +1,15 @@
 """Combining LoRA adapters trained on the same base into one (PEFT's add_weighted_adapter)."""
+
 from __future__ import annotations
 
 import json
 from pathlib import Path
 
-from launcher.merge import validate_adapter
-from launcher.runs import publish, staging_for
 from launcher import methods
 from launcher.errors import UserError
+from launcher.merge import validate_adapter
 from launcher.recipe import Recipe
+from launcher.runs import publish, staging_for
 
 # cat and svd are exact (cat: rank = the sum of ranks); linear, ties and dare_* approximate.
 METHODS = ("linear", "cat", "svd", "ties", "ties_svd", "dare_linear", "dare_ties", "magnitude_prune")
@@ -29,14 +30,23 @@ def check_combination(adapters: list[Path], weights: list[float], method: str, d
         problems.append(f"--adapters: only LoRA adapters (lora, qlora, lora-8bit) combine; these are {sorted(map(str, types))}")
     bases = {c.get("base_model_name_or_path") for c in configs}
     if len(bases) > 1:
-        problems.append(f"--adapters: trained on different base models ({', '.join(sorted(map(str, bases)))}); "
-                        "only adapters of the same base combine")
+        problems.append(
+            f"--adapters: trained on different base models ({', '.join(sorted(map(str, bases)))}); "
+            "only adapters of the same base combine"
+        )
     if problems:
         raise UserError(problems)
 
 
-def combine_adapters(recipe: Recipe, adapters: list[Path], weights: list[float], method: str, out: Path,
-                     density: float | None = None, overwrite: bool = False) -> Path:
+def combine_adapters(
+    recipe: Recipe,
+    adapters: list[Path],
+    weights: list[float],
+    method: str,
+    out: Path,
+    density: float | None = None,
+    overwrite: bool = False,
+) -> Path:
     """Write the weighted combination of `adapters` to `out` (a PEFT adapter folder), validated."""
     from peft import PeftModel
 
@@ -52,19 +62,25 @@ def combine_adapters(recipe: Recipe, adapters: list[Path], weights: list[float],
         model.load_adapter(str(adapter), adapter_name=f"a{number}")
     extra = {"density": density} if method in NEEDS_DENSITY else {}
     try:
-        model.add_weighted_adapter([f"a{n}" for n in range(len(adapters))], weights, "combined",
-                                   combination_type=method, **extra)
+        model.add_weighted_adapter([f"a{n}" for n in range(len(adapters))], weights, "combined", combination_type=method, **extra)
     except (ValueError, RuntimeError) as err:
-        raise UserError([f"--method {method}: PEFT cannot combine these adapters ({err}); "
-                           "try --method cat, which accepts different ranks and target modules"]) from None
+        raise UserError(
+            [
+                f"--method {method}: PEFT cannot combine these adapters ({err}); "
+                "try --method cat, which accepts different ranks and target modules"
+            ]
+        ) from None
     staging = staging_for(out)
     model.save_pretrained(str(staging), selected_adapters=["combined"])  # PEFT writes it under combined/
     combined = staging / "combined"
     for path in combined.iterdir():
         path.rename(staging / path.name)
     combined.rmdir()
-    (staging / "launcher-combined.json").write_text(json.dumps(
-        {"adapters": [str(a.resolve()) for a in adapters], "weights": weights, "method": method, "density": density},
-        indent=2) + "\n")
+    (staging / "launcher-combined.json").write_text(
+        json.dumps(
+            {"adapters": [str(a.resolve()) for a in adapters], "weights": weights, "method": method, "density": density}, indent=2
+        )
+        + "\n"
+    )
     validate_adapter(staging)
     return publish(staging, out, replace=overwrite)

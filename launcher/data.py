@@ -5,6 +5,7 @@ formats (data.format), and are rendered with a prompt template (data.template). 
 runs once per (data, tokenizer, template, max length): rank 0 writes the cache under the run
 dir, the other ranks wait and read it.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -33,6 +34,7 @@ class BadRow(Exception):
 
 
 # ---------------------------------------------------------------- reading rows
+
 
 def read_rows(source: str, data: DataSection) -> list[tuple[str, Any]]:
     """(where, row) pairs: `where` names the file and line (or row) for error messages.
@@ -79,12 +81,17 @@ def _hub_rows(name: str, data: DataSection) -> list[tuple[str, Any]]:
 
         dataset = load_dataset(name, split=data.split)
     except Exception as err:  # offline, unknown id, no such split: one line, not a traceback
-        raise UserError([f"data: {name} is neither a local file nor a reachable hub dataset "
-                           f"({type(err).__name__}: {str(err).splitlines()[0][:160]})"]) from None
+        raise UserError(
+            [
+                f"data: {name} is neither a local file nor a reachable hub dataset "
+                f"({type(err).__name__}: {str(err).splitlines()[0][:160]})"
+            ]
+        ) from None
     return [(f"{name}[{data.split}] row {i + 1}", row) for i, row in enumerate(dataset)]
 
 
 # ---------------------------------------------------------------- rows -> examples
+
 
 def _text(row: dict, column: str, data: DataSection, key: str, required: bool = True) -> str:
     value = row.get(column)
@@ -119,8 +126,12 @@ def conversation(row: Any, data: DataSection) -> tuple[str | None, list[tuple[st
         query = f"{query}\n{extra}" if extra.strip() else query
         return system, _history(row, data), query, _text(row, data.output_column, data, "output_column")
     if data.format == "prompt-response":
-        return (system, _history(row, data), _text(row, data.prompt_column, data, "prompt_column"),
-                _text(row, data.response_column, data, "response_column"))
+        return (
+            system,
+            _history(row, data),
+            _text(row, data.prompt_column, data, "prompt_column"),
+            _text(row, data.response_column, data, "response_column"),
+        )
     if data.format == "text":
         return None, [], "", _text(row, data.text_column, data, "text_column")
     return _messages(row, data)
@@ -145,8 +156,7 @@ def _messages(row: dict, data: DataSection) -> tuple[str | None, list[tuple[str,
     return system, pairs[:-1], pairs[-1][0], pairs[-1][1]
 
 
-def render(template: str, system: str | None, history: list[tuple[str, str]], query: str,
-           tokenizer=None) -> tuple[str, str]:
+def render(template: str, system: str | None, history: list[tuple[str, str]], query: str, tokenizer=None) -> tuple[str, str]:
     """(prompt, suffix): the text before the response, and the end-of-turn text after it."""
     if template == "tokenizer":
         return _chat_template(tokenizer, system, history, query)
@@ -167,10 +177,15 @@ def render(template: str, system: str | None, history: list[tuple[str, str]], qu
 
 def _chat_template(tokenizer, system, history, query) -> tuple[str, str]:
     if tokenizer is None or not getattr(tokenizer, "chat_template", None):
-        raise UserError(["data.template: \"tokenizer\" needs a tokenizer with a chat template; "
-                           "this model's has none: pick chatml, transnormer, chatglm or plain"])
+        raise UserError(
+            [
+                'data.template: "tokenizer" needs a tokenizer with a chat template; '
+                "this model's has none: pick chatml, transnormer, chatglm or plain"
+            ]
+        )
     messages = ([{"role": "system", "content": system}] if system else []) + [
-        m for q, a in history for m in ({"role": "user", "content": q}, {"role": "assistant", "content": a})]
+        m for q, a in history for m in ({"role": "user", "content": q}, {"role": "assistant", "content": a})
+    ]
     messages.append({"role": "user", "content": query})
     prompt = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
     marker = "@@LAUNCHER-ANSWER@@"
@@ -195,7 +210,7 @@ def load_examples(source: str, data: DataSection, tokenizer=None) -> tuple[list[
             examples.append(to_example(row, data, tokenizer))
         except BadRow as err:
             if data.on_bad_rows == "error":
-                raise UserError([f"{where}: {err}; fix the row, or set data.on_bad_rows = \"skip\""]) from None
+                raise UserError([f'{where}: {err}; fix the row, or set data.on_bad_rows = "skip"']) from None
             skipped += 1
     if not examples:
         raise UserError([f"{source}: no usable rows (skipped {skipped})"])
@@ -222,8 +237,9 @@ def split_examples(recipe: Recipe, tokenizer=None) -> Split:
     if data.eval_fraction > 0 and len(examples) > 1:
         count = max(count, 1)  # a small file still gets one held-out example to evaluate on
     chosen = set(order[:count])
-    return Split([e for i, e in enumerate(examples) if i not in chosen],
-                 [e for i, e in enumerate(examples) if i in chosen], skipped)
+    return Split(
+        [e for i, e in enumerate(examples) if i not in chosen], [e for i, e in enumerate(examples) if i in chosen], skipped
+    )
 
 
 def tokenize(example: Example, tokenizer, max_length: int) -> dict[str, Any]:
@@ -234,8 +250,7 @@ def tokenize(example: Example, tokenizer, max_length: int) -> dict[str, Any]:
     response_ids = response_ids + [tokenizer.eos_token_id]
     input_ids = (prompt_ids + response_ids)[:max_length]
     labels = ([IGNORE_INDEX] * len(prompt_ids) + response_ids)[:max_length]
-    return {"input_ids": input_ids, "labels": labels,
-            "truncated": len(prompt_ids) + len(response_ids) > max_length}
+    return {"input_ids": input_ids, "labels": labels, "truncated": len(prompt_ids) + len(response_ids) > max_length}
 
 
 def cache_key(recipe: Recipe, tokenizer_dir: str) -> str:
@@ -263,8 +278,12 @@ def build_train_dataset(recipe: Recipe, tokenizer, cache_dir: Path) -> tuple[Any
     if not (target / "stats.json").exists():
         split = split_examples(recipe, tokenizer)
         rows = [tokenize(e, tokenizer, recipe.data.max_length) | {"index": i} for i, e in enumerate(split.train)]
-        stats = {"examples": len(rows), "truncated": sum(r.pop("truncated") for r in rows),
-                 "tokens": sum(len(r["input_ids"]) for r in rows), "skipped_rows": split.skipped}
+        stats = {
+            "examples": len(rows),
+            "truncated": sum(r.pop("truncated") for r in rows),
+            "tokens": sum(len(r["input_ids"]) for r in rows),
+            "skipped_rows": split.skipped,
+        }
         staging = staging_for(target)
         Dataset.from_list(rows).save_to_disk(str(staging))
         (staging / "stats.json").write_text(json.dumps(stats))
@@ -307,15 +326,19 @@ def read_training_set(recipe: Recipe, samples: int = 5) -> TrainingSetReport:
         tokenizer = load_tokenizer(recipe)
     except Exception as err:  # a hub tokenizer with no network: check the rows without it
         tokenizer = None
-        report.warnings.append(f"model: cannot load the tokenizer of {recipe.model.name_or_path} ({type(err).__name__}); "
-                               f"token counts and samples skipped")
+        report.warnings.append(
+            f"model: cannot load the tokenizer of {recipe.model.name_or_path} ({type(err).__name__}); "
+            f"token counts and samples skipped"
+        )
     if tokenizer is None and recipe.data.template == "tokenizer":  # count the rows; prompts need the tokenizer
         recipe = recipe.model_copy(update={"data": recipe.data.model_copy(update={"template": "plain"})})
     split = split_examples(recipe, tokenizer)
     report.examples = len(split.train)
     if recipe.eval.enabled and not split.held_out:
-        report.errors.append("eval.enabled: no held-out examples to evaluate on; set data.eval_file or a "
-                             "data.eval_fraction > 0, or eval.enabled = false")
+        report.errors.append(
+            "eval.enabled: no held-out examples to evaluate on; set data.eval_file or a "
+            "data.eval_fraction > 0, or eval.enabled = false"
+        )
     line = f"data: {len(split.train)} training, {len(split.held_out)} held-out examples ({recipe.data.format}, template {recipe.data.template})"
     if split.skipped:
         line += f"; {split.skipped} bad rows skipped"
@@ -325,11 +348,15 @@ def read_training_set(recipe: Recipe, samples: int = 5) -> TrainingSetReport:
         line += f"; {sum(len(r['input_ids']) for r in rows)} tokens, {cut} truncated to data.max_length={recipe.data.max_length}"
         empty = sum(all(label == IGNORE_INDEX for label in r["labels"]) for r in rows)
         if empty:
-            report.errors.append(f"data.max_length: {empty} of {len(rows)} examples keep no response token after "
-                                 f"truncation to {recipe.data.max_length} (nothing to learn from them); raise it")
+            report.errors.append(
+                f"data.max_length: {empty} of {len(rows)} examples keep no response token after "
+                f"truncation to {recipe.data.max_length} (nothing to learn from them); raise it"
+            )
         elif cut:
-            report.warnings.append(f"data.max_length: {cut} of {len(rows)} examples are longer than {recipe.data.max_length} "
-                                   f"tokens and lose their end; raise it if the cut part matters")
+            report.warnings.append(
+                f"data.max_length: {cut} of {len(rows)} examples are longer than {recipe.data.max_length} "
+                f"tokens and lose their end; raise it if the cut part matters"
+            )
         report.samples = [show_sample(i + 1, r, tokenizer) for i, r in enumerate(rows[:samples])]
     report.lines.append(line)
     return report
@@ -340,7 +367,9 @@ def show_sample(number: int, row: dict, tokenizer) -> str:
     masked = [t for t, label in zip(row["input_ids"], row["labels"]) if label == IGNORE_INDEX]
     trained = [t for t, label in zip(row["input_ids"], row["labels"]) if label != IGNORE_INDEX]
     text = lambda ids: json.dumps(tokenizer.decode(ids, skip_special_tokens=False), ensure_ascii=False)  # noqa: E731
-    return (f"sample {number}: {len(row['input_ids'])} tokens, {len(trained)} trained"
-            f"{' (truncated)' if row['truncated'] else ''}\n"
-            f"  masked  (not trained): {text(masked)}\n"
-            f"  trained (labels):      {text(trained)}")
+    return (
+        f"sample {number}: {len(row['input_ids'])} tokens, {len(trained)} trained"
+        f"{' (truncated)' if row['truncated'] else ''}\n"
+        f"  masked  (not trained): {text(masked)}\n"
+        f"  trained (labels):      {text(trained)}"
+    )

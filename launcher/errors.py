@@ -1,6 +1,7 @@
 """The one user-error type: every stage raises it for a user's mistake, and every command turns
 it into one line per problem ("what, where, how to fix") and exit code 2. Anything else is an
 internal error and keeps its traceback."""
+
 from __future__ import annotations
 
 

@@ -8,6 +8,7 @@ An evaluation folder holds:
     shards/S/shard-K.done  its completion marker (written last): a re-run skips this shard
     predictions.jsonl, metrics.json, report.md, report.html, *.png   once every shard is done
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -31,7 +32,7 @@ DECODING_KEYS = ("max_new_tokens", "do_sample", "temperature", "top_p", "seed", 
 
 @dataclass(frozen=True)
 class System:
-    name: str            # "base", "adapter", "checkpoint-40", or "<run>/adapter" with several runs
+    name: str  # "base", "adapter", "checkpoint-40", or "<run>/adapter" with several runs
     adapter: str | None  # adapter folder; None is the base model
 
 
@@ -48,8 +49,7 @@ def systems_of(runs: list[RunDir], adapters: list[Path], checkpoints: str, base:
     for run in runs:
         prefix = f"{run.root.name}/" if several else ""
         if checkpoints == "all":
-            found += [System(f"{prefix}{c.name}", str(c.resolve()))
-                      for c in checkpoints_in(run.checkpoints) if is_complete(c)]
+            found += [System(f"{prefix}{c.name}", str(c.resolve())) for c in checkpoints_in(run.checkpoints) if is_complete(c)]
         if run.adapter.exists():
             found.append(System(f"{prefix}adapter", str(run.adapter.resolve())))
     for adapter in adapters:
@@ -74,17 +74,21 @@ def eval_examples(recipe: Recipe, data: str | None) -> list[Example]:
     return examples[: recipe.eval.max_examples]
 
 
-def plan_evaluation(recipe: Recipe, systems: list[System], out: Path, data: str | None = None,
-                    overwrite: bool = False, runs: list[RunDir] = ()) -> dict:
+def plan_evaluation(
+    recipe: Recipe, systems: list[System], out: Path, data: str | None = None, overwrite: bool = False, runs: list[RunDir] = ()
+) -> dict:
     """Write plan.json and examples.jsonl into `out`, or find the same plan there (a resume).
 
     A finished or different evaluation in `out` is never replaced without overwrite=True."""
     examples = eval_examples(recipe, data)
     lines = [json.dumps(asdict(e), ensure_ascii=False) for e in examples]
     plan = {
-        "recipe": recipe.to_dict(), "systems": [asdict(s) for s in systems],
-        "data": str(data or recipe.eval.data or "held-out split"), "shards": recipe.eval.shards,
-        "examples": len(examples), "examples_sha256": hashlib.sha256("\n".join(lines).encode()).hexdigest(),
+        "recipe": recipe.to_dict(),
+        "systems": [asdict(s) for s in systems],
+        "data": str(data or recipe.eval.data or "held-out split"),
+        "shards": recipe.eval.shards,
+        "examples": len(examples),
+        "examples_sha256": hashlib.sha256("\n".join(lines).encode()).hexdigest(),
         "decoding": {key: getattr(recipe.eval, key) for key in DECODING_KEYS},
         "runs": [str(run.root.resolve()) for run in runs],  # their training curves go in the report
     }
@@ -92,8 +96,10 @@ def plan_evaluation(recipe: Recipe, systems: list[System], out: Path, data: str 
     if old is not None and not overwrite:
         if {k: v for k, v in old.items() if k != "recipe"} == {k: v for k, v in plan.items() if k != "recipe"}:
             return old  # the same evaluation: resume its unfinished shards
-        raise UserError(f"{out}: holds another evaluation ({describe_difference(old, plan)}); "
-                              f"pass --out DIR for a new one, or --overwrite to replace it")
+        raise UserError(
+            f"{out}: holds another evaluation ({describe_difference(old, plan)}); "
+            f"pass --out DIR for a new one, or --overwrite to replace it"
+        )
     if out.exists() and (overwrite or any(out.iterdir())):
         if not overwrite:
             raise UserError(f"{out}: exists and is not an evaluation folder; pass --out DIR or --overwrite")
@@ -123,8 +129,12 @@ def marker_of(path: Path) -> Path:
 
 
 def unfinished(out: Path, plan: dict) -> list[tuple[int, str]]:
-    return [(k, s["name"]) for k in range(plan["shards"]) for s in plan["systems"]
-            if not marker_of(shard_file(out, s["name"], k, plan["shards"])).exists()]
+    return [
+        (k, s["name"])
+        for k in range(plan["shards"])
+        for s in plan["systems"]
+        if not marker_of(shard_file(out, s["name"], k, plan["shards"])).exists()
+    ]
 
 
 # ---------------------------------------------------------------- one shard
@@ -198,17 +208,32 @@ def save_shard(path: Path, rows: list[dict], seconds: float, started: float) -> 
     path.parent.mkdir(parents=True, exist_ok=True)
     write_atomic(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
     generated = sum(r["new_tokens"] for r in rows)
-    write_atomic(marker_of(path), json.dumps({
-        "examples": len(rows), "new_tokens": generated, "seconds": round(seconds, 3),
-        "node": os.environ.get("SLURMD_NODENAME", os.uname().nodename), "started": started, "finished": time.time(),
-        "peak_rss_mib": peak_rss_mib(), "peak_accelerator_mib": accelerator_peak_mib()}) + "\n")
+    write_atomic(
+        marker_of(path),
+        json.dumps(
+            {
+                "examples": len(rows),
+                "new_tokens": generated,
+                "seconds": round(seconds, 3),
+                "node": os.environ.get("SLURMD_NODENAME", os.uname().nodename),
+                "started": started,
+                "finished": time.time(),
+                "peak_rss_mib": peak_rss_mib(),
+                "peak_accelerator_mib": accelerator_peak_mib(),
+            }
+        )
+        + "\n",
+    )
 
 
 def shard_markers(out: Path) -> list[dict]:
     """Every completion marker of the planned evaluation in `out`."""
     plan = read_plan(out)
-    return [json.loads(marker_of(shard_file(out, s["name"], k, plan["shards"])).read_text())
-            for k in range(plan["shards"]) for s in plan["systems"]]
+    return [
+        json.loads(marker_of(shard_file(out, s["name"], k, plan["shards"])).read_text())
+        for k in range(plan["shards"])
+        for s in plan["systems"]
+    ]
 
 
 def evaluate_examples(model, tokenizer, examples: list[Example], recipe: Recipe) -> list[dict]:
@@ -232,13 +257,17 @@ def generate(model, tokenizer, examples: list[Example], recipe: Recipe) -> list[
     sampling = {"do_sample": True, "temperature": e.temperature, "top_p": e.top_p} if e.do_sample else {"do_sample": False}
     outputs: dict[int, tuple[str, int]] = {}
     for start in range(0, len(order), e.batch_size):
-        batch = order[start:start + e.batch_size]
+        batch = order[start : start + e.batch_size]
         encoded = tokenizer([examples[i].prompt for i in batch], return_tensors="pt", padding=True).to(model.device)
         generated = model.generate(
-            **encoded, max_new_tokens=e.max_new_tokens, pad_token_id=tokenizer.pad_token_id,
-            eos_token_id=tokenizer.eos_token_id, use_cache=quirks_for(model.config.model_type).generate_with_cache,
-            **sampling)
-        new_tokens = generated[:, encoded["input_ids"].shape[1]:].cpu()
+            **encoded,
+            max_new_tokens=e.max_new_tokens,
+            pad_token_id=tokenizer.pad_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            use_cache=quirks_for(model.config.model_type).generate_with_cache,
+            **sampling,
+        )
+        new_tokens = generated[:, encoded["input_ids"].shape[1] :].cpu()
         for i, tokens in zip(batch, new_tokens):
             count = generated_length(tokens.tolist(), tokenizer.eos_token_id)
             text = tokenizer.decode(tokens[:count], skip_special_tokens=True)
@@ -264,7 +293,7 @@ def reference_losses(model, tokenizer, examples: list[Example], recipe: Recipe) 
 
     results = []
     for start in range(0, len(examples), recipe.eval.batch_size):
-        rows = [tokenize(e, tokenizer, recipe.data.max_length) for e in examples[start:start + recipe.eval.batch_size]]
+        rows = [tokenize(e, tokenizer, recipe.data.max_length) for e in examples[start : start + recipe.eval.batch_size]]
         width, pad = max(len(r["input_ids"]) for r in rows), tokenizer.pad_token_id
         input_ids = torch.tensor([r["input_ids"] + [pad] * (width - len(r["input_ids"])) for r in rows])
         labels = torch.tensor([r["labels"] + [-100] * (width - len(r["labels"])) for r in rows])
@@ -272,8 +301,7 @@ def reference_losses(model, tokenizer, examples: list[Example], recipe: Recipe) 
         logits = model(input_ids=input_ids.to(model.device), attention_mask=attention.to(model.device)).logits.float().cpu()
         logits = logits[:, -width:]  # prompt / p-tuning put their virtual tokens first
         shifted = labels[:, 1:]
-        losses = torch.nn.functional.cross_entropy(
-            logits[:, :-1].transpose(1, 2), shifted, ignore_index=-100, reduction="none")
+        losses = torch.nn.functional.cross_entropy(logits[:, :-1].transpose(1, 2), shifted, ignore_index=-100, reduction="none")
         results += [(float(total), int(count)) for total, count in zip(losses.sum(1), (shifted != -100).sum(1))]
     return results
 
@@ -321,11 +349,12 @@ def write_results(out: Path, plan: dict) -> dict:
         if all(e.prompt for e in examples):
             metrics[system] |= text_scores(predictions[system], references)
         speed[system] = {"generated_tokens": timing["new_tokens"], "shard_seconds": round(timing["seconds"], 2)}
-    rows = [{"prompt": e.prompt, "reference": e.response} | {s: predictions[s][i] for s in predictions}
-            for i, e in enumerate(examples)]
+    rows = [
+        {"prompt": e.prompt, "reference": e.response} | {s: predictions[s][i] for s in predictions}
+        for i, e in enumerate(examples)
+    ]
     write_atomic(out / "predictions.jsonl", "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
-    result = {"examples": len(examples), "data": plan["data"], "shards": plan["shards"], "systems": metrics,
-              "speed": speed}
+    result = {"examples": len(examples), "data": plan["data"], "shards": plan["shards"], "systems": metrics, "speed": speed}
     write_report(out, plan, examples, predictions, result)
     write_atomic(out / "metrics.json", json.dumps(result, indent=2, ensure_ascii=False) + "\n")  # last: marks it done
     return result

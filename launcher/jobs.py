@@ -5,6 +5,7 @@ does one stage: train (one task per rank), merge (one task), evaluate (one task 
 None of them knows the order of the stages or which executor runs it: `pipeline` hands them to
 an executor. `last_stage` says that the run is complete when this stage is.
 """
+
 from __future__ import annotations
 
 import time
@@ -55,8 +56,10 @@ class MergeJob:
         if not run.merged.exists():
             merge_run(recipe, run)
         record = run.manifest().merge
-        print(f"merged model: {run.merged} ({record.wall_s if record else '?'} s, "
-              f"peak RSS {record.peak_rss_mib if record else '?'} MiB)")
+        print(
+            f"merged model: {run.merged} ({record.wall_s if record else '?'} s, "
+            f"peak RSS {record.peak_rss_mib if record else '?'} MiB)"
+        )
         run.set_state(State.COMPLETED if self.last_stage else State.MERGED)
         return 0
 
@@ -66,8 +69,7 @@ class EvalJob:
     first task to arrive, into RUN/eval), or shards[task] of an evaluation already planned in `out`.
     The task that finishes the last shard writes the results."""
 
-    def __init__(self, out: str, shards: list[int] | None = None, run_dir: str | None = None,
-                 last_stage: bool = False):
+    def __init__(self, out: str, shards: list[int] | None = None, run_dir: str | None = None, last_stage: bool = False):
         self.out, self.shards, self.run_dir, self.last_stage = out, shards, run_dir, last_stage
 
     def __call__(self) -> int:
@@ -110,6 +112,8 @@ def result_record(out: Path):
 
     markers = shard_markers(out)
     accelerator = [m["peak_accelerator_mib"] for m in markers if m.get("peak_accelerator_mib") is not None]
-    return StageRecord(wall_s=round(max(m["finished"] for m in markers) - min(m["started"] for m in markers), 1),
-                       peak_rss_mib=max(m["peak_rss_mib"] for m in markers),
-                       peak_accelerator_mib=max(accelerator) if accelerator else None)
+    return StageRecord(
+        wall_s=round(max(m["finished"] for m in markers) - min(m["started"] for m in markers), 1),
+        peak_rss_mib=max(m["peak_rss_mib"] for m in markers),
+        peak_accelerator_mib=max(accelerator) if accelerator else None,
+    )

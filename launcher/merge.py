@@ -1,4 +1,5 @@
 """The final adapter: validation (no silent empty ZeRO-3 adapters) and merging into the base model."""
+
 from __future__ import annotations
 
 import json
@@ -10,7 +11,6 @@ from launcher import methods
 from launcher.errors import UserError
 from launcher.recipe import Recipe
 from launcher.runs import RunDir, publish, stage_record, staging_for
-
 
 PROBE_FILE = "launcher-probe.safetensors"  # the trained model's logits on two examples (worker.trained_probe)
 
@@ -43,8 +43,10 @@ def validate_adapter(adapter_dir: Path, trained: bool = True) -> str:
         for name in names:
             tensor = tensors.get_tensor(name)
             if tensor.numel() == 0 and not pruned_away(config, name):
-                raise AdapterError(f"{weights}: tensor {name} is empty {tuple(tensor.shape)} "
-                                   "(ZeRO-3 saved a shard placeholder; set stage3_gather_16bit_weights_on_model_save)")
+                raise AdapterError(
+                    f"{weights}: tensor {name} is empty {tuple(tensor.shape)} "
+                    "(ZeRO-3 saved a shard placeholder; set stage3_gather_16bit_weights_on_model_save)"
+                )
             check_lora_shape(weights, name, tensor, rank)
             if identity and identity[0] in name:
                 moved = moved or bool((tensor.float() - identity[1]).abs().max() > 0)
@@ -58,7 +60,8 @@ def pruned_away(config: dict, name: str) -> bool:
     """AdaLoRA may prune a layer to rank 0: its saved tensors are empty by design (rank_pattern says so)."""
     pattern = config.get("rank_pattern") or {}
     return config.get("peft_type") == "ADALORA" and any(
-        not any(mask) and f"{key.removesuffix('lora_E')}lora_" in name for key, mask in pattern.items())
+        not any(mask) and f"{key.removesuffix('lora_E')}lora_" in name for key, mask in pattern.items()
+    )
 
 
 def check_lora_shape(weights: Path, name: str, tensor, rank: int | None) -> None:
@@ -79,16 +82,22 @@ def merge_run(recipe: Recipe, run: RunDir, overwrite: bool = False, checkpoint: 
     started = time.time()
     source, target = run.adapter, run.merged
     if not recipe.peft.spec.merges:
-        raise UserError(f"{recipe.peft.method} learns virtual tokens, not weight deltas: there is nothing to merge; "
-                        f"load {run.adapter} with PeftModel instead")
+        raise UserError(
+            f"{recipe.peft.method} learns virtual tokens, not weight deltas: there is nothing to merge; "
+            f"load {run.adapter} with PeftModel instead"
+        )
     if checkpoint is None and not run.adapter.exists():
-        raise UserError(f"{run.adapter}: no final adapter yet; finish training first (launch {run.recipe}), "
-                        f"or merge a checkpoint with --checkpoint N")
+        raise UserError(
+            f"{run.adapter}: no final adapter yet; finish training first (launch {run.recipe}), "
+            f"or merge a checkpoint with --checkpoint N"
+        )
     if checkpoint is not None:
         source, target = run.checkpoints / f"checkpoint-{checkpoint}", run.root / f"merged-checkpoint-{checkpoint}"
         if not is_complete(source):
-            raise UserError(f"--checkpoint {checkpoint}: {source} is not a complete checkpoint; pick N of a "
-                            f"checkpoints/checkpoint-N with a completion marker")
+            raise UserError(
+                f"--checkpoint {checkpoint}: {source} is not a complete checkpoint; pick N of a "
+                f"checkpoints/checkpoint-N with a completion marker"
+            )
         source = consolidated_adapter(source, run.root / f"adapter-checkpoint-{checkpoint}")
     done = merge_into_base(recipe, source, target, overwrite)
     record = stage_record(started, merged_weights=done["merged_weights"], shards=done["shards"])
@@ -149,10 +158,15 @@ def tensors_from_zero_shards(checkpoint: Path) -> dict:
     spec = methods.of_peft_type(peft_type)
     markers = spec.shard_tensors if spec else ()
     if not markers:
-        raise AdapterError(f"{checkpoint}: its adapter is empty and a {peft_type} adapter cannot be rebuilt from "
-                           "ZeRO shards here (LoRA family and IA3 only); resume from it with stage3_gather_16bit_"
-                           "weights_on_model_save = true and save again")
+        raise AdapterError(
+            f"{checkpoint}: its adapter is empty and a {peft_type} adapter cannot be rebuilt from "
+            "ZeRO shards here (LoRA family and IA3 only); resume from it with stage3_gather_16bit_"
+            "weights_on_model_save = true and save again"
+        )
     state = get_fp32_state_dict_from_zero_checkpoint(str(checkpoint), exclude_frozen_parameters=True)
     # The model's names carry the adapter's name ("...lora_A.default.weight"); PEFT saves without it.
-    return {name.replace(".default.", "."): tensor.contiguous() for name, tensor in state.items()
-            if any(marker in name for marker in markers)}
+    return {
+        name.replace(".default.", "."): tensor.contiguous()
+        for name, tensor in state.items()
+        if any(marker in name for marker in markers)
+    }

@@ -6,6 +6,7 @@ parameter; adapter validation asks which tensor must have moved off its initial 
 asks whether it merges and whether an empty checkpoint adapter can be rebuilt from ZeRO shards.
 Adding a method is one entry here plus its tests.
 """
+
 from __future__ import annotations
 
 from collections.abc import Callable
@@ -49,8 +50,13 @@ def _lora(recipe: Recipe, total_steps: int):
     import peft
 
     p = recipe.peft
-    return peft.LoraConfig(task_type=peft.TaskType.CAUSAL_LM, r=p.r, lora_alpha=p.alpha, lora_dropout=p.dropout,
-                           target_modules=p.target_modules or "all-linear")
+    return peft.LoraConfig(
+        task_type=peft.TaskType.CAUSAL_LM,
+        r=p.r,
+        lora_alpha=p.alpha,
+        lora_dropout=p.dropout,
+        target_modules=p.target_modules or "all-linear",
+    )
 
 
 def _adalora(recipe: Recipe, total_steps: int):
@@ -59,25 +65,38 @@ def _adalora(recipe: Recipe, total_steps: int):
     p = recipe.peft
     tinit, tfinal = p.adalora_steps(total_steps)
     return peft.AdaLoraConfig(
-        task_type=peft.TaskType.CAUSAL_LM, init_r=p.init_r, target_r=p.target_r, tinit=tinit, tfinal=tfinal,
-        deltaT=p.delta_t, total_step=total_steps, lora_alpha=p.alpha, lora_dropout=p.dropout,
-        target_modules=p.target_modules or "all-linear")
+        task_type=peft.TaskType.CAUSAL_LM,
+        init_r=p.init_r,
+        target_r=p.target_r,
+        tinit=tinit,
+        tfinal=tfinal,
+        deltaT=p.delta_t,
+        total_step=total_steps,
+        lora_alpha=p.alpha,
+        lora_dropout=p.dropout,
+        target_modules=p.target_modules or "all-linear",
+    )
 
 
 def _ia3(recipe: Recipe, total_steps: int):
     import peft
 
     p = recipe.peft
-    return peft.IA3Config(task_type=peft.TaskType.CAUSAL_LM, target_modules=p.target_modules,
-                          feedforward_modules=p.feedforward_modules)
+    return peft.IA3Config(
+        task_type=peft.TaskType.CAUSAL_LM, target_modules=p.target_modules, feedforward_modules=p.feedforward_modules
+    )
 
 
 def _prefix(recipe: Recipe, total_steps: int):
     import peft
 
     p = recipe.peft
-    return peft.PrefixTuningConfig(task_type=peft.TaskType.CAUSAL_LM, num_virtual_tokens=p.num_virtual_tokens,
-                                   prefix_projection=p.prefix_projection, encoder_hidden_size=p.encoder_hidden_size)
+    return peft.PrefixTuningConfig(
+        task_type=peft.TaskType.CAUSAL_LM,
+        num_virtual_tokens=p.num_virtual_tokens,
+        prefix_projection=p.prefix_projection,
+        encoder_hidden_size=p.encoder_hidden_size,
+    )
 
 
 def _prompt(recipe: Recipe, total_steps: int):
@@ -85,9 +104,13 @@ def _prompt(recipe: Recipe, total_steps: int):
 
     p = recipe.peft
     init = peft.PromptTuningInit.TEXT if p.prompt_init == "text" else peft.PromptTuningInit.RANDOM
-    return peft.PromptTuningConfig(task_type=peft.TaskType.CAUSAL_LM, num_virtual_tokens=p.num_virtual_tokens,
-                                   prompt_tuning_init=init, prompt_tuning_init_text=p.prompt_init_text,
-                                   tokenizer_name_or_path=recipe.model.name_or_path)
+    return peft.PromptTuningConfig(
+        task_type=peft.TaskType.CAUSAL_LM,
+        num_virtual_tokens=p.num_virtual_tokens,
+        prompt_tuning_init=init,
+        prompt_tuning_init_text=p.prompt_init_text,
+        tokenizer_name_or_path=recipe.model.name_or_path,
+    )
 
 
 def _p_tuning(recipe: Recipe, total_steps: int):
@@ -95,9 +118,12 @@ def _p_tuning(recipe: Recipe, total_steps: int):
 
     p = recipe.peft
     kinds = peft.PromptEncoderReparameterizationType
-    return peft.PromptEncoderConfig(task_type=peft.TaskType.CAUSAL_LM, num_virtual_tokens=p.num_virtual_tokens,
-                                    encoder_reparameterization_type=kinds.LSTM if p.encoder_type == "lstm" else kinds.MLP,
-                                    encoder_hidden_size=p.encoder_hidden_size)
+    return peft.PromptEncoderConfig(
+        task_type=peft.TaskType.CAUSAL_LM,
+        num_virtual_tokens=p.num_virtual_tokens,
+        encoder_reparameterization_type=kinds.LSTM if p.encoder_type == "lstm" else kinds.MLP,
+        encoder_hidden_size=p.encoder_hidden_size,
+    )
 
 
 LORA_KEYS = ("r", "alpha", "dropout", "target_modules")
@@ -105,27 +131,54 @@ LORA_TENSORS = ("lora_A", "lora_B", "lora_embedding")
 LORA = dict(peft_type="LORA", build_config=_lora, identity=("lora_B", 0.0), shard_tensors=LORA_TENSORS)
 PROMPT = dict(has_targets=False, merges=False, prompt_learning=True)
 
-REGISTRY: dict[str, Method] = {m.name: m for m in (
-    Method("lora", LORA_KEYS, **LORA),
-    # The 4-bit storage dtype equals the model dtype (models.quantization_config), so ZeRO-3 accepts
-    # the quantized base; it does not partition it (no ZeRO-3 ids on its weights).
-    Method("qlora", (*LORA_KEYS, "quant_type", "double_quant"), quantization="4bit", bytes_per_linear_weight=0.52,
-           **LORA),
-    Method("lora-8bit", LORA_KEYS, quantization="8bit", bytes_per_linear_weight=1.0, **LORA),
-    Method("adalora", ("alpha", "dropout", "target_modules", "init_r", "target_r", "tinit", "tfinal", "delta_t"),
-           peft_type="ADALORA", build_config=_adalora, identity=("lora_E", 0.0),
-           zero3_refusal="peft's rank allocator reads and masks whole parameters, ZeRO-3 holds shards of them"),
-    Method("ia3", ("target_modules", "feedforward_modules"), peft_type="IA3", build_config=_ia3,
-           identity=("ia3_l", 1.0), shard_tensors=("ia3_l",)),
-    Method("prefix-tuning", ("num_virtual_tokens", "prefix_projection", "encoder_hidden_size"),
-           peft_type="PREFIX_TUNING", build_config=_prefix,
-           checkpointing_refusal="its prefix is fed as past key/values; set it to false or pick p-tuning / prompt-tuning",
-           **PROMPT),
-    Method("prompt-tuning", ("num_virtual_tokens", "prompt_init", "prompt_init_text"),
-           peft_type="PROMPT_TUNING", build_config=_prompt, **PROMPT),
-    Method("p-tuning", ("num_virtual_tokens", "encoder_type", "encoder_hidden_size"),
-           peft_type="P_TUNING", build_config=_p_tuning, **PROMPT),
-)}
+REGISTRY: dict[str, Method] = {
+    m.name: m
+    for m in (
+        Method("lora", LORA_KEYS, **LORA),
+        # The 4-bit storage dtype equals the model dtype (models.quantization_config), so ZeRO-3 accepts
+        # the quantized base; it does not partition it (no ZeRO-3 ids on its weights).
+        Method("qlora", (*LORA_KEYS, "quant_type", "double_quant"), quantization="4bit", bytes_per_linear_weight=0.52, **LORA),
+        Method("lora-8bit", LORA_KEYS, quantization="8bit", bytes_per_linear_weight=1.0, **LORA),
+        Method(
+            "adalora",
+            ("alpha", "dropout", "target_modules", "init_r", "target_r", "tinit", "tfinal", "delta_t"),
+            peft_type="ADALORA",
+            build_config=_adalora,
+            identity=("lora_E", 0.0),
+            zero3_refusal="peft's rank allocator reads and masks whole parameters, ZeRO-3 holds shards of them",
+        ),
+        Method(
+            "ia3",
+            ("target_modules", "feedforward_modules"),
+            peft_type="IA3",
+            build_config=_ia3,
+            identity=("ia3_l", 1.0),
+            shard_tensors=("ia3_l",),
+        ),
+        Method(
+            "prefix-tuning",
+            ("num_virtual_tokens", "prefix_projection", "encoder_hidden_size"),
+            peft_type="PREFIX_TUNING",
+            build_config=_prefix,
+            checkpointing_refusal="its prefix is fed as past key/values; set it to false or pick p-tuning / prompt-tuning",
+            **PROMPT,
+        ),
+        Method(
+            "prompt-tuning",
+            ("num_virtual_tokens", "prompt_init", "prompt_init_text"),
+            peft_type="PROMPT_TUNING",
+            build_config=_prompt,
+            **PROMPT,
+        ),
+        Method(
+            "p-tuning",
+            ("num_virtual_tokens", "encoder_type", "encoder_hidden_size"),
+            peft_type="P_TUNING",
+            build_config=_p_tuning,
+            **PROMPT,
+        ),
+    )
+}
 
 NAMES = tuple(REGISTRY)
 

@@ -1,4 +1,5 @@
 """Base model and tokenizer loading, and the PEFT config built from [peft]."""
+
 from __future__ import annotations
 
 import math
@@ -51,8 +52,9 @@ def model_type(recipe: Recipe) -> str | None:
         return json.loads(local.read_text()).get("model_type")
     from transformers import AutoConfig
 
-    config = AutoConfig.from_pretrained(recipe.model.name_or_path, revision=recipe.model.revision,
-                                        trust_remote_code=recipe.model.trust_remote_code)
+    config = AutoConfig.from_pretrained(
+        recipe.model.name_or_path, revision=recipe.model.revision, trust_remote_code=recipe.model.trust_remote_code
+    )
     return getattr(config, "model_type", None)
 
 
@@ -60,7 +62,8 @@ def load_tokenizer(recipe: Recipe, padding_side: str = "right"):
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(
-        recipe.model.name_or_path, revision=recipe.model.revision,
+        recipe.model.name_or_path,
+        revision=recipe.model.revision,
         trust_remote_code=recipe.model.trust_remote_code,
     )
     quirks = quirks_for(model_type(recipe))
@@ -84,8 +87,11 @@ def load_base_model(recipe: Recipe, name_or_path: str | None = None, quantizatio
     if quantization and not is_deepspeed_zero3_enabled():  # ZeRO-3 places (and shards) the weights itself
         extra["device_map"] = {"": device or "cpu"}
     model = AutoModelForCausalLM.from_pretrained(
-        name_or_path or recipe.model.name_or_path, revision=recipe.model.revision,
-        trust_remote_code=recipe.model.trust_remote_code, dtype=torch_dtype(recipe), **extra,
+        name_or_path or recipe.model.name_or_path,
+        revision=recipe.model.revision,
+        trust_remote_code=recipe.model.trust_remote_code,
+        dtype=torch_dtype(recipe),
+        **extra,
     )
     apply_quirks(model)
     return model
@@ -102,8 +108,10 @@ def quantization_config(recipe: Recipe):
         return None
     dtype = torch_dtype(recipe)
     return BitsAndBytesConfig(
-        load_in_4bit=True, bnb_4bit_quant_type=recipe.peft.quant_type,
-        bnb_4bit_use_double_quant=recipe.peft.double_quant, bnb_4bit_compute_dtype=dtype,
+        load_in_4bit=True,
+        bnb_4bit_quant_type=recipe.peft.quant_type,
+        bnb_4bit_use_double_quant=recipe.peft.double_quant,
+        bnb_4bit_compute_dtype=dtype,
         bnb_4bit_quant_storage=dtype,  # ZeRO-3 needs it equal to the model dtype (it still leaves the 4-bit weights unsharded)
     )
 
@@ -115,8 +123,7 @@ def load_training_model(recipe: Recipe, total_steps: int, device):
     quantized = quantization_config(recipe)
     model = load_base_model(recipe, quantization=quantized, device=device)
     if quantized is not None:
-        model = prepare_model_for_kbit_training(
-            model, use_gradient_checkpointing=recipe.train.gradient_checkpointing)
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=recipe.train.gradient_checkpointing)
     return get_peft_model(model, recipe.peft.spec.build_config(recipe, total_steps))
 
 

@@ -5,6 +5,7 @@ job bodies with their resources, to one executor: each waits for the one before 
 they run as their own processes one after another; on SLURM they are an afterok chain, which
 finishes on its own after a detached launch).
 """
+
 from __future__ import annotations
 
 import time
@@ -15,8 +16,8 @@ from rich.console import Console
 from rich.table import Table
 
 from launcher.errors import UserError
-from launcher.executors.factory import make_executor
 from launcher.executors.base import COMPLETED, Executor, Job, Resources
+from launcher.executors.factory import make_executor
 from launcher.jobs import EvalJob, MergeJob, TrainJob
 from launcher.progress import StateWatcher, follow_training, report_failure
 from launcher.recipe import Recipe, minutes
@@ -40,8 +41,9 @@ def prepare(recipe: Recipe, run_dir: Path, console: Console, resume: str = "auto
     changes = claim_run_dir(run, recipe)
     render_run(recipe, run)
     if existed:
-        console.print(f"run dir {run.root} exists with this recipe: continuing it (state: {run.manifest().state})",
-                      highlight=False)
+        console.print(
+            f"run dir {run.root} exists with this recipe: continuing it (state: {run.manifest().state})", highlight=False
+        )
     for change in changes:
         console.print(f"  recipe changed since the last launch: {change}", highlight=False)
     if resume not in ("auto", "never"):
@@ -56,8 +58,10 @@ def rewind(run: RunDir, checkpoint: Path, console: Console) -> None:
 
     checkpoint = checkpoint.resolve()
     if checkpoint.parent != run.checkpoints.resolve() or not is_complete(checkpoint):
-        raise UserError(f"--resume {checkpoint}: not a complete checkpoint of {run.root}; "
-                        f"pick one of {run.checkpoints}/checkpoint-N with a completion marker")
+        raise UserError(
+            f"--resume {checkpoint}: not a complete checkpoint of {run.root}; "
+            f"pick one of {run.checkpoints}/checkpoint-N with a completion marker"
+        )
     for moved in rewind_to(checkpoint):
         console.print(f"  newer checkpoint kept as {moved}", highlight=False)
     archive(run, [run.adapter, run.merged, run.eval])  # they belong to the later history
@@ -67,10 +71,15 @@ def stages_to_do(recipe: Recipe, run: RunDir) -> list[Stage]:
     """train -> merge -> eval, leaving out what is disabled or done; the last one completes the run."""
     root = str(run.root.resolve())
     merges = recipe.merge.enabled and recipe.peft.spec.merges
-    todo = [name for name, needed in (("train", not run.adapter.exists()),
-                                      ("merge", merges and not run.merged.exists()),
-                                      ("eval", recipe.eval.enabled and not (run.eval / "metrics.json").exists()))
-            if needed]
+    todo = [
+        name
+        for name, needed in (
+            ("train", not run.adapter.exists()),
+            ("merge", merges and not run.merged.exists()),
+            ("eval", recipe.eval.enabled and not (run.eval / "metrics.json").exists()),
+        )
+        if needed
+    ]
     stages = []
     for name in todo:
         last = name == todo[-1]
@@ -89,15 +98,28 @@ def stage_resources(recipe: Recipe, run: RunDir, stage: str) -> Resources:
     section's time, CPUs, memory (and GPUs for eval), one task per eval shard."""
     if stage == "train":
         s = recipe.slurm
-        return Resources(name=recipe.name, stage=stage, nodes=recipe.distributed.nodes,
-                         tasks_per_node=recipe.distributed.procs_per_node, time_minutes=s.time_minutes(),
-                         cpus_per_task=s.cpus_per_task, mem=s.mem, gpus_per_node=s.gpus_per_node,
-                         all_or_nothing=True, requeue_run=str(run.root.resolve()))
+        return Resources(
+            name=recipe.name,
+            stage=stage,
+            nodes=recipe.distributed.nodes,
+            tasks_per_node=recipe.distributed.procs_per_node,
+            time_minutes=s.time_minutes(),
+            cpus_per_task=s.cpus_per_task,
+            mem=s.mem,
+            gpus_per_node=s.gpus_per_node,
+            all_or_nothing=True,
+            requeue_run=str(run.root.resolve()),
+        )
     section = recipe.merge if stage == "merge" else recipe.eval
-    return Resources(name=f"{recipe.name}-{stage}", stage=stage, time_minutes=minutes(section.time),
-                     tasks_per_node=recipe.eval.shards if stage == "eval" else 1,
-                     cpus_per_task=section.cpus_per_task, mem=section.mem,
-                     gpus_per_task=getattr(section, "gpus_per_task", None))
+    return Resources(
+        name=f"{recipe.name}-{stage}",
+        stage=stage,
+        time_minutes=minutes(section.time),
+        tasks_per_node=recipe.eval.shards if stage == "eval" else 1,
+        cpus_per_task=section.cpus_per_task,
+        mem=section.mem,
+        gpus_per_task=getattr(section, "gpus_per_task", None),
+    )
 
 
 def write_submission_script(recipe: Recipe, run: RunDir, executor: Executor) -> Path | None:
@@ -132,8 +154,10 @@ def execute(recipe: Recipe, run: RunDir, console: Console, executor_name: str = 
     executor = make_executor(executor_name, recipe, run.logs)
     write_submission_script(recipe, run, executor)
     if recipe.merge.enabled and not recipe.peft.spec.merges:
-        console.print(f"not merged: {recipe.peft.method} learns virtual tokens, not weight deltas, so there is "
-                      f"nothing to merge; the adapter in {run.adapter} is the export (load it with PeftModel)")
+        console.print(
+            f"not merged: {recipe.peft.method} learns virtual tokens, not weight deltas, so there is "
+            f"nothing to merge; the adapter in {run.adapter} is the export (load it with PeftModel)"
+        )
     stages = stages_to_do(recipe, run)
     jobs = submit(executor, stages, run, console)
     if detach and jobs:
@@ -169,12 +193,16 @@ def submit(executor: Executor, stages: list[Stage], run: RunDir, console: Consol
         jobs.append((stage.name, job))
         if stage.name == "train":
             r = stage.resources
-            console.print(f"submitted {job.kind} job {job.id} ({r.nodes} nodes x {r.tasks_per_node} ranks)"
-                          + (f"; sbatch script: {run.root / 'sbatch.sh'}" if executor.detachable else ""),
-                          highlight=False)
+            console.print(
+                f"submitted {job.kind} job {job.id} ({r.nodes} nodes x {r.tasks_per_node} ranks)"
+                + (f"; sbatch script: {run.root / 'sbatch.sh'}" if executor.detachable else ""),
+                highlight=False,
+            )
         else:
-            console.print(f"queued {stage.name} as {job.kind} job {job.id}"
-                          + (f" (after {after.id} succeeds)" if after else ""), highlight=False)
+            console.print(
+                f"queued {stage.name} as {job.kind} job {job.id}" + (f" (after {after.id} succeeds)" if after else ""),
+                highlight=False,
+            )
         after = job
     with run.editing_manifest() as manifest:
         train = [job.record for name, job in jobs if name == "train"]
@@ -195,13 +223,18 @@ def follow(run: RunDir, jobs: list[tuple[str, Job]], console: Console) -> bool:
                 while watcher.poll():
                     time.sleep(0.5)
         if watcher.state != COMPLETED:
-            console.print(f"[red]{'training' if stage == 'train' else stage} failed[/red]: {job.kind} job {job.id} "
-                          f"ended {watcher.state}", highlight=False)
+            console.print(
+                f"[red]{'training' if stage == 'train' else stage} failed[/red]: {job.kind} job {job.id} ended {watcher.state}",
+                highlight=False,
+            )
             report_failure(run, console, fallback_log=job.log(0))
             return False
         if stage == "train" and not run.adapter.exists():
-            console.print(f"training stopped at a checkpoint (stop signal) before the end; run the same command "
-                          f"again to resume: launch {run.recipe} --run-dir {run.root}", highlight=False)
+            console.print(
+                f"training stopped at a checkpoint (stop signal) before the end; run the same command "
+                f"again to resume: launch {run.recipe} --run-dir {run.root}",
+                highlight=False,
+            )
             return False
     return True
 
@@ -215,12 +248,19 @@ def run_evaluation(recipe: Recipe, out: Path, executor_name: str, console: Conso
     todo = sorted({k for k, _ in unfinished(out, plan)})
     if todo:
         done = plan["shards"] - len(todo)
-        console.print(f"evaluating {len(todo)} of {plan['shards']} shards ({done} done before) with {executor_name}",
-                      highlight=False)
+        console.print(
+            f"evaluating {len(todo)} of {plan['shards']} shards ({done} done before) with {executor_name}", highlight=False
+        )
         executor = make_executor(executor_name, recipe, Path(out) / "logs")
-        resources = Resources(name=f"{recipe.name}-eval", stage="eval", tasks_per_node=len(todo),
-                              time_minutes=minutes(recipe.eval.time), cpus_per_task=recipe.eval.cpus_per_task,
-                              mem=recipe.eval.mem, gpus_per_task=recipe.eval.gpus_per_task)
+        resources = Resources(
+            name=f"{recipe.name}-eval",
+            stage="eval",
+            tasks_per_node=len(todo),
+            time_minutes=minutes(recipe.eval.time),
+            cpus_per_task=recipe.eval.cpus_per_task,
+            mem=recipe.eval.mem,
+            gpus_per_task=recipe.eval.gpus_per_task,
+        )
         job = executor.submit(EvalJob(str(Path(out).resolve()), shards=todo), resources)
         watcher = StateWatcher(job, console)
         with console.status(f"eval: {job.kind} job {job.id}"):
@@ -258,4 +298,3 @@ def metrics_table(result: dict) -> Table:
     for row in rows[1:]:
         table.add_row(*row)
     return table
-

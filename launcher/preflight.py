@@ -5,6 +5,7 @@ the meta device from its config, checks the adapter's target modules against the
 names, the method against the compatibility matrix (COMPATIBILITY, also README's table), the
 batch arithmetic against the data, and estimates per-device memory.
 """
+
 from __future__ import annotations
 
 import re
@@ -17,12 +18,21 @@ from launcher.recipe import Recipe
 # (what, rule) rows of README's compatibility table; `compatibility_problems` enforces them.
 COMPATIBILITY = [
     ("prefix-tuning × gradient checkpointing", "refused: peft feeds the prefix as past key/values, which recomputation breaks"),
-    ("prompt-tuning / p-tuning / prefix-tuning × merge", "not merged: virtual tokens are no weight delta; exported as an adapter"),
+    (
+        "prompt-tuning / p-tuning / prefix-tuning × merge",
+        "not merged: virtual tokens are no weight delta; exported as an adapter",
+    ),
     ("prompt family × models whose forward needs input_ids (TransNormer)", "refused (quirks registry)"),
-    ("qlora, lora-8bit × ZeRO-3", "allowed (4-bit storage dtype = model dtype); the quantized base is not "
-                                  "partitioned (no ZeRO-3 ids on its weights): each rank holds all of it"),
-    ("adalora × ZeRO-3", "refused: peft's rank allocator multiplies whole parameters by their gradients; "
-                         "ZeRO-3 holds shards (it fails: shape [6, 1] vs [6, 0])"),
+    (
+        "qlora, lora-8bit × ZeRO-3",
+        "allowed (4-bit storage dtype = model dtype); the quantized base is not "
+        "partitioned (no ZeRO-3 ids on its weights): each rank holds all of it",
+    ),
+    (
+        "adalora × ZeRO-3",
+        "refused: peft's rank allocator multiplies whole parameters by their gradients; "
+        "ZeRO-3 holds shards (it fails: shape [6, 1] vs [6, 0])",
+    ),
     ("adalora × ZeRO-2", "allowed: allocation runs before DeepSpeed's step on the full gradients"),
     ("gradient checkpointing × models that ignore it (TransNormer)", "warned: it saves nothing"),
     ("LoRA family, ia3 × merge", "merged (qlora and lora-8bit into the unquantized base in model.dtype)"),
@@ -46,11 +56,12 @@ def compatibility_problems(recipe: Recipe, stage: int, model_type: str | None) -
     if spec.checkpointing_refusal and checkpointing:
         errors.append(f"train.gradient_checkpointing: {method} cannot recompute activations ({spec.checkpointing_refusal})")
     if spec.prompt_learning and not quirks.prompt_learning:
-        errors.append(f"peft.method: {method} does not work with {model_type} models (their forward needs input_ids, "
-                      f"not embeddings); use lora or ia3")
+        errors.append(
+            f"peft.method: {method} does not work with {model_type} models (their forward needs input_ids, "
+            f"not embeddings); use lora or ia3"
+        )
     if spec.zero3_refusal and stage == 3:
-        errors.append(f"distributed.deepspeed: {method} cannot run under ZeRO-3 ({spec.zero3_refusal}); "
-                      f"use zero2")
+        errors.append(f"distributed.deepspeed: {method} cannot run under ZeRO-3 ({spec.zero3_refusal}); use zero2")
     if checkpointing and not quirks.gradient_checkpointing_works:
         warnings.append(f"train.gradient_checkpointing: {model_type}'s code ignores it, so it saves no memory")
     return errors, warnings
@@ -64,8 +75,10 @@ def meta_model(recipe: Recipe, report: Report):
     try:
         config = AutoConfig.from_pretrained(m.name_or_path, revision=m.revision, trust_remote_code=m.trust_remote_code)
     except Exception as err:  # offline hub, unknown id, remote code refused: say so and check the rest
-        report.warnings.append(f"model: cannot read the config of {m.name_or_path} ({type(err).__name__}: "
-                               f"{str(err).splitlines()[0][:140]}); module and memory checks skipped")
+        report.warnings.append(
+            f"model: cannot read the config of {m.name_or_path} ({type(err).__name__}: "
+            f"{str(err).splitlines()[0][:140]}); module and memory checks skipped"
+        )
         return None
     try:
         import torch
@@ -73,8 +86,10 @@ def meta_model(recipe: Recipe, report: Report):
         with torch.device("meta"):
             return AutoModelForCausalLM.from_config(config, trust_remote_code=m.trust_remote_code)
     except Exception as err:
-        report.warnings.append(f"model: cannot build {m.name_or_path} from its config ({type(err).__name__}: "
-                               f"{str(err).splitlines()[0][:140]}); module and memory checks skipped")
+        report.warnings.append(
+            f"model: cannot build {m.name_or_path} from its config ({type(err).__name__}: "
+            f"{str(err).splitlines()[0][:140]}); module and memory checks skipped"
+        )
         return None
 
 
@@ -93,8 +108,13 @@ def linear_module_names(model) -> list[str]:
     import torch
 
     head = model.get_output_embeddings()
-    return sorted({name.rsplit(".", 1)[-1] for name, module in model.named_modules()
-                   if isinstance(module, torch.nn.Linear) and module is not head})
+    return sorted(
+        {
+            name.rsplit(".", 1)[-1]
+            for name, module in model.named_modules()
+            if isinstance(module, torch.nn.Linear) and module is not head
+        }
+    )
 
 
 def target_problems(recipe: Recipe, model) -> list[str]:
@@ -107,8 +127,10 @@ def target_problems(recipe: Recipe, model) -> list[str]:
     problems = []
     for key in wanted:
         if not any(name == key or name.endswith("." + key) for name in names):
-            problems.append(f"peft.target_modules: {key!r} matches no module of {recipe.model.name_or_path}; "
-                            f"its linear modules are: {', '.join(linear_module_names(model))}")
+            problems.append(
+                f"peft.target_modules: {key!r} matches no module of {recipe.model.name_or_path}; "
+                f"its linear modules are: {', '.join(linear_module_names(model))}"
+            )
     for key in p.feedforward_modules or []:
         if wanted and key not in wanted:
             problems.append(f"peft.feedforward_modules: {key!r} must also be in peft.target_modules")
@@ -148,8 +170,9 @@ def memory_estimate(recipe: Recipe, model, adapter: int, stage: int, offload: bo
 
     size = BYTES[recipe.model.dtype]
     world = recipe.world_size()
-    linear = sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear)
-                 and m is not model.get_output_embeddings())
+    linear = sum(
+        m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear) and m is not model.get_output_embeddings()
+    )
     total = sum(p.numel() for p in model.parameters())
     per_linear = recipe.peft.spec.bytes_per_linear_weight or size
     weights = linear * per_linear + (total - linear) * size
@@ -175,8 +198,13 @@ def memory_estimate(recipe: Recipe, model, adapter: int, stage: int, offload: bo
         activations = layers * per_layer
     vocab = config_value(config, "vocab_size") or 0
     activations = activations * scale + tokens * vocab * 4 * 2
-    return {"weights": weights, "adapter": adapter * size, "gradients": gradients,
-            "optimizer": optimizer, "activations": activations}
+    return {
+        "weights": weights,
+        "adapter": adapter * size,
+        "gradients": gradients,
+        "optimizer": optimizer,
+        "activations": activations,
+    }
 
 
 def batch_lines(recipe: Recipe, examples: int, report: Report) -> None:
@@ -185,20 +213,28 @@ def batch_lines(recipe: Recipe, examples: int, report: Report) -> None:
     t = recipe.train
     per_step = t.micro_batch_size * t.gradient_accumulation_steps * recipe.world_size()
     steps = planned_steps(recipe, examples)
-    report.lines.append(f"batch: {t.micro_batch_size} per rank x {t.gradient_accumulation_steps} accumulation x "
-                        f"{recipe.world_size()} ranks = {per_step} examples per step; {examples} training examples; "
-                        f"{steps} optimizer steps planned")
+    report.lines.append(
+        f"batch: {t.micro_batch_size} per rank x {t.gradient_accumulation_steps} accumulation x "
+        f"{recipe.world_size()} ranks = {per_step} examples per step; {examples} training examples; "
+        f"{steps} optimizer steps planned"
+    )
     if examples < per_step:
-        report.warnings.append(f"train: one step takes {per_step} examples but the data has {examples}; "
-                               f"lower train.micro_batch_size or gradient_accumulation_steps")
+        report.warnings.append(
+            f"train: one step takes {per_step} examples but the data has {examples}; "
+            f"lower train.micro_batch_size or gradient_accumulation_steps"
+        )
     if t.save_steps > steps:
-        report.warnings.append(f"train.save_steps: {t.save_steps} is beyond the {steps} planned steps: no checkpoint "
-                               f"before the end, so a preemption loses the whole run; lower it")
+        report.warnings.append(
+            f"train.save_steps: {t.save_steps} is beyond the {steps} planned steps: no checkpoint "
+            f"before the end, so a preemption loses the whole run; lower it"
+        )
     p = recipe.peft
     tinit, tfinal = p.adalora_steps(steps)
     if p.method == "adalora" and tinit + tfinal >= steps:
-        report.errors.append(f"peft.tinit + peft.tfinal ({tinit} + {tfinal} steps) must be below the {steps} planned "
-                             f"steps, or AdaLoRA never allocates ranks; lower them (or give fractions below 1)")
+        report.errors.append(
+            f"peft.tinit + peft.tfinal ({tinit} + {tfinal} steps) must be below the {steps} planned "
+            f"steps, or AdaLoRA never allocates ranks; lower them (or give fractions below 1)"
+        )
 
 
 def run_preflight(recipe: Recipe, examples: int | None = None) -> Report:
@@ -213,10 +249,11 @@ def run_preflight(recipe: Recipe, examples: int | None = None) -> Report:
     model_type = config_value(model.config, "model_type") if model is not None else known_model_type(recipe)
     errors, warnings = compatibility_problems(recipe, stage, model_type)
     m = recipe.model
-    if m.trust_remote_code and m.revision and not re.fullmatch(r"[0-9a-f]{40}", m.revision) \
-            and not Path(m.name_or_path).exists():
-        warnings.append(f"model.revision: {m.revision!r} is a branch or tag, so the remote code it runs can change; "
-                        f"pin the commit you reviewed")
+    if m.trust_remote_code and m.revision and not re.fullmatch(r"[0-9a-f]{40}", m.revision) and not Path(m.name_or_path).exists():
+        warnings.append(
+            f"model.revision: {m.revision!r} is a branch or tag, so the remote code it runs can change; "
+            f"pin the commit you reviewed"
+        )
     report.errors += errors
     report.warnings += warnings
     if examples is not None:
@@ -229,15 +266,21 @@ def run_preflight(recipe: Recipe, examples: int | None = None) -> Report:
     adapter = adapter_parameters(recipe, model)
     parts = memory_estimate(recipe, model, adapter, stage, offload)
     total = report.memory_bytes = sum(parts.values())
-    report.lines.append(f"model: {model_type}, {sum(p.numel() for p in model.parameters()):,} parameters; "
-                        f"adapter ({recipe.peft.method}): {adapter:,} trainable")
-    report.lines.append(f"memory per device (estimate, ZeRO-{stage}{' offload' if offload else ''}): {gib(total)} = "
-                        + ", ".join(f"{name} {gib(value)}" for name, value in parts.items()))
+    report.lines.append(
+        f"model: {model_type}, {sum(p.numel() for p in model.parameters()):,} parameters; "
+        f"adapter ({recipe.peft.method}): {adapter:,} trainable"
+    )
+    report.lines.append(
+        f"memory per device (estimate, ZeRO-{stage}{' offload' if offload else ''}): {gib(total)} = "
+        + ", ".join(f"{name} {gib(value)}" for name, value in parts.items())
+    )
     budget = recipe.distributed.gpu_memory_gb
     if budget and total > budget * 2**30:
-        report.warnings.append(f"memory: the estimate {gib(total)} exceeds distributed.gpu_memory_gb = {budget}; "
-                               f"lower train.micro_batch_size or data.max_length, turn on gradient checkpointing, "
-                               f"or use ZeRO-3 / offload / qlora")
+        report.warnings.append(
+            f"memory: the estimate {gib(total)} exceeds distributed.gpu_memory_gb = {budget}; "
+            f"lower train.micro_batch_size or data.max_length, turn on gradient checkpointing, "
+            f"or use ZeRO-3 / offload / qlora"
+        )
     return report
 
 

@@ -1,4 +1,5 @@
 """Following a training job from the outside: rank 0's metrics log -> a progress bar; failures -> log tails."""
+
 from __future__ import annotations
 
 import re
@@ -38,9 +39,15 @@ def follow_training(run: RunDir, job_state: Callable[[], str | None], console: C
     `job_state` answers the job's state in a word ("pending", "running"), or None once it ended.
     """
     tail, last = run.metrics, None
-    columns = [TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-               TextColumn("loss {task.fields[loss]}"), TextColumn("{task.fields[speed]} tok/s"),
-               TextColumn("ETA"), TimeRemainingColumn()]
+    columns = [
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("loss {task.fields[loss]}"),
+        TextColumn("{task.fields[speed]} tok/s"),
+        TextColumn("ETA"),
+        TimeRemainingColumn(),
+    ]
     with Progress(*columns, console=console, transient=False) as bar:
         task = bar.add_task("starting", total=None, loss="-", speed="-")
         while True:
@@ -48,8 +55,14 @@ def follow_training(run: RunDir, job_state: Callable[[], str | None], console: C
             bar.update(task, description="training" if last and state == "running" else state or "ended")
             for row in tail.new_rows():
                 last = row
-                bar.update(task, description="training", completed=row["step"], total=row["max_steps"],
-                           loss=f"{row['loss']:.4f}", speed=f"{row['tokens_per_second']:.0f}")
+                bar.update(
+                    task,
+                    description="training",
+                    completed=row["step"],
+                    total=row["max_steps"],
+                    loss=f"{row['loss']:.4f}",
+                    speed=f"{row['tokens_per_second']:.0f}",
+                )
             if state is None:
                 return last
             time.sleep(poll_s)

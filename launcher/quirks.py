@@ -5,6 +5,7 @@ refuses what a model cannot do, rendering aliases config keys DeepSpeed's "auto"
 loading repairs what transformers 5 leaves broken, and generation / tokenization follow the
 model's rules. Each quirk says why; FACTS.md records how it was found.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -35,16 +36,23 @@ class Quirks:
 
 REGISTRY: dict[str, Quirks] = {
     "transnormer": Quirks(
-        hidden_size_key="decoder_embed_dim", layers_key="decoder_layers",
-        generate_with_cache=False, gradient_checkpointing_works=False, prompt_learning=False,
-        pad_token_id=0, environment={"use_triton": "False"}, rebuild_meta_slopes=True,
+        hidden_size_key="decoder_embed_dim",
+        layers_key="decoder_layers",
+        generate_with_cache=False,
+        gradient_checkpointing_works=False,
+        prompt_learning=False,
+        pad_token_id=0,
+        environment={"use_triton": "False"},
+        rebuild_meta_slopes=True,
         notes="TransNormerLLM (OpenNLPLab, remote code): linear modules qkvu_proj, out_proj, l1, l2, l3; "
-              "use_triton=False selects its PyTorch path on machines without triton kernels",
+        "use_triton=False selects its PyTorch path on machines without triton kernels",
     ),
     "chatglm": Quirks(
-        hidden_size_key="hidden_size", layers_key="num_layers", padding_side="left",
+        hidden_size_key="hidden_size",
+        layers_key="num_layers",
+        padding_side="left",
         notes="ChatGLM2/3 (THUDM, remote code): its tokenizer pads on the left only; linear modules "
-              "query_key_value, dense, dense_h_to_4h, dense_4h_to_h",
+        "query_key_value, dense, dense_h_to_4h, dense_4h_to_h",
     ),
 }
 

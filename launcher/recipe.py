@@ -4,6 +4,7 @@ Every default lives in the field definitions below, and nowhere else. Problems a
 as `UserError` lines (launcher.errors) ("key.path: what is wrong; how to fix") so the CLI can print one clear
 line per problem instead of a traceback.
 """
+
 from __future__ import annotations
 
 import difflib
@@ -14,9 +15,10 @@ import tomllib
 from pathlib import Path
 from typing import Any, Literal
 
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
 from launcher import methods
 from launcher.errors import UserError
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]*$"
 
@@ -49,8 +51,10 @@ class ModelSection(Section):
     @model_validator(mode="after")
     def _remote_code_is_pinned(self):
         if self.trust_remote_code and not self.revision and not Path(self.name_or_path).is_absolute():
-            raise ValueError("model.revision: trust_remote_code runs the hub's Python code; pin model.revision "
-                             "to a commit (or tag) so that code cannot change under you")
+            raise ValueError(
+                "model.revision: trust_remote_code runs the hub's Python code; pin model.revision "
+                "to a commit (or tag) so that code cannot change under you"
+            )
         return self
 
 
@@ -145,10 +149,11 @@ class PeftSection(Section):
         for key in sorted(self.model_fields_set - {"method"}):
             owners = methods.owners_of(key)
             if self.method not in owners:
-                raise ValueError(f"peft.{key} belongs to {' / '.join(owners)}, not {self.method}; "
-                                 f"remove it or change peft.method")
+                raise ValueError(
+                    f"peft.{key} belongs to {' / '.join(owners)}, not {self.method}; remove it or change peft.method"
+                )
         if self.method == "prompt-tuning" and (self.prompt_init == "text") != bool(self.prompt_init_text):
-            raise ValueError("peft.prompt_init_text is needed with prompt_init = \"text\" and only then")
+            raise ValueError('peft.prompt_init_text is needed with prompt_init = "text" and only then')
         if self.method == "adalora" and self.target_r > self.init_r:
             raise ValueError(f"peft.target_r ({self.target_r}) must not exceed peft.init_r ({self.init_r})")
         return self
@@ -162,7 +167,6 @@ class PeftSection(Section):
         """(tinit, tfinal) in steps for a run of `total_steps`."""
         as_steps = lambda value: int(value * total_steps) if value < 1 else int(value)  # noqa: E731
         return as_steps(self.tinit), as_steps(self.tfinal)
-
 
 
 class TrainSection(Section):
@@ -303,8 +307,10 @@ class SlurmSection(Section):
                 if not re.match(ENV_NAME_PATTERN, key):
                     raise ValueError(f"{json.dumps(key)} is not a valid environment variable name")
                 if re.search(SECRET_NAME_PATTERN, key, re.IGNORECASE):
-                    raise ValueError(f"{key} looks like a secret: recipes and rendered scripts are no place for it; "
-                                     f"export {key} in your shell instead (SLURM passes it on to the job)")
+                    raise ValueError(
+                        f"{key} looks like a secret: recipes and rendered scripts are no place for it; "
+                        f"export {key} in your shell instead (SLURM passes it on to the job)"
+                    )
         return value
 
     def time_minutes(self) -> int:
@@ -338,8 +344,9 @@ class Recipe(Section):
     def to_dict(self) -> dict[str, Any]:
         """The resolved recipe; [peft] lists only the keys of its method (others would be refused)."""
         resolved = self.model_dump(mode="json", exclude_none=True)
-        resolved["peft"] = {key: value for key, value in resolved["peft"].items()
-                            if key == "method" or key in self.peft.spec.keys}
+        resolved["peft"] = {
+            key: value for key, value in resolved["peft"].items() if key == "method" or key in self.peft.spec.keys
+        }
         return resolved
 
     def fingerprint(self) -> str:

@@ -2,6 +2,7 @@
 
 No torch here: rendering and --dry-run answer in about a second.
 """
+
 from __future__ import annotations
 
 import copy
@@ -48,7 +49,11 @@ def render_deepspeed(recipe: Recipe) -> dict[str, Any]:
     }
     for key, value in owned.items():
         if config.get(key, "auto") not in ("auto", value):
-            raise UserError([f"distributed.deepspeed_overrides.{key}: {config[key]} disagrees with the recipe's {value}; set it in [train] instead"])
+            raise UserError(
+                [
+                    f"distributed.deepspeed_overrides.{key}: {config[key]} disagrees with the recipe's {value}; set it in [train] instead"
+                ]
+            )
         config[key] = value
     for precision in ("bf16", "fp16"):
         config.setdefault(precision, {})["enabled"] = recipe.model.dtype == precision
@@ -110,8 +115,15 @@ def resolve_device(device: str) -> str:
 
 def worker_command(run: RunDir) -> list[str]:
     """How the workers are started: also the command a user can run by hand from the run dir's files."""
-    return ["accelerate", "launch", "--config_file", str(run.accelerate_config.resolve()),
-            "-m", "launcher.worker", str(run.root.resolve())]
+    return [
+        "accelerate",
+        "launch",
+        "--config_file",
+        str(run.accelerate_config.resolve()),
+        "-m",
+        "launcher.worker",
+        str(run.root.resolve()),
+    ]
 
 
 def rendered_files(recipe: Recipe, run: RunDir) -> dict[Path, str]:
@@ -128,8 +140,12 @@ def render_run(recipe: Recipe, run: RunDir) -> list[Path]:
     files = rendered_files(recipe, run)
     for path, text in files.items():
         if path.exists() and path.read_text() != text:
-            raise UserError([f"{path}: differs from what this recipe renders now (was a ds_configs/ template edited?); "
-                               f"restore it or start a new run with --run-dir"])
+            raise UserError(
+                [
+                    f"{path}: differs from what this recipe renders now (was a ds_configs/ template edited?); "
+                    f"restore it or start a new run with --run-dir"
+                ]
+            )
     for path, text in files.items():
         if not path.exists():
             write_atomic(path, text)

@@ -3,6 +3,7 @@
 A broken network or a wrong world size then fails in about a minute with the ranks that did not
 answer, instead of after torch.distributed's 30-minute collective timeout.
 """
+
 from __future__ import annotations
 
 import ipaddress
@@ -36,14 +37,17 @@ def check_master_address(world: dict) -> None:
     try:
         resolved = socket.gethostbyname(world["master_addr"])
     except OSError as err:
-        raise RendezvousError(f"rank {world['rank']} on {world['node']}: master address {world['master_addr']!r} "
-                              f"does not resolve ({err}); fix DNS or /etc/hosts on the nodes") from None
+        raise RendezvousError(
+            f"rank {world['rank']} on {world['node']}: master address {world['master_addr']!r} "
+            f"does not resolve ({err}); fix DNS or /etc/hosts on the nodes"
+        ) from None
     single_host = os.environ.get("LAUNCHER_SINGLE_HOST_CLUSTER") == "1"  # set by slurm/dev-cluster
     if world["nodes"] > 1 and ipaddress.ip_address(resolved).is_loopback and not single_host:
         raise RendezvousError(
             f"rank {world['rank']} on {world['node']}: master {world['master_addr']!r} resolves to loopback "
             f"{resolved} in a {world['nodes']}-node job, so the other nodes cannot reach it; map the node names "
-            "to their network addresses in DNS or /etc/hosts")
+            "to their network addresses in DNS or /etc/hosts"
+        )
 
 
 def check_in(world: dict, expected_world_size: int, timeout_s: int = CHECK_IN_TIMEOUT_S) -> list[dict]:
@@ -58,8 +62,14 @@ def check_in(world: dict, expected_world_size: int, timeout_s: int = CHECK_IN_TI
     if world["world_size"] == 1 and expected_world_size == 1:
         return [world]
     rank, size = world["rank"], world["world_size"]
-    store = TCPStore(world["master_addr"], world["master_port"] + 1, size, is_master=rank == 0,
-                     timeout=timedelta(seconds=timeout_s), wait_for_workers=False)
+    store = TCPStore(
+        world["master_addr"],
+        world["master_port"] + 1,
+        size,
+        is_master=rank == 0,
+        timeout=timedelta(seconds=timeout_s),
+        wait_for_workers=False,
+    )
     store.set(f"rank/{rank}", json.dumps(world))
     if rank == 0:
         verdict = judge(store, size, expected_world_size, timeout_s)
@@ -84,13 +94,17 @@ def judge(store, size: int, expected: int, timeout_s: int) -> dict:
         time.sleep(0.2)
     missing = [r for r, key in enumerate(keys) if not store.check([key])]
     if missing:
-        return {"error": f"ranks {missing} did not check in within {timeout_s} s (of {size}); their nodes cannot "
-                         "reach the master or did not start: see their logs"}
+        return {
+            "error": f"ranks {missing} did not check in within {timeout_s} s (of {size}); their nodes cannot "
+            "reach the master or did not start: see their logs"
+        }
     records = [json.loads(store.get(key)) for key in keys]
     sizes = sorted({r["world_size"] for r in records})
     if sizes != [expected]:
-        return {"error": f"ranks disagree on the world: world sizes {sizes} seen, the recipe renders {expected} "
-                         "ranks (distributed.nodes x distributed.procs_per_node); re-render or fix the job's task count"}
+        return {
+            "error": f"ranks disagree on the world: world sizes {sizes} seen, the recipe renders {expected} "
+            "ranks (distributed.nodes x distributed.procs_per_node); re-render or fix the job's task count"
+        }
     return {"records": records}
 
 

@@ -1,10 +1,10 @@
 """The evaluation report: report.md and a self-contained report.html (plots embedded), with
 the metrics table, the training loss curve, metrics per checkpoint and sample predictions."""
+
 from __future__ import annotations
 
 import base64
 import html
-import json
 import re
 from pathlib import Path
 
@@ -50,8 +50,12 @@ def sample_rows(examples: list[Example], predictions: dict) -> list[list[str]]:
 def markdown(title: str, examples, predictions, result, plots: list[Path]) -> str:
     lines = [f"# {title}", ""]
     lines += md_table(table_rows(result))
-    lines += ["", "BLEU-4 and ROUGE F1 on a 0-100 scale (Chinese segmented: characters for BLEU, jieba words "
-              "for ROUGE); loss and perplexity of the references, per response token.", ""]
+    lines += [
+        "",
+        "BLEU-4 and ROUGE F1 on a 0-100 scale (Chinese segmented: characters for BLEU, jieba words "
+        "for ROUGE); loss and perplexity of the references, per response token.",
+        "",
+    ]
     lines += [f"![{p.stem}]({p.name})" for p in plots] + [""]
     lines += ["## Sample predictions", ""] + md_table(sample_rows(examples, predictions))
     return "\n".join(lines) + "\n"
@@ -61,8 +65,9 @@ def md_table(rows: list[list[str]]) -> list[str]:
     def cell(text: str) -> str:
         return text.replace("|", "\\|").replace("\n", "<br>")[:160]
 
-    return (["| " + " | ".join(cell(c) for c in rows[0]) + " |", "|---" * len(rows[0]) + "|"]
-            + ["| " + " | ".join(cell(c) for c in row) + " |" for row in rows[1:]])
+    return ["| " + " | ".join(cell(c) for c in rows[0]) + " |", "|---" * len(rows[0]) + "|"] + [
+        "| " + " | ".join(cell(c) for c in row) + " |" for row in rows[1:]
+    ]
 
 
 def page(title: str, examples, predictions, result, plots: list[Path]) -> str:
@@ -71,14 +76,19 @@ def page(title: str, examples, predictions, result, plots: list[Path]) -> str:
         body = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in row) + "</tr>" for row in rows[1:])
         return f"<table><tr>{head}</tr>{body}</table>"
 
-    images = "".join(f'<img alt="{p.stem}" src="data:image/png;base64,{base64.b64encode(p.read_bytes()).decode()}">'
-                     for p in plots)
-    style = ("body{font-family:sans-serif;margin:2em}table{border-collapse:collapse;margin:1em 0}"
-             "td,th{border:1px solid #ccc;padding:4px 8px;vertical-align:top;white-space:pre-wrap;max-width:30em}"
-             "img{max-width:48%;margin-right:1%}")
-    return (f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
-            f"<style>{style}</style></head><body><h1>{html.escape(title)}</h1>{table(table_rows(result))}"
-            f"{images}<h2>Sample predictions</h2>{table(sample_rows(examples, predictions))}</body></html>\n")
+    images = "".join(
+        f'<img alt="{p.stem}" src="data:image/png;base64,{base64.b64encode(p.read_bytes()).decode()}">' for p in plots
+    )
+    style = (
+        "body{font-family:sans-serif;margin:2em}table{border-collapse:collapse;margin:1em 0}"
+        "td,th{border:1px solid #ccc;padding:4px 8px;vertical-align:top;white-space:pre-wrap;max-width:30em}"
+        "img{max-width:48%;margin-right:1%}"
+    )
+    return (
+        f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
+        f"<style>{style}</style></head><body><h1>{html.escape(title)}</h1>{table(table_rows(result))}"
+        f"{images}<h2>Sample predictions</h2>{table(sample_rows(examples, predictions))}</body></html>\n"
+    )
 
 
 def loss_plot(out: Path, plan: dict) -> Path | None:
@@ -102,8 +112,9 @@ def loss_plot(out: Path, plan: dict) -> Path | None:
 
 def checkpoint_plot(out: Path, result: dict) -> Path | None:
     """Eval loss and text metrics of each checkpoint against its step (needs two checkpoints)."""
-    points = sorted((int(m.group(1)), values) for name, values in result["systems"].items()
-                    if (m := re.search(r"checkpoint-(\d+)$", name)))
+    points = sorted(
+        (int(m.group(1)), values) for name, values in result["systems"].items() if (m := re.search(r"checkpoint-(\d+)$", name))
+    )
     if len(points) < 2:
         return None
     figure, axes = new_figure()

@@ -1,4 +1,5 @@
 """The run directory: its layout, its manifest, and the rule that nothing in it is overwritten silently."""
+
 from __future__ import annotations
 
 import json
@@ -12,7 +13,7 @@ import time
 import tomllib
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass
-from enum import Enum
+from enum import StrEnum
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -25,8 +26,9 @@ from launcher.recipe import Recipe, validate_recipe
 TRACKED_PACKAGES = ("torch", "transformers", "peft", "deepspeed", "accelerate", "datasets")
 
 
-class State(str, Enum):
+class State(StrEnum):
     """Where a run stands; each stage's job moves it on."""
+
     RENDERED = "rendered"
     TRAINING = "training"
     PREEMPTED = "preempted"
@@ -45,6 +47,7 @@ class Record(BaseModel):
 
 class JobRecord(Record):
     """One submitted job, as its executor can find it again (launch status / logs / cancel)."""
+
     executor: str
     id: str
     stage: str = "train"
@@ -57,6 +60,7 @@ class JobRecord(Record):
 
 class StageRecord(Record):
     """What one stage cost, measured in the stage's own process (rank 0 for training)."""
+
     wall_s: float
     peak_rss_mib: float
     peak_accelerator_mib: float | None = None
@@ -66,6 +70,7 @@ class StageRecord(Record):
 
 class Manifest(Record):
     """manifest.json: what the run is, where it stands, its jobs and what each stage cost."""
+
     name: str
     recipe_hash: str
     launcher_version: str | None = None
@@ -111,7 +116,7 @@ def exclusive(lock: Path, stale_after_s: float = 120.0, timeout_s: float = 600.0
             break
         except FileExistsError:
             try:
-                age = time.time() - lock.stat().st_mtime
+                age, holder = time.time() - lock.stat().st_mtime, lock.read_text(errors="replace")
             except FileNotFoundError:
                 continue  # released meanwhile
             if age > stale_after_s:
@@ -120,7 +125,7 @@ def exclusive(lock: Path, stale_after_s: float = 120.0, timeout_s: float = 600.0
                     lock.with_name(f"{lock.name}.stale-{os.getpid()}").unlink()
                 continue
             if time.time() > deadline:
-                raise TimeoutError(f"{lock}: held for more than {timeout_s:.0f} s ({lock.read_text(errors='replace')})")
+                raise TimeoutError(f"{lock}: held for more than {timeout_s:.0f} s (by {holder})") from None
             time.sleep(0.02)
     try:
         os.write(fd, owner.encode())
@@ -301,14 +306,24 @@ def claim_run_dir(run: RunDir, recipe: Recipe) -> list[str]:
 
 
 # Keys a resume may change: they alter neither the checkpoint's shapes and sharding nor the data order.
-RESUMABLE = ("train.max_steps", "train.epochs", "train.save_steps", "train.save_total_limit",
-             "train.logging_steps", "eval.", "merge.", "slurm.")
-WHY_NOT = {"model.": "the checkpoint holds an adapter for that base model",
-           "peft.": "the checkpoint's adapter shapes and target modules come from it",
-           "distributed.": "the ZeRO checkpoint is sharded for the recorded ranks and stage",
-           "data.": "the data order and position would no longer match the checkpoint",
-           "train.": "the optimizer, schedule or data order in the checkpoint were made with the old value",
-           "name": "it names the run"}
+RESUMABLE = (
+    "train.max_steps",
+    "train.epochs",
+    "train.save_steps",
+    "train.save_total_limit",
+    "train.logging_steps",
+    "eval.",
+    "merge.",
+    "slurm.",
+)
+WHY_NOT = {
+    "model.": "the checkpoint holds an adapter for that base model",
+    "peft.": "the checkpoint's adapter shapes and target modules come from it",
+    "distributed.": "the ZeRO checkpoint is sharded for the recorded ranks and stage",
+    "data.": "the data order and position would no longer match the checkpoint",
+    "train.": "the optimizer, schedule or data order in the checkpoint were made with the old value",
+    "name": "it names the run",
+}
 
 
 def reconcile(old: dict, new: dict, where: Path) -> list[str]:
@@ -316,10 +331,13 @@ def reconcile(old: dict, new: dict, where: Path) -> list[str]:
     changed = [(key, a, b) for key, a, b in differences(old, new)]
     refused = [(k, a, b) for k, a, b in changed if not k.startswith(RESUMABLE) and k not in RESUMABLE]
     if refused:
-        raise UserError([
-            f"{key}: {json.dumps(a)} -> {json.dumps(b)} cannot change when resuming {where} "
-            f"({next(v for p, v in WHY_NOT.items() if key.startswith(p))}); restore it, or start a new run with --run-dir"
-            for key, a, b in refused])
+        raise UserError(
+            [
+                f"{key}: {json.dumps(a)} -> {json.dumps(b)} cannot change when resuming {where} "
+                f"({next(v for p, v in WHY_NOT.items() if key.startswith(p))}); restore it, or start a new run with --run-dir"
+                for key, a, b in refused
+            ]
+        )
     return [f"{key}: {json.dumps(a)} -> {json.dumps(b)} (the new value wins)" for key, a, b in changed]
 
 
@@ -343,9 +361,14 @@ def archive(run: RunDir, paths: list[Path]) -> None:
 
 def new_manifest(recipe: Recipe, worker_command: list[str]) -> Manifest:
     return Manifest(
-        name=recipe.name, recipe_hash=recipe.fingerprint(), launcher_version=package_version("peft-launcher"),
-        git_sha=git_sha(), created=now(), worker_command=worker_command,
-        versions={"python": platform.python_version()} | {p: package_version(p) for p in TRACKED_PACKAGES})
+        name=recipe.name,
+        recipe_hash=recipe.fingerprint(),
+        launcher_version=package_version("peft-launcher"),
+        git_sha=git_sha(),
+        created=now(),
+        worker_command=worker_command,
+        versions={"python": platform.python_version()} | {p: package_version(p) for p in TRACKED_PACKAGES},
+    )
 
 
 def package_version(name: str) -> str | None:
@@ -358,8 +381,7 @@ def package_version(name: str) -> str | None:
 def git_sha() -> str | None:
     """The launcher's own commit, so a run records which code produced it."""
     try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent,
-                             capture_output=True, text=True, timeout=5)
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True, text=True, timeout=5)
     except (OSError, subprocess.TimeoutExpired):
         return None
     return out.stdout.strip() or None if out.returncode == 0 else None
@@ -385,5 +407,6 @@ def accelerator_peak_mib() -> float | None:
 
 def stage_record(started: float, **extra: Any) -> StageRecord:
     """Wall time since `started` and this process's peaks: what the stage that ran here cost."""
-    return StageRecord(wall_s=round(time.time() - started, 1), peak_rss_mib=peak_rss_mib(),
-                       peak_accelerator_mib=accelerator_peak_mib(), **extra)
+    return StageRecord(
+        wall_s=round(time.time() - started, 1), peak_rss_mib=peak_rss_mib(), peak_accelerator_mib=accelerator_peak_mib(), **extra
+    )

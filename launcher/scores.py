@@ -4,6 +4,7 @@ BLEU-4 is sacrebleu's corpus BLEU with its "zh" tokenizer (each CJK character a 
 as the standard 13a tokenizer). ROUGE segments CJK text into words with jieba, as the
 ChatGLM/AdGen evaluations do, and lower-cases the rest; rouge-score then counts n-grams.
 """
+
 from __future__ import annotations
 
 import re
@@ -53,5 +54,8 @@ def exact_match(predictions: list[str], references: list[str]) -> float:
 
 
 def text_scores(predictions: list[str], references: list[str]) -> dict[str, float]:
-    return {"exact_match": exact_match(predictions, references), "bleu4": bleu4(predictions, references),
-            **rouge(predictions, references)}
+    return {
+        "exact_match": exact_match(predictions, references),
+        "bleu4": bleu4(predictions, references),
+        **rouge(predictions, references),
+    }

@@ -5,6 +5,7 @@ deltas of the weights in it (LoRA, AdaLoRA, IA3 scales), writes the merged shard
 go, so the peak stays near one shard plus the adapter. The output is a plain transformers
 checkpoint (same shard names and index), with config, generation config and tokenizer copied.
 """
+
 from __future__ import annotations
 
 import json
@@ -25,8 +26,11 @@ def base_files(base: str, revision: str | None = None) -> Path:
         return Path(base)
     from huggingface_hub import snapshot_download
 
-    return Path(snapshot_download(base, revision=revision, allow_patterns=["*.json", "*.safetensors", "*.model",
-                                                                          "*.txt", "*.py", "*.tiktoken"]))
+    return Path(
+        snapshot_download(
+            base, revision=revision, allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt", "*.py", "*.tiktoken"]
+        )
+    )
 
 
 def shard_names(base_dir: Path) -> list[str]:
@@ -35,8 +39,10 @@ def shard_names(base_dir: Path) -> list[str]:
         return sorted(set(json.loads(index.read_text())["weight_map"].values()))
     if (base_dir / "model.safetensors").is_file():
         return ["model.safetensors"]
-    raise UserError(f"{base_dir}: no model.safetensors or model.safetensors.index.json (streaming merge "
-                            f"reads safetensors only; re-save the base with save_pretrained)")
+    raise UserError(
+        f"{base_dir}: no model.safetensors or model.safetensors.index.json (streaming merge "
+        f"reads safetensors only; re-save the base with save_pretrained)"
+    )
 
 
 def adapter_updates(adapter_dir: Path):
@@ -57,7 +63,7 @@ def adapter_updates(adapter_dir: Path):
         if kind == "IA3":
             scale = part(module, "ia3_l")
             if scale is not None:  # feed-forward modules scale the input (columns), the others the output (rows)
-                updates[f"{module}.weight"] = (lambda w, s=scale: w * s.reshape(1, -1) if s.shape[0] == 1 else w * s.reshape(-1, 1))
+                updates[f"{module}.weight"] = lambda w, s=scale: w * s.reshape(1, -1) if s.shape[0] == 1 else w * s.reshape(-1, 1)
             continue
         a, b = part(module, "lora_A"), part(module, "lora_B")
         if a is None or b is None or a.shape[0] == 0:  # AdaLoRA may prune a layer to rank 0: nothing to add
@@ -68,7 +74,7 @@ def adapter_updates(adapter_dir: Path):
             start_rank = config.get("init_r") or a.shape[0]
             a = a * part(module, "lora_E") * (config["lora_alpha"] or start_rank) / (start_rank + 1e-5)
         transpose = bool(config.get("fan_in_fan_out"))
-        updates[f"{module}.weight"] = (lambda w, a=a, b=b, t=transpose: w.add_((b @ a).T if t else b @ a))
+        updates[f"{module}.weight"] = lambda w, a=a, b=b, t=transpose: w.add_((b @ a).T if t else b @ a)
     if not updates:
         raise UserError(f"{adapter_dir}: no mergeable tensors found")
     return updates
@@ -76,7 +82,7 @@ def adapter_updates(adapter_dir: Path):
 
 def lora_scaling(config: dict, module: str, rank: int) -> float:
     alpha = next((v for k, v in (config.get("alpha_pattern") or {}).items() if module.endswith(k)), config["lora_alpha"])
-    return alpha / (rank ** 0.5) if config.get("use_rslora") else alpha / rank
+    return alpha / (rank**0.5) if config.get("use_rslora") else alpha / rank
 
 
 def stream_merge(base: str, adapter_dir: Path, out_dir: Path, dtype: str = "fp32", revision: str | None = None) -> dict:
@@ -104,11 +110,12 @@ def stream_merge(base: str, adapter_dir: Path, out_dir: Path, dtype: str = "fp32
         save_file(tensors, str(out_dir / shard), metadata=metadata)
         del tensors
     if updates:
-        raise UserError(f"{adapter_dir}: {len(updates)} adapted weights not found in {base_dir} "
-                         f"(first: {next(iter(updates))}); is this the adapter's base model?")
+        raise UserError(
+            f"{adapter_dir}: {len(updates)} adapted weights not found in {base_dir} "
+            f"(first: {next(iter(updates))}); is this the adapter's base model?"
+        )
     copy_side_files(base_dir, out_dir, dtype)
-    return {"merged_weights": merged, "shards": len(shard_names(base_dir)),
-            "peak_rss_mib": peak_rss_mib()}
+    return {"merged_weights": merged, "shards": len(shard_names(base_dir)), "peak_rss_mib": peak_rss_mib()}
 
 
 def copy_side_files(base_dir: Path, out_dir: Path, dtype: str) -> None:

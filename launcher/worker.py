@@ -6,6 +6,7 @@ The worker trains with HF Trainer and the run's rendered deepspeed.json, then ga
 validates the final adapter into RUN/adapter/. It never merges or evaluates: those are stages
 of their own.
 """
+
 from __future__ import annotations
 
 import json
@@ -33,8 +34,10 @@ def main(argv: list[str] | None = None, last_stage: bool = False) -> int:
 
         quiet_libraries_for(recipe)  # this node's device, before DeepSpeed loads
         world = world_from_env()
-        print(f"rank {rank} of {world['world_size']} on node {world['node']} (local rank {world['local_rank']}, "
-              f"pid {os.getpid()}), master {world['master_addr']}:{world['master_port']}")
+        print(
+            f"rank {rank} of {world['world_size']} on node {world['node']} (local rank {world['local_rank']}, "
+            f"pid {os.getpid()}), master {world['master_addr']}:{world['master_port']}"
+        )
         records = check_in(world, recipe.world_size())
         fail_if_asked(rank)
         if run.adapter.exists():  # an earlier attempt trained and saved it
@@ -119,11 +122,16 @@ def metrics_logger(run: RunDir, attempt: int):
             clock, tokens = time.time(), state.num_input_tokens_seen
             previous, self.last = self.last, (clock, tokens)
             row = {
-                "step": state.global_step, "max_steps": state.max_steps, "epoch": logs.get("epoch"),
-                "loss": logs["loss"], "learning_rate": logs.get("learning_rate"),
-                "grad_norm": logs.get("grad_norm"), "tokens_seen": tokens,
+                "step": state.global_step,
+                "max_steps": state.max_steps,
+                "epoch": logs.get("epoch"),
+                "loss": logs["loss"],
+                "learning_rate": logs.get("learning_rate"),
+                "grad_norm": logs.get("grad_norm"),
+                "tokens_seen": tokens,
                 "tokens_per_second": (tokens - previous[1]) / max(clock - previous[0], 1e-9),
-                "time": clock, "attempt": attempt,
+                "time": clock,
+                "attempt": attempt,
             }
             with open(run.metrics_log, "a") as handle:
                 handle.write(json.dumps(row) + "\n")
@@ -150,22 +158,25 @@ def train(recipe: Recipe, run: RunDir, rank: int, records: list[dict]) -> bool:
     if rank == 0:
         backend = torch.distributed.get_backend() if torch.distributed.is_initialized() else "none"
         print(topology_line(records, backend))
-        print(f"data: {stats['examples']} examples, {stats['tokens']} tokens, "
-              f"{stats['truncated']} truncated to data.max_length={recipe.data.max_length}, "
-              f"{stats.get('skipped_rows', 0)} bad rows skipped")
+        print(
+            f"data: {stats['examples']} examples, {stats['tokens']} tokens, "
+            f"{stats['truncated']} truncated to data.max_length={recipe.data.max_length}, "
+            f"{stats.get('skipped_rows', 0)} bad rows skipped"
+        )
         run.update_manifest(data=stats, attempts=attempt)
     init_deepspeed_comm(recipe)  # before loading: ZeRO-3 shards the weights as they load
     set_seed(recipe.train.seed)
     device = resolve_device(recipe.distributed.device)
     local = int(os.environ.get("LOCAL_RANK", "0"))
-    model = load_training_model(recipe, planned_steps(recipe, len(dataset)),
-                                f"cuda:{local}" if device == "cuda" else "cpu")
+    model = load_training_model(recipe, planned_steps(recipe, len(dataset)), f"cuda:{local}" if device == "cuda" else "cpu")
     if rank == 0:
         trainable, total = model.get_nb_trainable_parameters()
         print(f"trainable parameters {trainable} of {total}")
     guard = checkpoint_guard(run.checkpoints, recipe.train.save_total_limit, stop)
     trainer = Trainer(
-        model=model, args=args, train_dataset=dataset,
+        model=model,
+        args=args,
+        train_dataset=dataset,
         data_collator=SampleLoggingCollator(tokenizer, run.logs / f"samples_rank{rank}.jsonl", attempt),
         callbacks=[metrics_logger(run, attempt), guard],
     )
@@ -195,8 +206,11 @@ def trained_probe(trainer, dataset, tokenizer) -> dict:
         device = next(p.device for p in model.parameters())
         logits = model(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device)).logits
     width = batch["input_ids"].shape[1]
-    return {"input_ids": batch["input_ids"].contiguous(), "attention_mask": batch["attention_mask"].contiguous(),
-            "logits": logits[:, -width:].float().cpu().contiguous()}
+    return {
+        "input_ids": batch["input_ids"].contiguous(),
+        "attention_mask": batch["attention_mask"].contiguous(),
+        "logits": logits[:, -width:].float().cpu().contiguous(),
+    }
 
 
 def init_deepspeed_comm(recipe: Recipe) -> None:
@@ -222,8 +236,10 @@ def resume_point(run: RunDir, rank: int) -> Path | None:
     latest = latest_complete_checkpoint(run.checkpoints)
     if rank == 0:
         for path in set_aside_incomplete(run.checkpoints, after_step=step_of(latest) if latest else 0):
-            print(f"warning: {path.name.split('-incomplete-')[0]} was not complete (killed while saving?); "
-                  f"ignored and kept as {path.name} until a newer checkpoint completes")
+            print(
+                f"warning: {path.name.split('-incomplete-')[0]} was not complete (killed while saving?); "
+                f"ignored and kept as {path.name} until a newer checkpoint completes"
+            )
         print(f"resuming from {latest} (step {step_of(latest)})" if latest else "starting at step 0")
     if dist.is_initialized():
         dist.barrier()

@@ -1,4 +1,5 @@
 """Fixtures build their own tiny real model, tokenizer and data: nothing comes from a hub."""
+
 from __future__ import annotations
 
 import os
@@ -28,9 +29,9 @@ def tiny_recipe_text(assets: dict[str, Path], name: str = "tiny", extra: str = "
     return f"""
 name = "{name}"
 [model]
-name_or_path = "{assets['model']}"
+name_or_path = "{assets["model"]}"
 [data]
-train_file = "{assets['train_file']}"
+train_file = "{assets["train_file"]}"
 eval_fraction = 0.1
 max_length = 64
 [train]
@@ -52,5 +53,11 @@ max_new_tokens = 3
 def run_launch(*args: str, cwd: Path | None = None, timeout: int = 600) -> subprocess.CompletedProcess:
     """The real console entry point in a fresh process, as a user runs it."""
     env = os.environ | {"COLUMNS": "120"}
-    return subprocess.run([sys.executable, "-m", "launcher.cli", *map(str, args)], cwd=cwd or REPO,
-                          capture_output=True, text=True, timeout=timeout, env=env)
+    return subprocess.run(
+        [sys.executable, "-m", "launcher.cli", *map(str, args)],
+        cwd=cwd or REPO,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=env,
+    )

@@ -1,5 +1,6 @@
 """The module layering, read from the source: every `import` counts, at the top of a module or
 inside a function, and importing `a.b.c` also imports the package `a.b` (as Python does)."""
+
 from __future__ import annotations
 
 import ast
@@ -9,10 +10,27 @@ from conftest import REPO
 
 PACKAGE = REPO / "launcher"
 # Stages: they read and write a run dir, and never know who runs them or what comes next.
-STAGES = {"launcher.worker", "launcher.merge", "launcher.streaming_merge", "launcher.evaluate", "launcher.report",
-          "launcher.combine", "launcher.data", "launcher.models", "launcher.preflight", "launcher.checkpoints",
-          "launcher.scores", "launcher.rendezvous", "launcher.quirks", "launcher.methods", "launcher.recipe",
-          "launcher.runs", "launcher.render", "launcher.errors", "launcher.assets"}
+STAGES = {
+    "launcher.worker",
+    "launcher.merge",
+    "launcher.streaming_merge",
+    "launcher.evaluate",
+    "launcher.report",
+    "launcher.combine",
+    "launcher.data",
+    "launcher.models",
+    "launcher.preflight",
+    "launcher.checkpoints",
+    "launcher.scores",
+    "launcher.rendezvous",
+    "launcher.quirks",
+    "launcher.methods",
+    "launcher.recipe",
+    "launcher.runs",
+    "launcher.render",
+    "launcher.errors",
+    "launcher.assets",
+}
 # Executors know the run dir's records, the recipe's [slurm] section and the user-error type: no stage.
 EXECUTOR_MAY_IMPORT = {"launcher.errors", "launcher.recipe", "launcher.runs", "launcher.methods"}
 
@@ -60,7 +78,7 @@ def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
         state[node] = "open"
         for other in sorted(graph[node]):
             if state.get(other) == "open":
-                return path[path.index(other):] + [other] if other in path else [node, other]
+                return path[path.index(other) :] + [other] if other in path else [node, other]
             if other not in state:
                 cycle = visit(other, path + [other])
                 if cycle:

@@ -1,8 +1,16 @@
 """One function decides completeness; half-written checkpoints are ignored, kept, then tidied."""
+
 from __future__ import annotations
 
-from launcher.checkpoints import (MARKER, checkpoints_in, is_complete, latest_complete_checkpoint, mark_complete,
-                                  set_aside_incomplete, tidy)
+from launcher.checkpoints import (
+    MARKER,
+    checkpoints_in,
+    is_complete,
+    latest_complete_checkpoint,
+    mark_complete,
+    set_aside_incomplete,
+    tidy,
+)
 
 
 def fabricate(folder, step: int, complete: bool):

@@ -1,14 +1,16 @@
 """Combining LoRA adapters: the combination merged into the base equals the base plus the
 weighted sum of each adapter's delta (cat is exact), checked on logits."""
+
 from __future__ import annotations
 
 import json
 
 import pytest
 import torch
+from conftest import run_launch, tiny_recipe_text, write_recipe
 from safetensors.torch import load_file
 
-from conftest import run_launch, tiny_recipe_text, write_recipe
+pytestmark = pytest.mark.e2e  # real processes end to end: the full tier
 
 
 def random_adapter(model_dir, out, seed: int, rank: int):
@@ -17,8 +19,9 @@ def random_adapter(model_dir, out, seed: int, rank: int):
 
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
-    config = peft.LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=["q_proj", "v_proj", "down_proj"],
-                             init_lora_weights=False)
+    config = peft.LoraConfig(
+        r=rank, lora_alpha=2 * rank, target_modules=["q_proj", "v_proj", "down_proj"], init_lora_weights=False
+    )
     peft.get_peft_model(model, config).save_pretrained(out)
     return out
 
@@ -47,8 +50,22 @@ def test_cat_combination_equals_the_weighted_sum_of_deltas(tmp_path, tiny_assets
     recipe = write_recipe(tmp_path, tiny_recipe_text(tiny_assets))
     first = random_adapter(tiny_assets["model"], tmp_path / "a", seed=1, rank=4)
     second = random_adapter(tiny_assets["model"], tmp_path / "b", seed=2, rank=8)
-    result = run_launch("merge", "--adapters", first, second, "--weights", "0.6", "0.4", "--method", "cat",
-                        "--out", tmp_path / "combined", "--recipe", recipe, "--into-base")
+    result = run_launch(
+        "merge",
+        "--adapters",
+        first,
+        second,
+        "--weights",
+        "0.6",
+        "0.4",
+        "--method",
+        "cat",
+        "--out",
+        tmp_path / "combined",
+        "--recipe",
+        recipe,
+        "--into-base",
+    )
     assert result.returncode == 0, result.stdout + result.stderr
     assert json.loads((tmp_path / "combined" / "adapter_config.json").read_text())["r"] == 12  # cat: 4 + 8
 
@@ -62,15 +79,19 @@ def test_cat_combination_equals_the_weighted_sum_of_deltas(tmp_path, tiny_assets
     assert (got - want).abs().max().item() <= 1e-5
     assert (got - untouched).abs().max().item() > 1e-3
 
-    again = run_launch("merge", "--adapters", first, second, "--weights", "0.6", "0.4", "--out", tmp_path / "combined",
-                       "--recipe", recipe)
+    again = run_launch(
+        "merge", "--adapters", first, second, "--weights", "0.6", "0.4", "--out", tmp_path / "combined", "--recipe", recipe
+    )
     assert again.returncode == 2 and "exists; pass --overwrite" in again.stderr
 
 
-@pytest.mark.parametrize("args, message", [
-    (["--weights", "0.5"], "1 weights for 2 adapters"),
-    (["--weights", "0.5", "0.5", "--method", "ties"], "--density"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--weights", "0.5"], "1 weights for 2 adapters"),
+        (["--weights", "0.5", "0.5", "--method", "ties"], "--density"),
+    ],
+)
 def test_bad_combinations_are_one_line_errors(tmp_path, tiny_assets, args, message):
     recipe = write_recipe(tmp_path, tiny_recipe_text(tiny_assets))
     adapters = [random_adapter(tiny_assets["model"], tmp_path / n, seed=s, rank=4) for n, s in (("a", 1), ("b", 2))]

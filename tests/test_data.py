@@ -1,4 +1,5 @@
 """Data formats of the seeds, prompt templates, label masking, bad rows and truncation."""
+
 from __future__ import annotations
 
 import json
@@ -10,10 +11,13 @@ from launcher.data import IGNORE_INDEX, render, split_examples, tokenize
 from launcher.errors import UserError
 from launcher.recipe import load_recipe
 
+pytestmark = pytest.mark.e2e  # real processes end to end: the full tier
+
 
 def recipe_for(tmp_path, tiny_assets, train_file, data_keys: str, extra: str = ""):
-    text = tiny_recipe_text(tiny_assets).replace(f'train_file = "{tiny_assets["train_file"]}"',
-                                                 f'train_file = "{train_file}"\n{data_keys}')
+    text = tiny_recipe_text(tiny_assets).replace(
+        f'train_file = "{tiny_assets["train_file"]}"', f'train_file = "{train_file}"\n{data_keys}'
+    )
     if "eval_fraction" in data_keys:
         text = text.replace("eval_fraction = 0.1\n", "")
     return load_recipe(write_recipe(tmp_path, text + extra))
@@ -23,9 +27,11 @@ def test_templates_render_the_seeds_prompt_formats():
     history = [("你好", "你好！")]
     assert render("chatml", "现在你要扮演甄嬛", [], "你是谁？") == (
         "<|im_start|>system\n现在你要扮演甄嬛<|im_end|>\n<|im_start|>user\n你是谁？<|im_end|>\n<|im_start|>assistant\n",
-        "<|im_end|>")
+        "<|im_end|>",
+    )
     assert render("chatglm", None, history, "今天天气怎么样")[0] == (
-        "[Round 1]\n\n问：你好\n\n答：你好！\n\n[Round 2]\n\n问：今天天气怎么样\n\n答：")
+        "[Round 1]\n\n问：你好\n\n答：你好！\n\n[Round 2]\n\n问：今天天气怎么样\n\n答："
+    )
     assert render("transnormer", None, history, "Q")[0] == "Human: 你好\nAssistant: 你好！\nHuman: Q\nAssistant: "
     assert render("plain", None, [], "Is 3 odd?") == ("Is 3 odd?\n", "")
 
@@ -37,22 +43,47 @@ def test_every_seed_format_from_every_file_type(tmp_path, tiny_assets):
     (tmp_path / "huanhuan.json").write_text(json.dumps(alpaca, ensure_ascii=False))
     chat = [{"prompt": "第二问", "response": "第二答", "history": [["第一问", "第一答"]]}] * 3
     (tmp_path / "chat.jsonl").write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in chat))
-    pandas.DataFrame([{"content": "类型#裙*颜色#蓝色", "summary": "这条蓝色裙子很好看。"}] * 3).to_csv(tmp_path / "adgen.csv", index=False)
-    pandas.DataFrame([{"quote": "Be yourself; everyone else is already taken.", "author": "Oscar Wilde"}] * 3).to_parquet(tmp_path / "quotes.parquet")
-    messages = [{"messages": [{"role": "system", "content": "S"}, {"role": "user", "content": "u1"},
-                              {"role": "assistant", "content": "a1"}, {"role": "user", "content": "u2"},
-                              {"role": "assistant", "content": "a2"}]}] * 3
+    pandas.DataFrame([{"content": "类型#裙*颜色#蓝色", "summary": "这条蓝色裙子很好看。"}] * 3).to_csv(
+        tmp_path / "adgen.csv", index=False
+    )
+    pandas.DataFrame([{"quote": "Be yourself; everyone else is already taken.", "author": "Oscar Wilde"}] * 3).to_parquet(
+        tmp_path / "quotes.parquet"
+    )
+    messages = [
+        {
+            "messages": [
+                {"role": "system", "content": "S"},
+                {"role": "user", "content": "u1"},
+                {"role": "assistant", "content": "a1"},
+                {"role": "user", "content": "u2"},
+                {"role": "assistant", "content": "a2"},
+            ]
+        }
+    ] * 3
     (tmp_path / "messages.jsonl").write_text("".join(json.dumps(r) + "\n" for r in messages))
     cases = {
-        "huanhuan.json": ('format = "alpaca"\ntemplate = "chatml"', "<|im_start|>user\n扮演甄嬛\n你是谁？<|im_end|>", "家父是大理寺少卿甄远道。"),
-        "chat.jsonl": ('format = "prompt-response"\nhistory_column = "history"\ntemplate = "chatglm"',
-                       "[Round 1]\n\n问：第一问\n\n答：第一答\n\n[Round 2]\n\n问：第二问\n\n答：", "第二答"),
-        "adgen.csv": ('format = "prompt-response"\nprompt_column = "content"\nresponse_column = "summary"\ntemplate = "chatglm"',
-                      "问：类型#裙*颜色#蓝色", "这条蓝色裙子很好看。"),
+        "huanhuan.json": (
+            'format = "alpaca"\ntemplate = "chatml"',
+            "<|im_start|>user\n扮演甄嬛\n你是谁？<|im_end|>",
+            "家父是大理寺少卿甄远道。",
+        ),
+        "chat.jsonl": (
+            'format = "prompt-response"\nhistory_column = "history"\ntemplate = "chatglm"',
+            "[Round 1]\n\n问：第一问\n\n答：第一答\n\n[Round 2]\n\n问：第二问\n\n答：",
+            "第二答",
+        ),
+        "adgen.csv": (
+            'format = "prompt-response"\nprompt_column = "content"\nresponse_column = "summary"\ntemplate = "chatglm"',
+            "问：类型#裙*颜色#蓝色",
+            "这条蓝色裙子很好看。",
+        ),
         "quotes.parquet": ('format = "text"\ntext_column = "quote"', "", "Be yourself; everyone else is already taken."),
-        "messages.jsonl": ('format = "messages"\ntemplate = "chatml"',
-                           "<|im_start|>system\nS<|im_end|>\n<|im_start|>user\nu1<|im_end|>\n<|im_start|>assistant\na1<|im_end|>\n"
-                           "<|im_start|>user\nu2<|im_end|>\n<|im_start|>assistant\n", "a2"),
+        "messages.jsonl": (
+            'format = "messages"\ntemplate = "chatml"',
+            "<|im_start|>system\nS<|im_end|>\n<|im_start|>user\nu1<|im_end|>\n<|im_start|>assistant\na1<|im_end|>\n"
+            "<|im_start|>user\nu2<|im_end|>\n<|im_start|>assistant\n",
+            "a2",
+        ),
     }
     for name, (keys, prompt_part, response) in cases.items():
         recipe = recipe_for(tmp_path, tiny_assets, tmp_path / name, keys + "\neval_fraction = 0.0")
@@ -78,13 +109,18 @@ def test_labels_mask_the_prompt_and_text_is_learned_whole(tiny_assets, tmp_path)
 
 
 def test_bad_rows_name_file_and_line_or_are_skipped_and_counted(tmp_path, tiny_assets):
-    lines = ['{"instruction": "a", "output": "b"}', '{"instruction": "a", "output": ', '{"instruction": "a"}',
-             '{"instruction": "a", "output": "  "}', '{"instruction": "c", "output": "d"}']
+    lines = [
+        '{"instruction": "a", "output": "b"}',
+        '{"instruction": "a", "output": ',
+        '{"instruction": "a"}',
+        '{"instruction": "a", "output": "  "}',
+        '{"instruction": "c", "output": "d"}',
+    ]
     data = tmp_path / "bad.jsonl"
     data.write_text("\n".join(lines) + "\n")
     with pytest.raises(UserError) as caught:
         split_examples(recipe_for(tmp_path, tiny_assets, data, ""))
-    assert caught.value.lines == [f"{data}:2: invalid JSON: Expecting value; fix the row, or set data.on_bad_rows = \"skip\""]
+    assert caught.value.lines == [f'{data}:2: invalid JSON: Expecting value; fix the row, or set data.on_bad_rows = "skip"']
     split = split_examples(recipe_for(tmp_path, tiny_assets, data, 'on_bad_rows = "skip"\neval_fraction = 0.0'))
     assert split.skipped == 3 and [e.response for e in split.train] == ["b", "d"]
     data.write_text(lines[0] + "\n" + lines[2] + "\n")
@@ -97,7 +133,7 @@ def test_check_shows_tokenized_samples_with_the_masked_part_and_counts_truncatio
     recipe = write_recipe(tmp_path, tiny_recipe_text(tiny_assets))
     result = run_launch("check", recipe, "--show-samples", "2", "--set", "data.max_length=15")
     assert result.returncode == 0, result.stdout + result.stderr
-    assert result.stdout.count("masked  (not trained): \"Is this number even or odd?\\n") == 2
+    assert result.stdout.count('masked  (not trained): "Is this number even or odd?\\n') == 2
     assert 'trained (labels):      "' in result.stdout
     truncated = int(result.stdout.split(" truncated to data.max_length=15")[0].rsplit(" ", 1)[-1])
     assert truncated > 0 and f"{truncated} of 1080 examples are longer than 15 tokens" in " ".join(result.stdout.split())
@@ -116,5 +152,7 @@ def test_examples_cut_before_their_response_are_an_error_before_the_queue(tmp_pa
 
     recipe = load_recipe(write_recipe(tmp_path, tiny_recipe_text(tiny_assets)), ["data.max_length=6"])
     report = read_training_set(recipe)
-    assert report.errors == ["data.max_length: 1080 of 1080 examples keep no response token after truncation "
-                             "to 6 (nothing to learn from them); raise it"]
+    assert report.errors == [
+        "data.max_length: 1080 of 1080 examples keep no response token after truncation "
+        "to 6 (nothing to learn from them); raise it"
+    ]

@@ -1,15 +1,18 @@
 """The README stays true: its recipe reference is the schema's, and CI runs its test command."""
+
 from __future__ import annotations
 
 import re
 
 from conftest import REPO
+
 from launcher.recipe import reference_markdown
 
 
 def test_readme_recipe_reference_matches_the_schema():
-    assert reference_markdown() in (REPO / "README.md").read_text(), \
+    assert reference_markdown() in (REPO / "README.md").read_text(), (
         "README's recipe reference is stale: paste launcher.recipe.reference_markdown() into it"
+    )
 
 
 def test_ci_runs_exactly_the_readme_test_command():

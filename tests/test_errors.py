@@ -1,6 +1,7 @@
 """Every command answers a user's mistake with one line and exit code 2, never a traceback, and
 leaves nothing half-written behind. The run dir is rendered (no training) and adapters are
 written by hand: the cases need no trained model."""
+
 from __future__ import annotations
 
 import json
@@ -17,8 +18,9 @@ LAYER = "base_model.model.model.layers.0"
 
 def write_adapter(folder, modules: list[str], lora_b: float, base: str = "tiny-base"):
     folder.mkdir(parents=True, exist_ok=True)
-    (folder / "adapter_config.json").write_text(json.dumps(
-        {"peft_type": "LORA", "r": 2, "lora_alpha": 4, "base_model_name_or_path": base}))
+    (folder / "adapter_config.json").write_text(
+        json.dumps({"peft_type": "LORA", "r": 2, "lora_alpha": 4, "base_model_name_or_path": base})
+    )
     tensors = {}
     for module in modules:
         tensors[f"{LAYER}.{module}.lora_A.weight"] = torch.ones(2, 64)
@@ -56,8 +58,10 @@ CASES = {
     "merge, no adapter yet": (["merge", "{no_adapter}"], "no final adapter yet"),
     "merge, missing checkpoint": (["merge", "{no_adapter}", "--checkpoint", "7"], "is not a complete checkpoint"),
     "merge, not a run": (["merge", "{not_a_run}"], "not a run dir (no recipe.toml)"),
-    "combine, different bases": (["merge", "--adapters", "{adapter_a}", "{adapter_b}", "--weights", "0.5", "0.5",
-                                  "--out", "{out}"], "trained on different base models"),
+    "combine, different bases": (
+        ["merge", "--adapters", "{adapter_a}", "{adapter_b}", "--weights", "0.5", "0.5", "--out", "{out}"],
+        "trained on different base models",
+    ),
     "eval, no adapter yet": (["eval", "{no_adapter}"], "no final adapter yet"),
     "eval, not a run": (["eval", "{not_a_run}"], "neither a run dir (recipe.toml) nor an adapter folder"),
     "status, not a run": (["status", "{not_a_run}"], "not a run dir (no manifest.json)"),
@@ -73,12 +77,16 @@ CASES = {
 def test_a_user_error_is_one_line_and_exit_code_2(case, rendered_run, capsys):
     args, message = CASES[case]
     folder = rendered_run
-    places = {"untrained": run_dir_with(folder, "untrained", "untrained"),
-              "other_base": run_dir_with(folder, "other-base", "other-base"),
-              "no_adapter": run_dir_with(folder, "no-adapter", None), "not_a_run": folder / "not-a-run",
-              "adapter_a": write_adapter(folder / "a", ["self_attn.q_proj"], 0.5, base="one"),
-              "adapter_b": write_adapter(folder / "b", ["self_attn.q_proj"], 0.5, base="two"),
-              "out": folder / "combined", "recipe": folder / "recipe.toml"}
+    places = {
+        "untrained": run_dir_with(folder, "untrained", "untrained"),
+        "other_base": run_dir_with(folder, "other-base", "other-base"),
+        "no_adapter": run_dir_with(folder, "no-adapter", None),
+        "not_a_run": folder / "not-a-run",
+        "adapter_a": write_adapter(folder / "a", ["self_attn.q_proj"], 0.5, base="one"),
+        "adapter_b": write_adapter(folder / "b", ["self_attn.q_proj"], 0.5, base="two"),
+        "out": folder / "combined",
+        "recipe": folder / "recipe.toml",
+    }
     capsys.readouterr()
     code = main([arg.format(**{k: str(v) for k, v in places.items()}) for arg in args])
     captured = capsys.readouterr()

@@ -1,16 +1,17 @@
 """Batch evaluation for real: a trained tiny run, evaluated sharded over processes, resumed after a
 lost shard, and compared with the unsharded evaluation; the metrics on Chinese text."""
+
 from __future__ import annotations
 
 import json
 
 import pytest
-
 from conftest import run_launch, tiny_recipe_text, write_recipe
+
 from launcher.runs import RunDir
 from launcher.scores import bleu4, rouge
 
-pytestmark = pytest.mark.xdist_group("eval")  # one trained run for the module, on one worker
+pytestmark = [pytest.mark.xdist_group("eval"), pytest.mark.e2e]  # one trained run for the module, on one worker
 
 
 @pytest.fixture(scope="module")

@@ -1,4 +1,5 @@
 """The executor interface with real processes (local) and the installed submitit (SLURM rendering)."""
+
 from __future__ import annotations
 
 import os
@@ -88,8 +89,10 @@ def test_submitits_private_script_renderer_still_works(tmp_path, tiny_assets):
 
     recipe = load_recipe(write_recipe(tmp_path, tiny_recipe_text(tiny_assets)), ['slurm.partition="gpu"'])
     script = SlurmExecutor(recipe.slurm, tmp_path / "slurm").submission_script(
-        Resources(name="tiny", stage="train", nodes=2, tasks_per_node=4, time_minutes=30, requeue_run="/runs/x",
-                  all_or_nothing=True))
+        Resources(
+            name="tiny", stage="train", nodes=2, tasks_per_node=4, time_minutes=30, requeue_run="/runs/x", all_or_nothing=True
+        )
+    )
     assert script.startswith("#!/bin/bash") and "#SBATCH --nodes=2" in script and "#SBATCH --ntasks-per-node=4" in script
     assert "#SBATCH --partition=gpu" in script and "#SBATCH --requeue" in script and "--kill-on-bad-exit=1" in script
     assert "-m launcher.executors.requeue /runs/x" in script and "submitit.core._submit" in script

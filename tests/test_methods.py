@@ -2,6 +2,7 @@
 bitsandbytes for the quantized ones), with the model swapped for a tiny local one. Each saved
 adapter, loaded back with PeftModel.from_pretrained, gives the logits the trained model gave;
 LoRA-family merges equal PeftModel on the unquantized base."""
+
 from __future__ import annotations
 
 import json
@@ -11,9 +12,11 @@ from conftest import REPO, run_launch, tiny_recipe_text, write_recipe
 
 from launcher.methods import names_where
 from launcher.recipe import load_recipe
+from launcher.runs import RunDir
 
 PROMPT_FAMILY = names_where(lambda m: m.prompt_learning)
-from launcher.runs import RunDir
+
+pytestmark = pytest.mark.e2e  # real processes end to end: the full tier
 
 TINY_TARGETS = 'peft.target_modules=["q_proj", "v_proj"]'
 SEEDS = {  # recipe -> overrides its tiny stand-in needs (Llama module names; no chat template)
@@ -26,8 +29,16 @@ SEEDS = {  # recipe -> overrides its tiny stand-in needs (Llama module names; no
     "bloomz-prefix-tuning.toml": [],
     "ia3": [],  # no seed uses IA3: the tiny parity recipe
 }
-TINY_RUN = ["model.dtype=fp32", "distributed.procs_per_node=2", "train.max_steps=8", "train.micro_batch_size=2",
-            "train.gradient_accumulation_steps=1", "train.save_steps=4", "data.max_length=256", "eval.max_new_tokens=4"]
+TINY_RUN = [
+    "model.dtype=fp32",
+    "distributed.procs_per_node=2",
+    "train.max_steps=8",
+    "train.micro_batch_size=2",
+    "train.gradient_accumulation_steps=1",
+    "train.save_steps=4",
+    "data.max_length=256",
+    "eval.max_new_tokens=4",
+]
 
 
 def reload_logits(recipe, adapter_dir, probe, quantized: bool):
@@ -41,7 +52,7 @@ def reload_logits(recipe, adapter_dir, probe, quantized: bool):
     model = PeftModel.from_pretrained(base, str(adapter_dir)).eval()
     with torch.no_grad():
         logits = model(input_ids=probe["input_ids"], attention_mask=probe["attention_mask"]).logits
-    return logits[:, -probe["input_ids"].shape[1]:].float()
+    return logits[:, -probe["input_ids"].shape[1] :].float()
 
 
 def launch_seed(seed: str, tmp_path, tiny_assets):

@@ -1,6 +1,7 @@
 """Pure decisions and arithmetic, with pinned numbers, on every machine in seconds: the requeue /
 give-up decision, the memory estimate, planned steps, AdaLoRA's schedule, resume reconciliation,
 SLURM times, the manifest lock, and the local executor's job semantics."""
+
 from __future__ import annotations
 
 import json
@@ -88,17 +89,25 @@ def test_memory_estimates_match_the_documented_arithmetic(tmp_path, tiny_assets)
     tokens = 8 * 64
     activations = 2 * (tokens * 64 * 34 + 5 * 4 * tokens * 64) * 2 + tokens * 296 * 4 * 2
     assert lora.memory_bytes == weights + adapter + gradients + optimizer + activations == 8_901_888
-    qlora = run_preflight(load_recipe(path, ['peft.method="qlora"', 'model.dtype="bf16"', 'distributed.deepspeed="zero3"',
-                                             "train.gradient_checkpointing=true"]), examples=1000)
+    qlora = run_preflight(
+        load_recipe(
+            path,
+            ['peft.method="qlora"', 'model.dtype="bf16"', 'distributed.deepspeed="zero3"', "train.gradient_checkpointing=true"],
+        ),
+        examples=1000,
+    )
     assert qlora.memory_bytes == pytest.approx(2_850_882.56)  # pinned: a change to the estimate is deliberate
 
 
-@pytest.mark.parametrize("examples, overrides, steps", [
-    (1000, [], 12),  # max_steps wins
-    (1000, ["train.max_steps=-1"], 63),  # ceil(ceil(1000 / 2 ranks) / 8 per batch)
-    (1000, ["train.max_steps=-1", "train.gradient_accumulation_steps=4", "train.epochs=3"], 45),  # 3 x (63 // 4)
-    (5, ["train.max_steps=-1"], 1),  # fewer examples than a batch: one step
-])
+@pytest.mark.parametrize(
+    "examples, overrides, steps",
+    [
+        (1000, [], 12),  # max_steps wins
+        (1000, ["train.max_steps=-1"], 63),  # ceil(ceil(1000 / 2 ranks) / 8 per batch)
+        (1000, ["train.max_steps=-1", "train.gradient_accumulation_steps=4", "train.epochs=3"], 45),  # 3 x (63 // 4)
+        (5, ["train.max_steps=-1"], 1),  # fewer examples than a batch: one step
+    ],
+)
 def test_planned_steps(tmp_path, tiny_assets, examples, overrides, steps):
     recipe = load_recipe(write_recipe(tmp_path, tiny_recipe_text(tiny_assets)), overrides)
     assert planned_steps(recipe, examples) == steps
@@ -113,8 +122,10 @@ def test_adalora_schedule_takes_fractions_or_steps(tmp_path, tiny_assets):
 def test_resume_reconciliation_accepts_safe_changes_and_refuses_the_rest(tmp_path):
     old = {"train": {"max_steps": 10, "learning_rate": 1e-3}, "eval": {"shards": 1}, "peft": {"r": 8}}
     new = {"train": {"max_steps": 20, "learning_rate": 1e-3}, "eval": {"shards": 2}, "peft": {"r": 8}}
-    assert reconcile(old, new, tmp_path) == ["eval.shards: 1 -> 2 (the new value wins)",
-                                              "train.max_steps: 10 -> 20 (the new value wins)"]
+    assert reconcile(old, new, tmp_path) == [
+        "eval.shards: 1 -> 2 (the new value wins)",
+        "train.max_steps: 10 -> 20 (the new value wins)",
+    ]
     with pytest.raises(UserError) as refused:
         reconcile(old, new | {"peft": {"r": 4}, "train": {"max_steps": 10, "learning_rate": 2e-3}}, tmp_path)
     assert [line.split(" cannot")[0] for line in refused.value.lines] == ["peft.r: 8 -> 4", "train.learning_rate: 0.001 -> 0.002"]
@@ -133,8 +144,7 @@ def add_requeues(root: str, count: int) -> None:
 
 
 def test_concurrent_manifest_updates_lose_nothing(run):
-    writers = [multiprocessing.get_context("spawn").Process(target=add_requeues, args=(str(run.root), 25))
-               for _ in range(4)]
+    writers = [multiprocessing.get_context("spawn").Process(target=add_requeues, args=(str(run.root), 25)) for _ in range(4)]
     for writer in writers:
         writer.start()
     for writer in writers:

@@ -1,5 +1,6 @@
 """Pre-flight catches mistakes before anything is queued: wrong target modules (with the real
 names), the compatibility matrix, keys of another method, memory over budget, unreachable hubs."""
+
 from __future__ import annotations
 
 import json
@@ -7,10 +8,12 @@ import json
 import pytest
 from conftest import run_launch, tiny_recipe_text, write_recipe
 
-from launcher.preflight import run_preflight
 from launcher.errors import UserError
-from launcher.recipe import load_recipe
+from launcher.preflight import run_preflight
 from launcher.quirks import apply_quirks, hidden_size, quirks_for, rebuild_meta_slopes
+from launcher.recipe import load_recipe
+
+pytestmark = pytest.mark.e2e  # real processes end to end: the full tier
 
 
 def test_a_wrong_target_module_fails_before_anything_starts_and_lists_the_real_names(tmp_path, tiny_assets):
@@ -18,15 +21,20 @@ def test_a_wrong_target_module_fails_before_anything_starts_and_lists_the_real_n
     result = run_launch(recipe, "--run-dir", tmp_path / "run")
     assert result.returncode == 2
     text = " ".join(result.stdout.split())
-    assert (f"peft.target_modules: 'qkvu_proj' matches no module of {tiny_assets['model']}; its linear modules are: "
-            "down_proj, gate_proj, k_proj, o_proj, q_proj, up_proj, v_proj") in text
+    assert (
+        f"peft.target_modules: 'qkvu_proj' matches no module of {tiny_assets['model']}; its linear modules are: "
+        "down_proj, gate_proj, k_proj, o_proj, q_proj, up_proj, v_proj"
+    ) in text
     assert "nothing was started" in text and not (tmp_path / "run").exists()
 
 
-@pytest.mark.parametrize("extra, message", [
-    ('[peft]\nmethod = "prefix-tuning"\n', "train.gradient_checkpointing: prefix-tuning cannot recompute activations"),
-    ('[peft]\nmethod = "adalora"\ntinit = 2\ntfinal = 2\n', "distributed.deepspeed: adalora cannot run under ZeRO-3"),
-])
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        ('[peft]\nmethod = "prefix-tuning"\n', "train.gradient_checkpointing: prefix-tuning cannot recompute activations"),
+        ('[peft]\nmethod = "adalora"\ntinit = 2\ntfinal = 2\n', "distributed.deepspeed: adalora cannot run under ZeRO-3"),
+    ],
+)
 def test_the_compatibility_matrix_is_enforced(tmp_path, tiny_assets, extra, message):
     text = tiny_recipe_text(tiny_assets, extra=extra)
     if "prefix" in extra:
@@ -41,8 +49,9 @@ def test_a_key_of_another_method_says_which_method_it_belongs_to(tmp_path, tiny_
     path = write_recipe(tmp_path, tiny_recipe_text(tiny_assets, extra='[peft]\nmethod = "lora"\nnum_virtual_tokens = 8\n'))
     with pytest.raises(UserError) as caught:
         load_recipe(path)
-    assert caught.value.lines == ["peft.num_virtual_tokens belongs to prefix-tuning / prompt-tuning / p-tuning, "
-                                  "not lora; remove it or change peft.method"]
+    assert caught.value.lines == [
+        "peft.num_virtual_tokens belongs to prefix-tuning / prompt-tuning / p-tuning, not lora; remove it or change peft.method"
+    ]
 
 
 def test_memory_estimate_scales_with_zero_and_warns_over_budget(tmp_path, tiny_assets):
@@ -58,8 +67,10 @@ def test_memory_estimate_scales_with_zero_and_warns_over_budget(tmp_path, tiny_a
 
 
 def test_an_unreachable_hub_model_is_one_line_and_the_rest_is_checked(tmp_path, tiny_assets):
-    text = tiny_recipe_text(tiny_assets).replace(f'name_or_path = "{tiny_assets["model"]}"',
-                                                 'name_or_path = "OpenNLPLab/TransNormerLLM-7B"\nrevision = "main"\ntrust_remote_code = true')
+    text = tiny_recipe_text(tiny_assets).replace(
+        f'name_or_path = "{tiny_assets["model"]}"',
+        'name_or_path = "OpenNLPLab/TransNormerLLM-7B"\nrevision = "main"\ntrust_remote_code = true',
+    )
     recipe = load_recipe(write_recipe(tmp_path, text))
     report = run_preflight(recipe, examples=1080)
     assert [w for w in report.warnings if w.startswith("model: cannot read the config of OpenNLPLab/TransNormerLLM-7B")]
@@ -70,13 +81,19 @@ def test_transnormer_quirks_from_its_config(tmp_path, tiny_assets):
     """The real TransNormer code needs the hub; its config.json is enough for what pre-flight decides."""
     model = tmp_path / "transnormer"
     model.mkdir()
-    config = {"model_type": "transnormer", "decoder_embed_dim": 2048, "decoder_layers": 16,
-              "decoder_attention_heads": 16, "auto_map": {"AutoConfig": "configuration_transnormer.TransnormerConfig"}}
+    config = {
+        "model_type": "transnormer",
+        "decoder_embed_dim": 2048,
+        "decoder_layers": 16,
+        "decoder_attention_heads": 16,
+        "auto_map": {"AutoConfig": "configuration_transnormer.TransnormerConfig"},
+    }
     (model / "config.json").write_text(json.dumps(config))
     assert hidden_size(config) == 2048  # what DeepSpeed's "auto" bucket sizes need
     assert quirks_for("transnormer").generate_with_cache is False and quirks_for("chatglm").padding_side == "left"
     text = tiny_recipe_text(tiny_assets, extra='[peft]\nmethod = "prompt-tuning"\n').replace(
-        f'name_or_path = "{tiny_assets["model"]}"', f'name_or_path = "{model}"')
+        f'name_or_path = "{tiny_assets["model"]}"', f'name_or_path = "{model}"'
+    )
     report = run_preflight(load_recipe(write_recipe(tmp_path, text)), examples=1080)
     assert any("prompt-tuning does not work with transnormer models" in e for e in report.errors)
 

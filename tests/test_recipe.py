@@ -1,9 +1,10 @@
 """Bad recipes get one clear line per problem, exit code 2, and no traceback."""
+
 from __future__ import annotations
 
 import pytest
-
 from conftest import run_launch, tiny_recipe_text, write_recipe
+
 from launcher.cli import main
 from launcher.errors import UserError
 from launcher.recipe import load_recipe
@@ -32,10 +33,12 @@ def test_unknown_key_suggests_the_closest_valid_name(tmp_path, tiny_assets):
 
 
 def test_every_problem_is_reported_at_once(tmp_path, tiny_assets):
-    text = tiny_recipe_text(tiny_assets).replace("max_length = 64", "max_length = -1\ntemplate = \"chatmI\"")
+    text = tiny_recipe_text(tiny_assets).replace("max_length = 64", 'max_length = -1\ntemplate = "chatmI"')
     lines = errors_of(write_recipe(tmp_path, text))
     assert len(lines) == 2
-    assert lines[0].startswith("data.template: input should be 'plain', 'chatml', 'transnormer', 'chatglm' or 'tokenizer', got \"chatmI\"")
+    assert lines[0].startswith(
+        "data.template: input should be 'plain', 'chatml', 'transnormer', 'chatglm' or 'tokenizer', got \"chatmI\""
+    )
     assert lines[1] == "data.max_length: input should be greater than 0, got -1"
 
 
@@ -59,7 +62,9 @@ def test_set_overrides_are_typed_and_checked(tmp_path, tiny_assets):
     assert recipe.train.learning_rate == 2e-4
     assert recipe.peft.target_modules == ["q_proj", "v_proj"]
     assert recipe.data.template == "chatml"
-    assert errors_of(path, ["train.lerning_rate=1"]) == ["--set train.lerning_rate: unknown key; did you mean train.learning_rate?"]
+    assert errors_of(path, ["train.lerning_rate=1"]) == [
+        "--set train.lerning_rate: unknown key; did you mean train.learning_rate?"
+    ]
     assert errors_of(path, ["peft.r=eight"]) == ['peft.r: must be a positive integer, got "eight"']
     assert errors_of(path, ["train.epochs"])[0].startswith("--set train.epochs: expected KEY=VALUE")
 
@@ -70,11 +75,13 @@ def test_control_characters_are_rejected(tmp_path, tiny_assets):
 
 
 def test_cli_prints_one_line_per_problem_and_exits_2(tmp_path, tiny_assets, capsys):
-    path = write_recipe(tmp_path, tiny_recipe_text(tiny_assets) + '[peft]\nr = 0\nalpah = 3\n')
+    path = write_recipe(tmp_path, tiny_recipe_text(tiny_assets) + "[peft]\nr = 0\nalpah = 3\n")
     assert main(["check", str(path)]) == 2
     err = capsys.readouterr().err
-    assert err.splitlines() == ["error: peft.r: must be a positive integer, got 0",
-                                "error: peft.alpah: unknown key; did you mean peft.alpha?"]
+    assert err.splitlines() == [
+        "error: peft.r: must be a positive integer, got 0",
+        "error: peft.alpah: unknown key; did you mean peft.alpha?",
+    ]
 
 
 def test_console_script_gives_no_traceback(tmp_path):

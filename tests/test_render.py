@@ -1,4 +1,5 @@
 """Rendered files: golden copies, accepted by DeepSpeed and accelerate themselves, and never overwritten."""
+
 from __future__ import annotations
 
 import difflib
@@ -7,16 +8,21 @@ import os
 from pathlib import Path
 
 import pytest
-
 from conftest import REPO, run_launch, tiny_recipe_text, write_recipe
+
 from launcher.errors import UserError
 from launcher.recipe import load_recipe
 from launcher.render import DS_CONFIG_DIR, render_run
 from launcher.runs import RunDir, claim_run_dir
 
 GOLDEN = Path(__file__).parent / "golden"
-FIXED = ["distributed.deepspeed=zero3", "distributed.device=cpu", "train.gradient_accumulation_steps=2",
-         "train.max_grad_norm=0.5", 'distributed.deepspeed_overrides={zero_optimization={overlap_comm=true}}']
+FIXED = [
+    "distributed.deepspeed=zero3",
+    "distributed.device=cpu",
+    "train.gradient_accumulation_steps=2",
+    "train.max_grad_norm=0.5",
+    "distributed.deepspeed_overrides={zero_optimization={overlap_comm=true}}",
+]
 
 
 def rendered(tmp_path, tiny_assets, overrides) -> RunDir:
@@ -68,10 +74,12 @@ def test_override_that_disagrees_with_the_recipe_is_refused(tmp_path, tiny_asset
 
 def test_dry_run_writes_everything_without_importing_torch(tmp_path, tiny_assets):
     recipe = write_recipe(tmp_path, tiny_recipe_text(tiny_assets))
-    probe = ("import sys, runpy; sys.argv = ['launch', %r, '--dry-run', '--run-dir', %r]\n"
-             "try:\n    runpy.run_module('launcher.cli', run_name='__main__')\n"
-             "except SystemExit as e:\n    assert e.code == 0, e.code\n"
-             "print('TORCH_IMPORTED' if 'torch' in sys.modules else 'NO_TORCH')\n") % (str(recipe), str(tmp_path / "run"))
+    probe = (
+        "import sys, runpy; sys.argv = ['launch', {!r}, '--dry-run', '--run-dir', {!r}]\n"
+        "try:\n    runpy.run_module('launcher.cli', run_name='__main__')\n"
+        "except SystemExit as e:\n    assert e.code == 0, e.code\n"
+        "print('TORCH_IMPORTED' if 'torch' in sys.modules else 'NO_TORCH')\n"
+    ).format(str(recipe), str(tmp_path / "run"))
     import subprocess
     import sys
 
@@ -92,14 +100,14 @@ def test_existing_run_dir_is_never_overwritten(tmp_path, tiny_assets):
     before = {p.name: p.read_bytes() for p in run_dir.iterdir()}
     again = run_launch(recipe, "--dry-run", "--run-dir", run_dir)
     assert again.returncode == 0 and "continuing it" in again.stdout
-    changed = run_launch(recipe, "--dry-run", "--run-dir", run_dir, "--set", "train.learning_rate=1e-3",
-                         "--set", "peft.r=4")
+    changed = run_launch(recipe, "--dry-run", "--run-dir", run_dir, "--set", "train.learning_rate=1e-3", "--set", "peft.r=4")
     assert changed.returncode == 2
     assert changed.stderr.splitlines() == [
         f"error: peft.r: 8 -> 4 cannot change when resuming {run_dir} (the checkpoint's adapter shapes and target "
         "modules come from it); restore it, or start a new run with --run-dir",
         f"error: train.learning_rate: 0.003 -> 0.001 cannot change when resuming {run_dir} (the optimizer, schedule "
-        "or data order in the checkpoint were made with the old value); restore it, or start a new run with --run-dir"]
+        "or data order in the checkpoint were made with the old value); restore it, or start a new run with --run-dir",
+    ]
     never = run_launch(recipe, "--dry-run", "--run-dir", run_dir, "--resume", "never")
     assert never.returncode == 2 and "--resume never" in never.stderr
     foreign = tmp_path / "foreign"

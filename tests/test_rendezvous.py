@@ -1,4 +1,5 @@
 """The check-in before any model loads: a missing rank, a wrong world, a loopback master fail in seconds."""
+
 from __future__ import annotations
 
 import socket
@@ -17,8 +18,15 @@ def free_port() -> int:
 
 
 def world(rank: int, size: int, port: int, **extra) -> dict:
-    return {"rank": rank, "world_size": size, "local_rank": rank, "master_addr": "127.0.0.1",
-            "master_port": port, "node": f"n{rank + 1}", "nodes": 1} | extra
+    return {
+        "rank": rank,
+        "world_size": size,
+        "local_rank": rank,
+        "master_addr": "127.0.0.1",
+        "master_port": port,
+        "node": f"n{rank + 1}",
+        "nodes": 1,
+    } | extra
 
 
 def test_a_rank_that_never_checks_in_is_named_within_the_timeout():
@@ -43,13 +51,16 @@ def test_ranks_that_disagree_on_the_world_all_fail():
     for thread in threads:
         thread.join(30)
     assert set(errors) == {0, 1}
-    assert all(e.startswith("ranks disagree on the world: world sizes [2, 3] seen, the recipe renders 2") for e in errors.values())
+    assert all(
+        e.startswith("ranks disagree on the world: world sizes [2, 3] seen, the recipe renders 2") for e in errors.values()
+    )
 
 
 def test_agreeing_ranks_get_everyones_node():
     port, results = free_port(), {}
-    threads = [threading.Thread(target=lambda r=r: results.__setitem__(r, check_in(world(r, 2, port), 2, timeout_s=20)))
-               for r in (0, 1)]
+    threads = [
+        threading.Thread(target=lambda r=r: results.__setitem__(r, check_in(world(r, 2, port), 2, timeout_s=20))) for r in (0, 1)
+    ]
     for thread in threads:
         thread.start()
     for thread in threads:

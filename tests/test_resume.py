@@ -1,5 +1,6 @@
 """Kill one rank with SIGKILL mid-training, relaunch: the run resumes from the newest complete
 checkpoint and its per-step losses and sample order equal an uninterrupted run's (CPU fp32)."""
+
 from __future__ import annotations
 
 import json
@@ -11,10 +12,12 @@ import sys
 import time
 
 import pytest
-
 from conftest import REPO, run_launch, tiny_recipe_text, write_recipe
+
 from launcher.checkpoints import is_complete
 from launcher.runs import RunDir
+
+pytestmark = pytest.mark.e2e  # real processes end to end: the full tier
 
 STEPS = 24
 
@@ -37,9 +40,23 @@ def rank_pid(run: RunDir, rank: int) -> int:
 
 
 def launch_args(recipe, run_dir, stage: str) -> list:
-    return [recipe, "--run-dir", run_dir, "--executor", "local", "--set", f"distributed.deepspeed={stage}",
-            "--set", f"train.max_steps={STEPS}", "--set", "train.save_steps=4", "--set", "merge.enabled=false",
-            "--set", "eval.enabled=false"]
+    return [
+        recipe,
+        "--run-dir",
+        run_dir,
+        "--executor",
+        "local",
+        "--set",
+        f"distributed.deepspeed={stage}",
+        "--set",
+        f"train.max_steps={STEPS}",
+        "--set",
+        "train.save_steps=4",
+        "--set",
+        "merge.enabled=false",
+        "--set",
+        "eval.enabled=false",
+    ]
 
 
 def wait_for_rows(run: RunDir, count: int, timeout_s: float = 240) -> None:
@@ -58,8 +75,13 @@ def test_sigkill_of_one_rank_then_relaunch_equals_an_uninterrupted_run(tmp_path,
     assert run_launch(*launch_args(recipe, straight.root, stage)).returncode == 0
 
     run = RunDir(tmp_path / "interrupted")
-    first = subprocess.Popen([sys.executable, "-m", "launcher.cli", *map(str, launch_args(recipe, run.root, stage))],
-                             cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    first = subprocess.Popen(
+        [sys.executable, "-m", "launcher.cli", *map(str, launch_args(recipe, run.root, stage))],
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     wait_for_rows(run, 14)
     os.kill(rank_pid(run, 1), signal.SIGKILL)
     output, _ = first.communicate(timeout=300)

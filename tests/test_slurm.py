@@ -1,4 +1,5 @@
 """Multi-node runs through submitit on a real SLURM: the dev cluster (slurmctld + nodes n1, n2 on this machine)."""
+
 from __future__ import annotations
 
 import json
@@ -11,18 +12,17 @@ import sys
 import time
 
 import pytest
-
 from conftest import REPO, run_launch, tiny_recipe_text, write_recipe
+
 from launcher.merge import validate_adapter
 from launcher.recipe import load_recipe
 from launcher.runs import RunDir
 
 # One dev cluster, one test at a time: under `-n 2 --dist loadgroup` these run in order on one
 # worker (mostly waiting on SLURM) while the other worker runs the rest of the suite.
-pytestmark = pytest.mark.xdist_group("slurm")
+pytestmark = [pytest.mark.xdist_group("slurm"), pytest.mark.e2e]
 
-HOSTILE = {"partition": "x; touch pwned", "account": "$(touch pwned)", "qos": "`touch pwned`",
-           "constraint": "a'b\"c $HOME"}
+HOSTILE = {"partition": "x; touch pwned", "account": "$(touch pwned)", "qos": "`touch pwned`", "constraint": "a'b\"c $HOME"}
 HOSTILE_ENV = "$(touch pwned); `touch pwned` 'single' \"double\" $HOME \\"
 
 
@@ -49,8 +49,20 @@ def losses(run_dir) -> list[float]:
 def test_two_nodes_train_and_match_a_local_run(dev_cluster, tmp_path, tiny_assets):
     recipe = write_recipe(tmp_path, tiny_recipe_text(tiny_assets))
     zero3 = ["--set", "distributed.deepspeed=zero3"]
-    slurm = run_launch(recipe, "--run-dir", tmp_path / "slurm", "--nodes", "2", "--procs-per-node", "1",
-                       "--profile", "dev", "--set", "eval.shards=2", *zero3)
+    slurm = run_launch(
+        recipe,
+        "--run-dir",
+        tmp_path / "slurm",
+        "--nodes",
+        "2",
+        "--procs-per-node",
+        "1",
+        "--profile",
+        "dev",
+        "--set",
+        "eval.shards=2",
+        *zero3,
+    )
     assert slurm.returncode == 0, slurm.stdout + slurm.stderr
     run = RunDir(tmp_path / "slurm")
     # Merge and eval ran as their own jobs, each queued to start after the previous one succeeded.
@@ -90,8 +102,10 @@ def test_a_failing_rank_fails_the_job_with_its_log_lines(dev_cluster, tmp_path, 
     assert manifest["state"] == "failed"
     # The crash is requeued once (slurm.max_restarts = 2); failing again with no step made, it is not.
     assert manifest["crash_restarts"] == 1 and manifest["logged_steps_at_last_crash"] == 0
-    assert "no training step since the previous crash" in (tmp_path / "run" / "logs" / "slurm").joinpath(
-        f"{manifest['jobs'][-1]['id']}_0_log.out").read_text()
+    assert (
+        "no training step since the previous crash"
+        in (tmp_path / "run" / "logs" / "slurm").joinpath(f"{manifest['jobs'][-1]['id']}_0_log.out").read_text()
+    )
     # Not a timing target: rank 0 must not sit in a collective until its 30-minute timeout.
     assert time.time() - started < 300
 
@@ -99,8 +113,22 @@ def test_a_failing_rank_fails_the_job_with_its_log_lines(dev_cluster, tmp_path, 
 def test_status_logs_and_cancel_on_a_running_job(dev_cluster, tmp_path, tiny_assets):
     recipe = write_recipe(tmp_path, tiny_recipe_text(tiny_assets))
     run_dir = tmp_path / "run"
-    submitted = run_launch(recipe, "--run-dir", run_dir, "--nodes", "2", "--procs-per-node", "1", "--profile", "dev", "--detach",
-                           "--set", "train.max_steps=100000", "--set", "train.save_steps=100000")
+    submitted = run_launch(
+        recipe,
+        "--run-dir",
+        run_dir,
+        "--nodes",
+        "2",
+        "--procs-per-node",
+        "1",
+        "--profile",
+        "dev",
+        "--detach",
+        "--set",
+        "train.max_steps=100000",
+        "--set",
+        "train.save_steps=100000",
+    )
     assert submitted.returncode == 0 and "detached" in submitted.stdout, submitted.stderr
     run = RunDir(run_dir)
     deadline = time.time() + 180
@@ -114,8 +142,9 @@ def test_status_logs_and_cancel_on_a_running_job(dev_cluster, tmp_path, tiny_ass
 
     logs = run_launch("logs", run_dir, "--rank", "1")
     assert logs.returncode == 0 and "rank 1 of 2 on node n2" in logs.stdout
-    follower = subprocess.Popen([sys.executable, "-m", "launcher.cli", "logs", str(run_dir), "-f"],
-                                stdout=subprocess.PIPE, text=True, cwd=REPO)
+    follower = subprocess.Popen(
+        [sys.executable, "-m", "launcher.cli", "logs", str(run_dir), "-f"], stdout=subprocess.PIPE, text=True, cwd=REPO
+    )
     cancelled = run_launch("cancel", run_dir)
     assert cancelled.returncode == 0 and f"cancelled slurm job {job_id}" in cancelled.stdout
     followed, _ = follower.communicate(timeout=60)  # -f stops by itself once the job ended
@@ -128,14 +157,16 @@ def test_status_logs_and_cancel_on_a_running_job(dev_cluster, tmp_path, tiny_ass
 def test_sbatch_script_quotes_every_value(tmp_path, tiny_assets):
     """Golden sbatch.sh with hostile values; then real bash runs it (with a recording `srun`
     stand-in: this checks shell quoting, not SLURM) and nothing hostile executes."""
+    from test_render import GOLDEN, assert_matches_golden
+
     from launcher.executors.factory import make_executor
     from launcher.pipeline import stage_resources
 
-    from test_render import GOLDEN, assert_matches_golden
-
     slurm = "".join(f"{key} = {json.dumps(value)}\n" for key, value in HOSTILE.items())
-    text = tiny_recipe_text(tiny_assets) + f"[slurm]\n{slurm}mem = \"64G\"\ntime = \"00:10:00\"\n" \
+    text = (
+        tiny_recipe_text(tiny_assets) + f'[slurm]\n{slurm}mem = "64G"\ntime = "00:10:00"\n'
         f"environment = {{ EVIL = {json.dumps(HOSTILE_ENV)} }}\n"
+    )
     recipe = load_recipe(write_recipe(tmp_path, text), ["distributed.nodes=2"])
     run = RunDir(tmp_path / "run $(touch pwned) `x`")
     script = make_executor("slurm", recipe, run.logs).submission_script(stage_resources(recipe, run, "train"))
@@ -143,7 +174,7 @@ def test_sbatch_script_quotes_every_value(tmp_path, tiny_assets):
     assert_matches_golden(shown.replace(sys.executable, "{PYTHON}"), GOLDEN / "sbatch.sh")
 
     for key, value in HOSTILE.items():  # what sbatch reads back from each #SBATCH line
-        line = next(l for l in script.splitlines() if l.startswith(f"#SBATCH --{key}="))
+        line = next(row for row in script.splitlines() if row.startswith(f"#SBATCH --{key}="))
         assert shlex.split(line.split("=", 1)[1]) == [value]
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
@@ -182,14 +213,40 @@ def wait_for_steps(run: RunDir, count: int, timeout_s: float = 240) -> None:
 
 def test_preemption_signal_saves_requeues_and_resumes_with_the_same_losses(dev_cluster, tmp_path, tiny_assets):
     recipe = write_recipe(tmp_path, tiny_recipe_text(tiny_assets))
-    steps = ["--set", "train.max_steps=40", "--set", "train.save_steps=100", "--set", "eval.enabled=false",
-             "--set", "merge.enabled=false"]
+    steps = [
+        "--set",
+        "train.max_steps=40",
+        "--set",
+        "train.save_steps=100",
+        "--set",
+        "eval.enabled=false",
+        "--set",
+        "merge.enabled=false",
+    ]
     straight = run_launch(recipe, "--run-dir", tmp_path / "straight", "--executor", "local", "--procs-per-node", "2", *steps)
     assert straight.returncode == 0, straight.stderr
     run = RunDir(tmp_path / "run")
-    follower = subprocess.Popen([sys.executable, "-m", "launcher.cli", str(recipe), "--run-dir", str(run.root), "--nodes", "2",
-                                 "--procs-per-node", "1", "--profile", "dev", *steps],
-                                cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    follower = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "launcher.cli",
+            str(recipe),
+            "--run-dir",
+            str(run.root),
+            "--nodes",
+            "2",
+            "--procs-per-node",
+            "1",
+            "--profile",
+            "dev",
+            *steps,
+        ],
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     wait_for_steps(run, 10)
     subprocess.run(["scancel", "--signal=USR2", job_id_of(run)], check=True)
     output, _ = follower.communicate(timeout=400)
@@ -222,13 +279,34 @@ def test_killed_ranks_are_requeued_and_resume_from_the_newest_complete_checkpoin
 
     trials = 10
     recipe = write_recipe(tmp_path, tiny_recipe_text(tiny_assets))
-    steps = ["--set", "train.max_steps=400", "--set", "train.save_steps=3", "--set", "eval.enabled=false",
-             "--set", "merge.enabled=false"]
+    steps = [
+        "--set",
+        "train.max_steps=400",
+        "--set",
+        "train.save_steps=3",
+        "--set",
+        "eval.enabled=false",
+        "--set",
+        "merge.enabled=false",
+    ]
     straight = run_launch(recipe, "--run-dir", tmp_path / "straight", "--executor", "local", "--procs-per-node", "2", *steps)
     assert straight.returncode == 0, straight.stderr
     run = RunDir(tmp_path / "run")
-    submitted = run_launch(recipe, "--run-dir", run.root, "--nodes", "2", "--procs-per-node", "1", "--profile", "dev",
-                           "--detach", "--set", f"slurm.max_restarts={trials}", *steps)
+    submitted = run_launch(
+        recipe,
+        "--run-dir",
+        run.root,
+        "--nodes",
+        "2",
+        "--procs-per-node",
+        "1",
+        "--profile",
+        "dev",
+        "--detach",
+        "--set",
+        f"slurm.max_restarts={trials}",
+        *steps,
+    )
     assert submitted.returncode == 0, submitted.stderr
     rng, job = random.Random(0), job_id_of(run)
     for attempt in range(1, trials + 1):
@@ -259,9 +337,29 @@ def test_killed_ranks_are_requeued_and_resume_from_the_newest_complete_checkpoin
 def test_a_time_limit_shorter_than_the_training_spans_several_allocations(dev_cluster, tmp_path, tiny_assets):
     recipe = write_recipe(tmp_path, tiny_recipe_text(tiny_assets))
     run = RunDir(tmp_path / "run")
-    result = run_launch(recipe, "--run-dir", run.root, "--nodes", "2", "--procs-per-node", "1", "--profile", "dev",
-                        "--time", "1", "--set", "slurm.signal_lead_s=20", "--set", "train.max_steps=900",
-                        "--set", "train.save_steps=1000", "--set", "eval.enabled=false", "--set", "merge.enabled=false")
+    result = run_launch(
+        recipe,
+        "--run-dir",
+        run.root,
+        "--nodes",
+        "2",
+        "--procs-per-node",
+        "1",
+        "--profile",
+        "dev",
+        "--time",
+        "1",
+        "--set",
+        "slurm.signal_lead_s=20",
+        "--set",
+        "train.max_steps=900",
+        "--set",
+        "train.save_steps=1000",
+        "--set",
+        "eval.enabled=false",
+        "--set",
+        "merge.enabled=false",
+    )
     assert result.returncode == 0, result.stdout + result.stderr
     manifest = json.loads(run.manifest_path.read_text())
     rows = rows_per_step(run)

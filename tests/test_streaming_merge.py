@@ -1,5 +1,6 @@
 """The streaming merge (one base shard at a time) equals PEFT's merge_and_unload, for every
 mergeable adapter kind, on a base saved in several shards."""
+
 from __future__ import annotations
 
 import json
@@ -23,10 +24,17 @@ def adapter_configs():
 
     return {
         "lora": peft.LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", init_lora_weights=False),
-        "rslora": peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], use_rslora=True,
-                                  alpha_pattern={"v_proj": 2}, init_lora_weights=False),
-        "adalora": peft.AdaLoraConfig(init_r=4, target_r=2, total_step=10, lora_alpha=8,
-                                      target_modules=["q_proj", "v_proj", "down_proj"]),
+        "rslora": peft.LoraConfig(
+            r=4,
+            lora_alpha=8,
+            target_modules=["q_proj", "v_proj"],
+            use_rslora=True,
+            alpha_pattern={"v_proj": 2},
+            init_lora_weights=False,
+        ),
+        "adalora": peft.AdaLoraConfig(
+            init_r=4, target_r=2, total_step=10, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"]
+        ),
         "ia3": peft.IA3Config(task_type="CAUSAL_LM"),
     }
 
@@ -40,8 +48,7 @@ def test_streaming_merge_equals_merge_and_unload(kind, sharded_base, tmp_path):
     from launcher.streaming_merge import shard_names, stream_merge
 
     torch.manual_seed(0)
-    model = peft.get_peft_model(AutoModelForCausalLM.from_pretrained(sharded_base, dtype=torch.float32),
-                                adapter_configs()[kind])
+    model = peft.get_peft_model(AutoModelForCausalLM.from_pretrained(sharded_base, dtype=torch.float32), adapter_configs()[kind])
     with torch.no_grad():  # move every adapter off its identity start, so the merge has something to do
         for name, param in model.named_parameters():
             if any(part in name for part in ("lora_B", "lora_E", "ia3_l")):
@@ -59,8 +66,8 @@ def test_streaming_merge_equals_merge_and_unload(kind, sharded_base, tmp_path):
 
 
 def test_an_adapter_of_another_base_is_refused(sharded_base, tmp_path):
-    from safetensors.torch import save_file
     import torch
+    from safetensors.torch import save_file
 
     from launcher.errors import UserError
     from launcher.streaming_merge import stream_merge
@@ -68,8 +75,12 @@ def test_an_adapter_of_another_base_is_refused(sharded_base, tmp_path):
     adapter = tmp_path / "adapter"
     adapter.mkdir()
     (adapter / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "lora_alpha": 8, "r": 2}))
-    save_file({"base_model.model.model.layers.0.mlp.fc_in.lora_A.weight": torch.ones(2, 64),
-               "base_model.model.model.layers.0.mlp.fc_in.lora_B.weight": torch.ones(64, 2)},
-              str(adapter / "adapter_model.safetensors"))
+    save_file(
+        {
+            "base_model.model.model.layers.0.mlp.fc_in.lora_A.weight": torch.ones(2, 64),
+            "base_model.model.model.layers.0.mlp.fc_in.lora_B.weight": torch.ones(64, 2),
+        },
+        str(adapter / "adapter_model.safetensors"),
+    )
     with pytest.raises(UserError, match="1 adapted weights not found .* is this the adapter's base model"):
         stream_merge(str(sharded_base), adapter, tmp_path / "merged")

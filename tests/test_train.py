@@ -1,14 +1,17 @@
 """End to end, for real: 2 processes, DeepSpeed ZeRO on CPU (gloo), LoRA on a tiny Llama built here."""
+
 from __future__ import annotations
 
 import json
 
 import pytest
 import torch
-
 from conftest import run_launch, tiny_recipe_text, write_recipe
+
 from launcher.merge import validate_adapter
 from launcher.runs import RunDir
+
+pytestmark = pytest.mark.e2e  # real processes end to end: the full tier
 
 STEPS = 30
 
@@ -17,8 +20,15 @@ STEPS = 30
 def finished_run(request, tmp_path_factory, tiny_assets):
     folder = tmp_path_factory.mktemp(request.param)
     recipe = write_recipe(folder, tiny_recipe_text(tiny_assets))
-    args = [recipe, "--run-dir", folder / "run", "--set", f"distributed.deepspeed={request.param}",
-            "--set", f"train.max_steps={STEPS}"]
+    args = [
+        recipe,
+        "--run-dir",
+        folder / "run",
+        "--set",
+        f"distributed.deepspeed={request.param}",
+        "--set",
+        f"train.max_steps={STEPS}",
+    ]
     result = run_launch(*args)
     assert result.returncode == 0, result.stdout + result.stderr
     return RunDir(folder / "run"), result, args, tiny_assets
@@ -63,8 +73,9 @@ def test_merged_model_equals_base_plus_adapter(finished_run):
 
     run, _, _, assets = finished_run
     tokenizer = AutoTokenizer.from_pretrained(run.merged)
-    inputs = tokenizer(["Is this number even or odd?\n1234\n", "Is this number even or odd?\n7\n"],
-                       return_tensors="pt", padding=True)
+    inputs = tokenizer(
+        ["Is this number even or odd?\n1234\n", "Is this number even or odd?\n7\n"], return_tensors="pt", padding=True
+    )
     merged = AutoModelForCausalLM.from_pretrained(run.merged, dtype=torch.float32).eval()
     base = AutoModelForCausalLM.from_pretrained(assets["model"], dtype=torch.float32)
     with_adapter = PeftModel.from_pretrained(base, run.adapter).eval()
@@ -129,3 +140,18 @@ def test_an_empty_checkpoint_adapter_is_rebuilt_from_the_zero_shards(finished_ru
     assert set(rebuilt) == set(saved)
     assert max((rebuilt[name] - saved[name]).abs().max().item() for name in saved) == 0.0
     assert (run.root / "merged-checkpoint-10" / "model.safetensors").exists()
+
+
+def test_each_stage_records_its_own_wall_time_and_peak(finished_run):
+    """Training, merge and eval ran as their own processes: each record is that process's. A merge
+    re-run alone in a fresh process measures the same peak (within 10%) as the one the pipeline ran."""
+    run, *_ = finished_run
+    manifest = json.loads(run.manifest_path.read_text())
+    train, merge, evaluation = manifest["train"], manifest["merge"], manifest["eval"]
+    assert all(record["wall_s"] > 0 and record["peak_rss_mib"] > 100 for record in (train, merge, evaluation))
+    assert merge["peak_rss_mib"] != train["peak_rss_mib"]
+    assert train["wall_s"] < sum(r["wall_s"] for r in (train, merge, evaluation))
+    again = run_launch("merge", run.root, "--overwrite")
+    assert again.returncode == 0, again.stdout + again.stderr
+    alone = json.loads(run.manifest_path.read_text())["merge"]
+    assert abs(merge["peak_rss_mib"] - alone["peak_rss_mib"]) <= 0.1 * alone["peak_rss_mib"], (merge, alone)

@@ -6,6 +6,7 @@ finds the torch.distributed variables (RANK, LOCAL_RANK, WORLD_SIZE, LOCAL_WORLD
 MASTER_ADDR, MASTER_PORT) set, whichever executor started it; a body that needs none ignores
 them. Executors never import a stage: the caller hands them the body.
 """
+
 from __future__ import annotations
 
 import os
@@ -17,15 +18,16 @@ from pathlib import Path
 from launcher.runs import JobRecord
 
 # Job states, in SLURM's words; every executor answers with these.
-PENDING, RUNNING, COMPLETED, FAILED, CANCELLED, UNKNOWN = (
-    "PENDING", "RUNNING", "COMPLETED", "FAILED", "CANCELLED", "UNKNOWN")
-TERMINAL_STATES = frozenset({COMPLETED, FAILED, CANCELLED, "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL",
-                             "DEADLINE", "PREEMPTED", UNKNOWN})
+PENDING, RUNNING, COMPLETED, FAILED, CANCELLED, UNKNOWN = ("PENDING", "RUNNING", "COMPLETED", "FAILED", "CANCELLED", "UNKNOWN")
+TERMINAL_STATES = frozenset(
+    {COMPLETED, FAILED, CANCELLED, "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE", "PREEMPTED", UNKNOWN}
+)
 
 
 @dataclass(frozen=True)
 class Resources:
     """What one job asks for: the same names for every executor (a local one uses what applies)."""
+
     name: str
     stage: str
     """train, merge or eval: recorded with the job."""

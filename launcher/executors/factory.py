@@ -1,4 +1,5 @@
 """The one place that picks an executor implementation by name (local.py, slurm.py; the interface is base.py)."""
+
 from __future__ import annotations
 
 from pathlib import Path

@@ -6,6 +6,7 @@ when its follower (the `launch` process) sees that one complete. When one task f
 get a few seconds to end on their own (and write their errors), then the group is stopped: a rank
 left waiting in a collective would otherwise sit there for 30 minutes.
 """
+
 from __future__ import annotations
 
 import os
@@ -17,8 +18,20 @@ import sys
 import time
 from pathlib import Path
 
-from launcher.executors.base import (CANCELLED, COMPLETED, FAILED, PENDING, RUNNING, TASK_ENVIRONMENT, TERMINAL_STATES,
-                                     UNKNOWN, Executor, Job, Resources, task_threads)
+from launcher.executors.base import (
+    CANCELLED,
+    COMPLETED,
+    FAILED,
+    PENDING,
+    RUNNING,
+    TASK_ENVIRONMENT,
+    TERMINAL_STATES,
+    UNKNOWN,
+    Executor,
+    Job,
+    Resources,
+    task_threads,
+)
 from launcher.runs import JobRecord, now
 
 GRACE_S = 5.0  # after a task failed, before the others are stopped
@@ -34,8 +47,15 @@ class LocalJob(Job):
     kind = "local"
     poll_interval_s = 0.2  # polling is what starts a waiting job and stops the rest of a failed one
 
-    def __init__(self, record: JobRecord, folder: Path, tasks: int = 1, after: Job | None = None, owned: bool = False,
-                 all_or_nothing: bool = False):
+    def __init__(
+        self,
+        record: JobRecord,
+        folder: Path,
+        tasks: int = 1,
+        after: Job | None = None,
+        owned: bool = False,
+        all_or_nothing: bool = False,
+    ):
         super().__init__(record)
         self.all_or_nothing = all_or_nothing
         self.folder, self.tasks, self.after, self.owned = Path(folder), tasks, after, owned
@@ -85,17 +105,30 @@ class LocalJob(Job):
         return PENDING
 
     def _start(self) -> None:
-        environment = os.environ | TASK_ENVIRONMENT | {
-            "OMP_NUM_THREADS": str(task_threads(self.tasks)), "WORLD_SIZE": str(self.tasks),
-            "LOCAL_WORLD_SIZE": str(self.tasks), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port())}
+        environment = (
+            os.environ
+            | TASK_ENVIRONMENT
+            | {
+                "OMP_NUM_THREADS": str(task_threads(self.tasks)),
+                "WORLD_SIZE": str(self.tasks),
+                "LOCAL_WORLD_SIZE": str(self.tasks),
+                "MASTER_ADDR": "127.0.0.1",
+                "MASTER_PORT": str(free_port()),
+            }
+        )
         self.processes = []
         for task in range(self.tasks):
             group = {"process_group": 0 if task == 0 else self.processes[0].pid}  # one group of its own
             with open(self.log(task), "ab") as log:
-                self.processes.append(subprocess.Popen(
-                    [sys.executable, "-m", "launcher.executors.local", str(self.body_file)],
-                    stdout=log, stderr=subprocess.STDOUT, **group,
-                    env=environment | {"RANK": str(task), "LOCAL_RANK": str(task)}))
+                self.processes.append(
+                    subprocess.Popen(
+                        [sys.executable, "-m", "launcher.executors.local", str(self.body_file)],
+                        stdout=log,
+                        stderr=subprocess.STDOUT,
+                        **group,
+                        env=environment | {"RANK": str(task), "LOCAL_RANK": str(task)},
+                    )
+                )
         self.group_file.write_text(str(self.processes[0].pid))
 
     def _stop_the_rest(self) -> None:
@@ -115,8 +148,10 @@ class LocalJob(Job):
             self.final = CANCELLED
 
     def describe(self) -> str:
-        return (f"local process group {self.group() or '-'} {'running' if self.active() else 'ended'}, "
-                f"started {self.record.submitted}")
+        return (
+            f"local process group {self.group() or '-'} {'running' if self.active() else 'ended'}, "
+            f"started {self.record.submitted}"
+        )
 
 
 def alive(group: int) -> bool:
@@ -144,11 +179,16 @@ class LocalExecutor(Executor):
         if resources.nodes > 1:
             raise ValueError(f"the local executor runs one node, not {resources.nodes}")
         self.folder.mkdir(parents=True, exist_ok=True)
-        record = JobRecord(executor=self.name, id=f"{resources.stage}-{time.time_ns()}", stage=resources.stage,
-                           submitted=now(), nodes=1, ranks=resources.tasks_per_node,
-                           after=after.id if after else None)
-        job = LocalJob(record, self.folder, resources.tasks_per_node, after, owned=True,
-                       all_or_nothing=resources.all_or_nothing)
+        record = JobRecord(
+            executor=self.name,
+            id=f"{resources.stage}-{time.time_ns()}",
+            stage=resources.stage,
+            submitted=now(),
+            nodes=1,
+            ranks=resources.tasks_per_node,
+            after=after.id if after else None,
+        )
+        job = LocalJob(record, self.folder, resources.tasks_per_node, after, owned=True, all_or_nothing=resources.all_or_nothing)
         job.body_file.write_bytes(pickle.dumps(body))
         job.state()  # starts it unless it waits
         return job

@@ -3,6 +3,7 @@ from the batch script's teardown, after a crash, up to slurm.max_restarts times.
 
     python -m launcher.executors.requeue RUN_DIR EXIT_CODE     (the sbatch teardown runs this)
 """
+
 from __future__ import annotations
 
 import os

@@ -3,6 +3,7 @@ with scontrol/squeue.
 
 There may be no slurmdbd (small clusters, the dev cluster), so nothing here uses sacct.
 """
+
 from __future__ import annotations
 
 import functools
@@ -97,20 +98,37 @@ class SlurmExecutor(Executor):
         # One thread per allocated core, so ranks sharing a node do not oversubscribe it.
         setup = ['export OMP_NUM_THREADS="${SLURM_CPUS_PER_TASK:-1}"']
         setup += [f"export {name}={shlex.quote(value)}" for name, value in exports.items()] + list(c.setup)
-        optional = {"partition": c.partition, "account": c.account, "qos": c.qos, "constraint": c.constraint,
-                    "gpus_per_node": r.gpus_per_node, "gpus_per_task": r.gpus_per_task,
-                    "cpus_per_task": r.cpus_per_task, "mem": r.mem}
-        parameters = {"job_name": r.name, "nodes": r.nodes, "ntasks_per_node": r.tasks_per_node,
-                      "time": r.time_minutes, "setup": setup, "stderr_to_stdout": True,
-                      "signal_delay_s": c.signal_lead_s, "additional_parameters": {}}
+        optional = {
+            "partition": c.partition,
+            "account": c.account,
+            "qos": c.qos,
+            "constraint": c.constraint,
+            "gpus_per_node": r.gpus_per_node,
+            "gpus_per_task": r.gpus_per_task,
+            "cpus_per_task": r.cpus_per_task,
+            "mem": r.mem,
+        }
+        parameters = {
+            "job_name": r.name,
+            "nodes": r.nodes,
+            "ntasks_per_node": r.tasks_per_node,
+            "time": r.time_minutes,
+            "setup": setup,
+            "stderr_to_stdout": True,
+            "signal_delay_s": c.signal_lead_s,
+            "additional_parameters": {},
+        }
         if r.all_or_nothing:  # one failed rank ends the step at once, not after a 30-minute collective timeout
             parameters["srun_args"] = ["--kill-on-bad-exit=1"]
         if r.requeue_run:
             parameters["additional_parameters"]["requeue"] = True
             # After the ranks: a crashed step is requeued (up to slurm.max_restarts) to resume.
-            parameters["teardown"] = ["launcher_rc=$?", " ".join(shlex.quote(part) for part in [
-                sys.executable, "-m", "launcher.executors.requeue", r.requeue_run]) + ' "$launcher_rc"',
-                'exit "$launcher_rc"']
+            parameters["teardown"] = [
+                "launcher_rc=$?",
+                " ".join(shlex.quote(part) for part in [sys.executable, "-m", "launcher.executors.requeue", r.requeue_run])
+                + ' "$launcher_rc"',
+                'exit "$launcher_rc"',
+            ]
         return parameters | {key: value for key, value in optional.items() if value is not None}
 
     def submitit_executor(self, resources: Resources, after: Job | None = None):
@@ -127,9 +145,18 @@ class SlurmExecutor(Executor):
 
     def submit(self, body, resources: Resources, after: Job | None = None) -> SlurmJob:
         job = self.submitit_executor(resources, after).submit(SlurmTask(body))
-        return SlurmJob(JobRecord(executor=self.name, id=str(job.job_id), stage=resources.stage, submitted=now(),
-                                  nodes=resources.nodes, ranks=resources.nodes * resources.tasks_per_node,
-                                  after=after.id if after else None), self.folder)
+        return SlurmJob(
+            JobRecord(
+                executor=self.name,
+                id=str(job.job_id),
+                stage=resources.stage,
+                submitted=now(),
+                nodes=resources.nodes,
+                ranks=resources.nodes * resources.tasks_per_node,
+                after=after.id if after else None,
+            ),
+            self.folder,
+        )
 
     def job(self, record: JobRecord) -> SlurmJob:
         return SlurmJob(record, self.folder)
@@ -148,5 +175,7 @@ def rendered_script(executor) -> str:
 
 def require_slurm(why: str) -> None:
     if not slurm_available():
-        raise UserError(f"{why} needs a SLURM cluster, and sbatch/sinfo do not answer here; run on a cluster's "
-                        "login node, or try one on this machine: eval \"$(slurm/dev-cluster up)\"")
+        raise UserError(
+            f"{why} needs a SLURM cluster, and sbatch/sinfo do not answer here; run on a cluster's "
+            'login node, or try one on this machine: eval "$(slurm/dev-cluster up)"'
+        )
