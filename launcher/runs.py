@@ -18,7 +18,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, ValidationError
 
 from launcher.errors import UserError
 from launcher.recipe import Recipe, validate_recipe
@@ -180,6 +180,21 @@ def publish(staging: Path, target: Path, replace: bool = False) -> Path:
     return target
 
 
+# Written by launchers before the typed manifest: timings measured in the wrong process, and the
+# flag that chose a second merge/eval path. Dropped on read; the rest of such a run resumes as usual.
+LEGACY_KEYS = ("chained", "train_wall_s", "wall_s", "peak_rss_mib", "peak_accelerator_mib")
+
+
+def without_legacy_keys(recorded: dict[str, Any]) -> dict[str, Any]:
+    kept = {k: v for k, v in recorded.items() if k not in LEGACY_KEYS and not k.startswith("merge-checkpoint-")}
+    if isinstance(kept.get("merge"), dict) and "wall_s" not in kept["merge"]:
+        del kept["merge"]
+    for job in kept.get("jobs", []) + kept.get("chain", []):
+        if isinstance(job, dict) and "id" in job:
+            job["id"] = str(job["id"])
+    return kept
+
+
 class MetricsLog:
     """logs/train_metrics.jsonl, rank 0's one row per logged step: its one reader."""
 
@@ -243,7 +258,15 @@ class RunDir:
     def manifest(self) -> Manifest:
         if not self.manifest_path.exists():
             raise UserError(f"{self.root}: not a run dir (no manifest.json); pass the folder a `launch` run wrote")
-        return Manifest.model_validate_json(self.manifest_path.read_text())
+        recorded = json.loads(self.manifest_path.read_text())
+        try:
+            return Manifest.model_validate(without_legacy_keys(recorded))
+        except ValidationError as err:
+            first = err.errors()[0]
+            raise UserError(
+                f"{self.manifest_path}: {'.'.join(map(str, first['loc']))}: {first['msg']}; "
+                f"it was not written by this launcher version, or was edited by hand"
+            ) from None
 
     @contextmanager
     def editing_manifest(self):

@@ -171,3 +171,25 @@ def test_an_unknown_manifest_key_or_state_is_refused(run):
         Manifest.model_validate(json.loads(run.manifest_path.read_text()) | {"chained": ["merge"]})
     with pytest.raises(ValueError):
         Manifest.model_validate(json.loads(run.manifest_path.read_text()) | {"state": "finished"})
+
+
+def test_a_manifest_of_the_previous_launcher_still_reads(run):
+    """Run dirs made before the typed manifest resume: their misattributed timings and the
+    `chained` flag are dropped, the rest is kept."""
+    recorded = json.loads(run.manifest_path.read_text())
+    old = recorded | {
+        "chained": ["merge", "eval"],
+        "train_wall_s": 39.1,
+        "wall_s": 39.2,
+        "peak_rss_mib": 563.8,
+        "merge": {"merged_weights": 14, "shards": 1, "peak_rss_mib": 565.8},
+        "merge-checkpoint-10": {"merged_weights": 14},
+        "requeues": 1,
+        "jobs": [{"executor": "local", "id": 4242, "submitted": "2026-01-01T00:00:00", "ranks": 2}],
+    }
+    run.manifest_path.write_text(json.dumps(old))
+    manifest = run.manifest()
+    assert (manifest.requeues, manifest.merge, manifest.jobs[0].id) == (1, None, "4242")
+    run.manifest_path.write_text(json.dumps(recorded | {"state": "finished"}))
+    with pytest.raises(UserError, match="manifest.json: state: Input should be"):
+        run.manifest()
