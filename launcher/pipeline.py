@@ -9,7 +9,7 @@ finishes on its own after a detached launch).
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from rich.console import Console
@@ -89,13 +89,14 @@ def stages_to_do(recipe: Recipe, run: RunDir) -> list[Stage]:
             body = MergeJob(root, last_stage=last)
         else:
             body = EvalJob(str(run.eval.resolve()), run_dir=root, last_stage=last)
-        stages.append(Stage(name, body, stage_resources(recipe, run, name)))
+        stages.append(Stage(name, body, stage_resources(recipe, name, run)))
     return stages
 
 
-def stage_resources(recipe: Recipe, run: RunDir, stage: str) -> Resources:
+def stage_resources(recipe: Recipe, stage: str, run: RunDir | None = None) -> Resources:
     """Training: the recipe's topology and [slurm] resources. Merge and eval: one node, their own
-    section's time, CPUs, memory (and GPUs for eval), one task per eval shard."""
+    section's time, CPUs, memory (and GPUs for eval), one task per eval shard. Training needs its run:
+    on SLURM a crashed or stopped training job is requeued to resume it."""
     if stage == "train":
         s = recipe.slurm
         return Resources(
@@ -126,7 +127,7 @@ def write_submission_script(recipe: Recipe, run: RunDir, executor: Executor) -> 
     """sbatch.sh: the training job's script, when the executor submits one; never replaced by another."""
     from launcher.runs import write_atomic
 
-    text = executor.submission_script(stage_resources(recipe, run, "train"))
+    text = executor.submission_script(stage_resources(recipe, "train", run))
     if text is None:
         return None
     path = run.root / "sbatch.sh"
@@ -252,15 +253,7 @@ def run_evaluation(recipe: Recipe, out: Path, executor_name: str, console: Conso
             f"evaluating {len(todo)} of {plan['shards']} shards ({done} done before) with {executor_name}", highlight=False
         )
         executor = make_executor(executor_name, recipe, Path(out) / "logs")
-        resources = Resources(
-            name=f"{recipe.name}-eval",
-            stage="eval",
-            tasks_per_node=len(todo),
-            time_minutes=minutes(recipe.eval.time),
-            cpus_per_task=recipe.eval.cpus_per_task,
-            mem=recipe.eval.mem,
-            gpus_per_task=recipe.eval.gpus_per_task,
-        )
+        resources = replace(stage_resources(recipe, "eval"), tasks_per_node=len(todo))
         job = executor.submit(EvalJob(str(Path(out).resolve()), shards=todo), resources)
         watcher = StateWatcher(job, console)
         with console.status(f"eval: {job.kind} job {job.id}"):

@@ -169,7 +169,7 @@ def test_sbatch_script_quotes_every_value(tmp_path, tiny_assets):
     )
     recipe = load_recipe(write_recipe(tmp_path, text), ["distributed.nodes=2"])
     run = RunDir(tmp_path / "run $(touch pwned) `x`")
-    script = make_executor("slurm", recipe, run.logs).submission_script(stage_resources(recipe, run, "train"))
+    script = make_executor("slurm", recipe, run.logs).submission_script(stage_resources(recipe, "train", run))
     shown = script.replace(str(run.root.resolve()), "{RUN_DIR}").replace(shlex.quote(str(run.root.resolve())), "{RUN_DIR}")
     assert_matches_golden(shown.replace(sys.executable, "{PYTHON}"), GOLDEN / "sbatch.sh")
 
