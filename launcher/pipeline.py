@@ -39,7 +39,12 @@ def prepare(recipe: Recipe, run_dir: Path, console: Console, resume: str = "auto
     if existed and resume == "never":
         raise UserError(f"--resume never: {run.root} holds a run already; pass a new --run-dir to start over")
     changes = claim_run_dir(run, recipe)
-    render_run(recipe, run)
+    try:
+        render_run(recipe, run)
+    except OSError as err:
+        raise UserError(
+            f"{err.filename or run.root}: cannot write the run dir ({err.strerror}); choose another --run-dir"
+        ) from None
     if existed:
         console.print(
             f"run dir {run.root} exists with this recipe: continuing it (state: {run.manifest().state})", highlight=False

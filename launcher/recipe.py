@@ -21,10 +21,14 @@ from launcher import methods
 from launcher.errors import UserError
 
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]*$"
+SEED_MAX = 2**32 - 1  # numpy's seed range, which set_seed hands the seed to
 
 
 class Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True, use_attribute_docstrings=True)
+    # strict: a TOML value of the wrong type is refused, not coerced ("16" is no number, true no count).
+    model_config = ConfigDict(
+        extra="forbid", validate_assignment=True, use_attribute_docstrings=True, strict=True, allow_inf_nan=False
+    )
 
     @model_validator(mode="before")
     @classmethod
@@ -39,7 +43,7 @@ class Section(BaseModel):
 
 
 class ModelSection(Section):
-    name_or_path: str
+    name_or_path: str = Field(min_length=1)
     """Base model: a local directory (relative paths are resolved against the recipe file) or a hub id."""
     revision: str | None = None
     """Hub revision (branch, tag or commit) to pin the base model to."""
@@ -59,7 +63,7 @@ class ModelSection(Section):
 
 
 class DataSection(Section):
-    train_file: str
+    train_file: str = Field(min_length=1)
     """Training data: a local .json/.jsonl/.csv/.parquet file (relative to the recipe file) or a hub dataset id."""
     split: str = "train"
     """Split of a hub dataset to read."""
@@ -93,7 +97,7 @@ class DataSection(Section):
     """Maximum tokens per example (prompt + response); longer examples are truncated and counted."""
     on_bad_rows: Literal["error", "skip"] = "error"
     """A row with invalid JSON or a missing/empty field: stop with its file and line, or skip it and count."""
-    seed: int = 0
+    seed: int = Field(0, ge=0, le=SEED_MAX)
     """Seed of the train/eval split."""
 
 
@@ -142,6 +146,13 @@ class PeftSection(Section):
     def _rank_is_integer(cls, value: Any) -> Any:
         if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
             raise ValueError(f"must be a positive integer, got {json.dumps(value)}")
+        return value
+
+    @field_validator("target_modules")
+    @classmethod
+    def _some_targets(cls, value: Any) -> Any:
+        if isinstance(value, list) and (not value or not all(value)):
+            raise ValueError('needs at least one non-empty module name (or "all-linear"); remove the key for the default')
         return value
 
     @model_validator(mode="after")
@@ -196,7 +207,7 @@ class TrainSection(Section):
     """Write a row to logs/train_metrics.jsonl every this many steps."""
     gradient_checkpointing: bool = False
     """Recompute activations in the backward pass to save memory."""
-    seed: int = 42
+    seed: int = Field(42, ge=0, le=SEED_MAX)
     """Seed of model init, adapter init and data order."""
 
 
@@ -236,7 +247,7 @@ class EvalSection(Section):
     """Sampling temperature (with do_sample)."""
     top_p: float = Field(1.0, gt=0, le=1)
     """Nucleus sampling mass (with do_sample)."""
-    seed: int = 0
+    seed: int = Field(0, ge=0, le=SEED_MAX)
     """Sampling seed (each shard adds its index)."""
     checkpoints: Literal["final", "all"] = "final"
     """Evaluate the final adapter only, or every complete checkpoint too."""
@@ -265,6 +276,12 @@ class MergeSection(Section):
 
 ENV_NAME_PATTERN = r"^[A-Za-z_][A-Za-z0-9_]*$"
 SECRET_NAME_PATTERN = r"TOKEN|SECRET|PASSWORD|PASSWD|API_KEY|_KEY$"
+# Values shaped like the credentials users hold: HF, GitHub, OpenAI-style, Slack tokens, W&B keys (40 hex).
+SECRET_VALUE_PATTERN = r"^(hf_[A-Za-z0-9]{16,}|gh[pousr]_[A-Za-z0-9]{16,}|sk-[A-Za-z0-9_-]{16,}|xox[abpr]-\S+|[0-9a-f]{40})$"
+# What goes into an #SBATCH line: sbatch splits those lines with its own tokenizer, so shell quoting
+# cannot make them safe; only the characters SLURM itself allows in each value get there.
+SLURM_NAMES = r"^[A-Za-z0-9_.-]+(,[A-Za-z0-9_.-]+)*$"  # partitions, accounts, QOS: names or a comma list
+SLURM_FEATURES = r"^[A-Za-z0-9_.,:&|*!\[\]()-]+$"  # constraint: feature names, & | , * [ ] ( ) ! :
 
 
 class SlurmSection(Section):
@@ -306,11 +323,29 @@ class SlurmSection(Section):
             for key in value:
                 if not re.match(ENV_NAME_PATTERN, key):
                     raise ValueError(f"{json.dumps(key)} is not a valid environment variable name")
+                if isinstance(value[key], str) and re.match(SECRET_VALUE_PATTERN, value[key]):
+                    raise ValueError(
+                        f"{key}: its value looks like a token or key; recipes and rendered scripts are no place "
+                        f"for it: export {key} in your shell instead (SLURM passes it on to the job)"
+                    )
                 if re.search(SECRET_NAME_PATTERN, key, re.IGNORECASE):
                     raise ValueError(
                         f"{key} looks like a secret: recipes and rendered scripts are no place for it; "
                         f"export {key} in your shell instead (SLURM passes it on to the job)"
                     )
+        return value
+
+    @field_validator("partition", "account", "qos", "constraint")
+    @classmethod
+    def _sbatch_safe(cls, value: str | None, info) -> str | None:
+        allowed = SLURM_FEATURES if info.field_name == "constraint" else SLURM_NAMES
+        if value is not None and not re.match(allowed, value):
+            what = (
+                "feature names joined by & | , with * [ ] ( ) ! :"
+                if info.field_name == "constraint"
+                else "a name of letters, digits, '.', '_' and '-' (or a comma-separated list of them)"
+            )
+            raise ValueError(f"{json.dumps(value)} is not {what}, as SLURM accepts on an #SBATCH line")
         return value
 
     def time_minutes(self) -> int:
@@ -392,10 +427,7 @@ def load_recipe(path: str | Path, overrides: list[str] = ()) -> Recipe:
     path = Path(path)
     if not path.is_file():
         raise UserError([f"{path}: recipe file not found"])
-    try:
-        raw = tomllib.loads(path.read_text())
-    except tomllib.TOMLDecodeError as err:
-        raise UserError([f"{path}: TOML syntax error: {err}"]) from None
+    raw = read_toml(path)
     raw.setdefault("name", path.stem)
     _resolve_paths(raw, base=path.parent.resolve())
     for item in overrides:
@@ -404,6 +436,18 @@ def load_recipe(path: str | Path, overrides: list[str] = ()) -> Recipe:
     for item in overrides:  # flags win over the profile too
         _apply_override(raw, item)
     return validate_recipe(raw, source=str(path))
+
+
+def read_toml(path: Path) -> dict[str, Any]:
+    """A TOML file's tables; a file that is not UTF-8 TOML is one line naming it."""
+    try:
+        return tomllib.loads(Path(path).read_text(encoding="utf-8"))
+    except UnicodeDecodeError as err:
+        raise UserError([f"{path}: not UTF-8 text (byte {err.start}); save the recipe as UTF-8"]) from None
+    except tomllib.TOMLDecodeError as err:
+        raise UserError([f"{path}: TOML syntax error: {err}"]) from None
+    except OSError as err:
+        raise UserError([f"{path}: cannot read it ({err.strerror})"]) from None
 
 
 PROFILE_DIR = Path(__file__).resolve().parent.parent / "slurm" / "profiles"
@@ -419,10 +463,7 @@ def _apply_profile(raw: dict[str, Any]) -> None:
     if not path.is_file():
         known = ", ".join(sorted(p.stem for p in PROFILE_DIR.glob("*.toml"))) or "none"
         raise UserError([f"slurm.profile: no profile {name!r} in {PROFILE_DIR} (known: {known})"])
-    try:
-        profile = tomllib.loads(path.read_text())
-    except tomllib.TOMLDecodeError as err:
-        raise UserError([f"{path}: TOML syntax error: {err}"]) from None
+    profile = read_toml(path)
     try:
         SlurmSection.model_validate(profile | {"profile": name})
     except ValidationError as err:

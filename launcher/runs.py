@@ -10,7 +10,6 @@ import socket
 import subprocess
 import sys
 import time
-import tomllib
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from enum import StrEnum
@@ -21,7 +20,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from launcher.errors import UserError
-from launcher.recipe import Recipe, validate_recipe
+from launcher.recipe import Recipe, read_toml, validate_recipe
 
 TRACKED_PACKAGES = ("torch", "transformers", "peft", "deepspeed", "accelerate", "datasets")
 
@@ -253,12 +252,20 @@ class RunDir:
         """The run's resolved recipe, through the schema (every default from there)."""
         if not self.recipe.is_file():
             raise UserError(f"{self.root}: not a run dir (no recipe.toml); pass the folder a `launch` run wrote")
-        return validate_recipe(tomllib.loads(self.recipe.read_text()), source=str(self.recipe))
+        return validate_recipe(read_toml(self.recipe), source=str(self.recipe))
 
     def manifest(self) -> Manifest:
         if not self.manifest_path.exists():
             raise UserError(f"{self.root}: not a run dir (no manifest.json); pass the folder a `launch` run wrote")
-        recorded = json.loads(self.manifest_path.read_text())
+        try:
+            recorded = json.loads(self.manifest_path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            raise UserError(
+                f"{self.manifest_path}: not valid JSON ({err}); it was cut short (a full disk?) or edited by hand; "
+                f"restore it from a backup, or start a new run with --run-dir"
+            ) from None
+        if not isinstance(recorded, dict):
+            raise UserError(f"{self.manifest_path}: not a manifest (a JSON object); start a new run with --run-dir")
         try:
             return Manifest.model_validate(without_legacy_keys(recorded))
         except ValidationError as err:
@@ -313,14 +320,22 @@ def claim_run_dir(run: RunDir, recipe: Recipe) -> list[str]:
     A run dir of a recipe that cannot resume into this one, or files that are not a run of
     ours, is refused: never overwritten.
     """
+    where = str(run.root)
+    if any(ord(c) < 32 or ord(c) == 127 for c in where):
+        raise UserError(f"--run-dir {where!r}: contains a newline or control character; choose a plain path")
+    if run.root.exists() and not run.root.is_dir():
+        raise UserError(f"{run.root}: exists and is a file, not a folder; choose another --run-dir")
     if not run.root.exists() or not any(run.root.iterdir()):
-        run.root.mkdir(parents=True, exist_ok=True)
+        try:
+            run.root.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise UserError(f"{run.root}: cannot create the run dir ({err.strerror}); choose another --run-dir") from None
         return []
     if not run.manifest_path.is_file() or not run.recipe.is_file():
         raise UserError(f"{run.root}: exists and is not a run dir of this launcher; choose another --run-dir")
     if run.manifest().recipe_hash == recipe.fingerprint():
         return []
-    changes = reconcile(tomllib.loads(run.recipe.read_text()), recipe.to_dict(), run.root)
+    changes = reconcile(read_toml(run.recipe), recipe.to_dict(), run.root)
     archive(run, [run.recipe, run.root / "sbatch.sh"])
     with run.editing_manifest() as manifest:
         manifest.recipe_hash = recipe.fingerprint()
@@ -375,11 +390,19 @@ def differences(old: dict, new: dict, prefix: str = ""):
 
 def archive(run: RunDir, paths: list[Path]) -> None:
     """Move superseded rendered files to history/ (kept, never overwritten)."""
-    stamp = time.strftime("%Y%m%dT%H%M%S")
     for path in paths:
         if path.exists():
             (run.root / "history").mkdir(exist_ok=True)
-            path.rename(run.root / "history" / f"{stamp}-{path.name}")
+            path.rename(unused_name(run.root / "history" / f"{time.strftime('%Y%m%dT%H%M%S')}-{path.name}"))
+
+
+def unused_name(path: Path) -> Path:
+    """`path`, or `path-2`, `path-3`, ... : the first name nothing holds yet (two moves in one second keep both)."""
+    candidate, number = path, 1
+    while candidate.exists() or candidate.is_symlink():
+        number += 1
+        candidate = path.with_name(f"{path.name}-{number}")
+    return candidate
 
 
 def new_manifest(recipe: Recipe, worker_command: list[str]) -> Manifest:

@@ -7,6 +7,7 @@ There may be no slurmdbd (small clusters, the dev cluster), so nothing here uses
 from __future__ import annotations
 
 import functools
+import re
 import shlex
 import shutil
 import subprocess
@@ -17,6 +18,8 @@ from launcher.errors import UserError
 from launcher.executors.base import TASK_ENVIRONMENT, UNKNOWN, Executor, Job, Resources
 from launcher.recipe import SlurmSection
 from launcher.runs import JobRecord, now
+
+SBATCH_SAFE_PATH = r"^[A-Za-z0-9/._+@,=:-]+$"
 
 
 @functools.cache
@@ -90,6 +93,12 @@ class SlurmExecutor(Executor):
 
     def __init__(self, cluster: SlurmSection, folder: Path):
         self.cluster, self.folder = cluster, Path(folder)
+        where = str(self.folder.resolve())
+        if not re.match(SBATCH_SAFE_PATH, where):
+            raise UserError(
+                f"{where}: the job's log folder goes on #SBATCH lines, which allow no spaces, quotes, '#' or '%' "
+                f"in a path; choose a --run-dir of letters, digits and / . _ - + @ , = :"
+            )
 
     def parameters(self, resources: Resources) -> dict:
         """submitit parameters; submitit shell-quotes every #SBATCH value."""
