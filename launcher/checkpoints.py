@@ -133,6 +133,14 @@ def ranks_agree(flag: bool, device) -> bool:
     return bool(value.item() > 0)
 
 
+class PlanComplete(Exception):
+    """Resumed from the checkpoint of the plan's last step: the model holds its weights, nothing is left to train."""
+
+    def __init__(self, step: int):
+        self.step = step
+        super().__init__(f"step {step} is the last of the plan")
+
+
 def checkpoint_guard(run_checkpoints: Path, keep: int | None, stop: StopFlag):
     """Trainer callback: marks each checkpoint complete once every rank wrote it; on a stop
     signal, saves at the step boundary and ends training (the worker then requeues)."""
@@ -145,6 +153,11 @@ def checkpoint_guard(run_checkpoints: Path, keep: int | None, stop: StopFlag):
 
     class CheckpointGuard(TrainerCallback):
         stopped_at: int | None = None
+
+        def on_train_begin(self, args, state, control, **kwargs):
+            # Trainer would take one more step after resuming at the plan's last one (mid-epoch).
+            if 0 < state.max_steps <= state.global_step:
+                raise PlanComplete(state.global_step)
 
         def on_step_end(self, args, state, control, **kwargs):
             if ranks_agree(stop.raised, args.device):

@@ -13,16 +13,19 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
+import signal
 import sys
 import time
+from contextlib import suppress
 from pathlib import Path
 
 from rich.console import Console
 from rich.markup import escape
 
 from launcher.combine import METHODS
-from launcher.errors import UserError
+from launcher.errors import Interrupted, UserError
 from launcher.models import quiet_libraries_for
 from launcher.recipe import Recipe, load_recipe
 
@@ -38,15 +41,32 @@ def main(argv: list[str] | None = None) -> int:
         build_parser().print_help()
         return 2
     console = Console(highlight=False, soft_wrap=True)
+    interrupt_on_signals()
+    # Library notices nobody can act on stay out of the terminal (the job logs keep them), e.g.
+    # bitsandbytes' "Failed to load CPU gemm_4bit_forward from kernels-community" on every CPU import.
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
     try:
         return args.handler(args, console)
     except UserError as err:
         for line in err.lines:
             print(f"error: {line}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as interrupt:
+        signum = interrupt.signum if isinstance(interrupt, Interrupted) else signal.SIGINT
+        with suppress(OSError):  # after a hang-up the terminal is gone
+            print(f"interrupted ({signal.Signals(signum).name})", file=sys.stderr)
+        return 128 + signum
+
+
+def interrupt_on_signals() -> None:
+    """SIGTERM and SIGHUP (the terminal closing) interrupt a command as Ctrl-C does: whatever it
+    started is stopped before it ends (launch's local ranks save a checkpoint first)."""
+
+    def interrupt(signum, frame):
+        raise Interrupted(signum)
+
+    for number in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(number, interrupt)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -248,19 +268,20 @@ def recipe_from(args: argparse.Namespace) -> Recipe:
 
 def command_run(args: argparse.Namespace, console: Console) -> int:
     from launcher.executors.factory import choose_executor, make_executor
-    from launcher.pipeline import describe_dry_run, execute, prepare, write_submission_script
-    from launcher.runs import default_run_dir
+    from launcher.pipeline import describe_dry_run, execute, prepare, run_dir_in_use
+    from launcher.runs import RunDir, default_run_dir
 
     recipe = recipe_from(args)
     executor = choose_executor(args.executor, recipe, rendering_only=args.dry_run)
     if not args.dry_run and preflight(recipe, console).errors:
         console.print("pre-flight failed: nothing was started; fix the errors above", highlight=False)
         return 2
-    run = prepare(recipe, args.run_dir or default_run_dir(recipe), console, resume=args.resume)
-    if args.dry_run:
-        describe_dry_run(run, console, write_submission_script(recipe, run, make_executor(executor, recipe, run.logs)))
-        return 0
-    return 0 if execute(recipe, run, console, executor_name=executor, detach=args.detach) else 1
+    with run_dir_in_use(args.run_dir or default_run_dir(recipe), "launch " + " ".join(sys.argv[1:])) as root:
+        run = prepare(recipe, root, console, make_executor(executor, recipe, RunDir(root).logs), resume=args.resume)
+        if args.dry_run:
+            describe_dry_run(run, console, run.root / "sbatch.sh" if (run.root / "sbatch.sh").exists() else None)
+            return 0
+        return 0 if execute(recipe, run, console, executor_name=executor, detach=args.detach) else 1
 
 
 def command_check(args: argparse.Namespace, console: Console) -> int:
@@ -326,6 +347,7 @@ def hub_reachable(recipe: Recipe, timeout_s: float = 3.0) -> bool:
 
 def command_merge(args: argparse.Namespace, console: Console) -> int:
     from launcher.merge import merge_run
+    from launcher.pipeline import run_dir_in_use
     from launcher.runs import RunDir
 
     if args.adapters:
@@ -335,7 +357,8 @@ def command_merge(args: argparse.Namespace, console: Console) -> int:
     run = RunDir(args.run_dir)
     recipe = run.load_recipe()
     quiet_libraries_for(recipe)
-    console.print(f"merged model: {merge_run(recipe, run, overwrite=args.overwrite, checkpoint=args.checkpoint)}")
+    with run_dir_in_use(run.root, "launch " + " ".join(sys.argv[1:]), create=False):
+        console.print(f"merged model: {merge_run(recipe, run, overwrite=args.overwrite, checkpoint=args.checkpoint)}")
     return 0
 
 

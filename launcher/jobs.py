@@ -11,7 +11,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from launcher.executors.base import task_index
+from launcher.executors.base import STOP_SIGNAL, task_index
 from launcher.runs import RunDir, State, exclusive
 
 
@@ -33,7 +33,7 @@ class TrainJob:
         # A stop signal after the last step has nothing left to save. Python resets its own handlers
         # to the default (terminate) while shutting down, so ignore it: a late signal must not turn
         # a finished rank into a "crash" that requeues the job.
-        signal.signal(signal.SIGUSR2, signal.SIG_IGN)
+        signal.signal(STOP_SIGNAL, signal.SIG_IGN)
         if code != 0:
             # Exit (no second traceback): the rank's log already ends with the real error.
             raise SystemExit(code)

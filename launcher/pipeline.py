@@ -9,6 +9,7 @@ finishes on its own after a detached launch).
 from __future__ import annotations
 
 import time
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -16,13 +17,36 @@ from rich.console import Console
 from rich.table import Table
 
 from launcher.errors import UserError
-from launcher.executors.base import COMPLETED, Executor, Job, Resources
+from launcher.executors.base import CANCELLED, COMPLETED, Executor, Job, Resources
 from launcher.executors.factory import make_executor
 from launcher.jobs import EvalJob, MergeJob, TrainJob
 from launcher.progress import StateWatcher, follow_training, report_failure
 from launcher.recipe import Recipe, minutes
-from launcher.render import render_run, worker_command
-from launcher.runs import RunDir, State, claim_run_dir
+from launcher.render import keep_or_refuse, render_run, worker_command
+from launcher.runs import RunDir, State, claim_run_dir, in_use, make_run_root
+
+
+@contextmanager
+def run_dir_in_use(root: Path, command: str, create: bool = True):
+    """The run dir for `command` alone: refused at once while another command works in it (its lock)
+    or a job recorded in its manifest still runs (a detached SLURM chain, ranks still saving)."""
+    from launcher.executors.factory import job_of
+
+    root = Path(root)
+    if create:
+        make_run_root(root)
+    with in_use(root, command):
+        run = RunDir(root)
+        if run.manifest_path.is_file():
+            manifest = run.manifest()
+            for record in manifest.jobs[-1:] + manifest.chain:
+                job = job_of(record, run.logs)
+                if job.active():
+                    raise UserError(
+                        f"{root}: is in use by {record.stage} job {job.id} ({job.describe()}); follow it with "
+                        f"launch status {root}, or end it with launch cancel {root}"
+                    )
+        yield root
 
 
 @dataclass(frozen=True)
@@ -32,8 +56,9 @@ class Stage:
     resources: Resources
 
 
-def prepare(recipe: Recipe, run_dir: Path, console: Console, resume: str = "auto") -> RunDir:
-    """Claim (or find again) the run dir and write the rendered files into it."""
+def prepare(recipe: Recipe, run_dir: Path, console: Console, executor: Executor, resume: str = "auto") -> RunDir:
+    """Claim (or find again) the run dir and write the rendered files into it (sbatch.sh too, when
+    the executor submits a script)."""
     run = RunDir(run_dir)
     existed = run.manifest_path.exists()
     if existed and resume == "never":
@@ -41,10 +66,13 @@ def prepare(recipe: Recipe, run_dir: Path, console: Console, resume: str = "auto
     changes = claim_run_dir(run, recipe)
     try:
         render_run(recipe, run)
+        write_submission_script(recipe, run, executor)
     except OSError as err:
         raise UserError(
             f"{err.filename or run.root}: cannot write the run dir ({err.strerror}); choose another --run-dir"
         ) from None
+    if run.manifest().worker_command != worker_command(run):  # the run dir was moved: files rendered again
+        run.update_manifest(worker_command=worker_command(run))
     if existed:
         console.print(
             f"run dir {run.root} exists with this recipe: continuing it (state: {run.manifest().state})", highlight=False
@@ -136,8 +164,7 @@ def write_submission_script(recipe: Recipe, run: RunDir, executor: Executor) -> 
     if text is None:
         return None
     path = run.root / "sbatch.sh"
-    if path.exists() and path.read_text() != text:
-        raise UserError(f"{path}: differs from what this recipe renders now; restore it or use a new --run-dir")
+    keep_or_refuse(run, path, text)
     if not path.exists():
         write_atomic(path, text)
     return path
@@ -158,7 +185,6 @@ def execute(recipe: Recipe, run: RunDir, console: Console, executor_name: str = 
     their end. True on success."""
     started = time.time()
     executor = make_executor(executor_name, recipe, run.logs)
-    write_submission_script(recipe, run, executor)
     if recipe.merge.enabled and not recipe.peft.spec.merges:
         console.print(
             f"not merged: {recipe.peft.method} learns virtual tokens, not weight deltas, so there is "
@@ -172,12 +198,11 @@ def execute(recipe: Recipe, run: RunDir, console: Console, executor_name: str = 
     try:
         ok = follow(run, jobs, console)
     except KeyboardInterrupt:
-        if not executor.detachable:  # its jobs end with this process: none is left behind
-            for _, job in jobs:
-                job.cancel()
+        stop_jobs(executor, jobs, run, console)
         raise
     if not ok:
-        run.set_state(State.FAILED)
+        if run.manifest().state not in ENDED_ON_PURPOSE:
+            run.set_state(State.FAILED)
         for _, job in jobs:
             if job.active():
                 job.cancel()
@@ -187,6 +212,44 @@ def execute(recipe: Recipe, run: RunDir, console: Console, executor_name: str = 
         run.update_manifest(launch_to_first_step_s=round(first[0]["time"] - started, 1) if first else None)
     print_summary(run, console, time.time() - started)
     return True
+
+
+STOP_GRACE_S = 120.0  # an interrupted local run: time for the ranks to reach a step boundary and save
+ENDED_ON_PURPOSE = (State.PREEMPTED, State.STOPPED, State.CANCELLED)  # not failures: a relaunch resumes
+
+
+def stop_jobs(executor: Executor, jobs: list[tuple[str, Job]], run: RunDir | None, console: Console) -> None:
+    """`launch` was interrupted (Ctrl-C, SIGTERM, SIGHUP). Local jobs end with it, none left behind:
+    training first saves a checkpoint at its next step (a second interrupt ends it at once).
+    SLURM jobs go on without this process."""
+    from launcher.checkpoints import latest_complete_checkpoint
+
+    if executor.detachable:
+        say(console, "interrupted: the SLURM jobs go on without this process (launch status / launch cancel)")
+        return
+    say(
+        console,
+        "interrupted: stopping the local jobs; training saves a checkpoint at its next step (interrupt again to end it now)",
+    )
+    try:
+        for _, job in jobs:
+            job.stop(STOP_GRACE_S)
+    except KeyboardInterrupt:
+        for _, job in jobs:
+            job.cancel()
+    if run is None:  # an evaluation: its finished shards are kept
+        say(console, "stopped; the same command resumes the evaluation's unfinished shards")
+        return
+    if run.manifest().state in (State.TRAINING, State.PREEMPTED):
+        run.set_state(State.STOPPED)
+    newest = latest_complete_checkpoint(run.checkpoints)
+    say(console, f"stopped; newest complete checkpoint: {newest.name if newest else 'none'}; the same command resumes the run")
+
+
+def say(console: Console, line: str) -> None:
+    """Print a line if the terminal is still there (after a hang-up it is not)."""
+    with suppress(OSError):
+        console.print(line, highlight=False)
 
 
 def submit(executor: Executor, stages: list[Stage], run: RunDir, console: Console) -> list[tuple[str, Job]]:
@@ -228,6 +291,9 @@ def follow(run: RunDir, jobs: list[tuple[str, Job]], console: Console) -> bool:
             with console.status(f"{stage}: {job.kind} job {job.id}"):
                 while watcher.poll():
                     time.sleep(0.5)
+        if watcher.state == CANCELLED:
+            console.print(f"{stage}: {job.kind} job {job.id} was cancelled (launch cancel); the same command resumes the run")
+            return False
         if watcher.state != COMPLETED:
             console.print(
                 f"[red]{'training' if stage == 'train' else stage} failed[/red]: {job.kind} job {job.id} ended {watcher.state}",
@@ -261,9 +327,13 @@ def run_evaluation(recipe: Recipe, out: Path, executor_name: str, console: Conso
         resources = replace(stage_resources(recipe, "eval"), tasks_per_node=len(todo))
         job = executor.submit(EvalJob(str(Path(out).resolve()), shards=todo), resources)
         watcher = StateWatcher(job, console)
-        with console.status(f"eval: {job.kind} job {job.id}"):
-            while watcher.poll():
-                time.sleep(0.5)
+        try:
+            with console.status(f"eval: {job.kind} job {job.id}"):
+                while watcher.poll():
+                    time.sleep(0.5)
+        except KeyboardInterrupt:
+            stop_jobs(executor, [("eval", job)], None, console)
+            raise
         if watcher.state != COMPLETED:
             tail = job.log(0).read_text(errors="replace").strip().splitlines()[-1:] if job.log(0).exists() else []
             raise RuntimeError(f"eval job {job.id} ended {watcher.state} ({' '.join(tail)}); see {job.log(0)}")

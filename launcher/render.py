@@ -18,7 +18,7 @@ import yaml
 
 from launcher.errors import UserError
 from launcher.recipe import Recipe
-from launcher.runs import RunDir, new_manifest, write_atomic
+from launcher.runs import RunDir, archive, new_manifest, write_atomic
 
 DS_CONFIG_DIR = Path(__file__).resolve().parent.parent / "ds_configs"
 
@@ -136,18 +136,36 @@ def rendered_files(recipe: Recipe, run: RunDir) -> dict[Path, str]:
 
 
 def render_run(recipe: Recipe, run: RunDir) -> list[Path]:
-    """Write the rendered files; an existing file with other content is refused, never replaced."""
+    """Write the rendered files; an existing file with other content is refused, never replaced
+    (one that differs only by where the run dir was before it was moved is re-rendered, the old kept)."""
     files = rendered_files(recipe, run)
     for path, text in files.items():
-        if path.exists() and path.read_text() != text:
-            raise UserError(
-                [
-                    f"{path}: differs from what this recipe renders now (was a ds_configs/ template edited?); "
-                    f"restore it or start a new run with --run-dir"
-                ]
-            )
+        keep_or_refuse(run, path, text)
     for path, text in files.items():
         if not path.exists():
             write_atomic(path, text)
     run.create_manifest(new_manifest(recipe, worker_command(run)))
     return [*files, run.manifest_path]
+
+
+def keep_or_refuse(run: RunDir, path: Path, text: str) -> None:
+    """An existing rendered file stays when it holds `text`; when it differs only by the run dir's
+    old location (the run dir was moved or copied) it is moved to history/ to be rendered again;
+    any other difference is refused."""
+    if not path.exists():
+        return
+    old = path.read_text()
+    if old == text:
+        return
+    root = str(run.root.resolve())
+    before = run.manifest().worker_command[-1:] if run.manifest_path.is_file() else []
+    if before and before[0] != root and old.replace(before[0], root) == text:
+        archive(run, [path])
+        print(f"{path}: the run dir was moved from {before[0]}; rendered again (the old file is in history/)")
+        return
+    raise UserError(
+        [
+            f"{path}: differs from what this recipe renders now (edited by hand, or a ds_configs/ template changed?); "
+            f"restore it or start a new run with --run-dir"
+        ]
+    )

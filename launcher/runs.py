@@ -31,6 +31,8 @@ class State(StrEnum):
     RENDERED = "rendered"
     TRAINING = "training"
     PREEMPTED = "preempted"
+    STOPPED = "stopped"
+    """Interrupted on purpose (Ctrl-C, SIGTERM, the terminal closing): the same command resumes it."""
     REQUEUED = "requeued"
     TRAINED = "trained"
     MERGED = "merged"
@@ -98,42 +100,117 @@ class Manifest(Record):
     """launch merge --checkpoint N: merged-checkpoint-N's record under "N"."""
 
 
+def process_start(pid: int) -> str | None:
+    """When process `pid` started (clock ticks since boot, /proc/PID/stat field 22): with the pid it
+    names one process, whereas a pid alone is reused. None when there is no such process."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return stat.rsplit(")", 1)[1].split()[19]
+
+
+def this_process(command: str = "") -> dict[str, Any]:
+    pid = os.getpid()
+    return {"host": socket.gethostname(), "pid": pid, "start": process_start(pid), "command": command, "since": now()}
+
+
+def owner_alive(owner: dict[str, Any]) -> bool | None:
+    """Whether the process that wrote `owner` still runs; None when it ran on another host (unknown here)."""
+    if owner.get("host") != socket.gethostname():
+        return None
+    return process_start(int(owner.get("pid", 0))) == owner.get("start") is not None
+
+
+def read_owner(lock: Path) -> dict[str, Any] | None:
+    """A lock's owner, or None while it is still being written (or when it is not ours)."""
+    try:
+        owner = json.loads(lock.read_text())
+    except (OSError, ValueError):
+        return None
+    return owner if isinstance(owner, dict) else None
+
+
+def take_over(lock: Path) -> None:
+    """Remove a lock whose owner is gone; of several takers, one wins the rename."""
+    taken = lock.with_name(f"{lock.name}.stale-{os.getpid()}")
+    with suppress(FileNotFoundError):
+        lock.rename(taken)
+        taken.unlink()
+
+
+def try_lock(lock: Path, owner: dict[str, Any]) -> bool:
+    try:
+        fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+    except FileExistsError:
+        return False
+    os.write(fd, json.dumps(owner).encode())
+    os.close(fd)
+    return True
+
+
+def release(lock: Path, owner: dict[str, Any]) -> None:
+    if read_owner(lock) == owner:  # not taken over meanwhile
+        with suppress(FileNotFoundError):
+            lock.unlink()
+
+
 @contextmanager
 def exclusive(lock: Path, stale_after_s: float = 120.0, timeout_s: float = 600.0):
-    """Hold `lock` (a file created with O_EXCL) for the block.
+    """Hold `lock` (a file created with O_EXCL) for the block, waiting for another holder to finish.
 
     O_EXCL creation is atomic on local disks, NFS and Lustre alike, unlike flock, which Lustre
     honours across nodes only when mounted with -o flock. A holder killed inside the block leaves
-    the file behind: a lock older than stale_after_s (every holder here keeps it for milliseconds)
-    is taken over.
+    the file behind: it is taken over at once when the holder ran on this host and is gone, and
+    after stale_after_s otherwise (every holder here keeps it for milliseconds).
     """
-    owner = f"{socket.gethostname()} {os.getpid()} {time.time()}"
-    deadline = time.time() + timeout_s
-    while True:
-        try:
-            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-            break
-        except FileExistsError:
-            try:
-                age, holder = time.time() - lock.stat().st_mtime, lock.read_text(errors="replace")
-            except FileNotFoundError:
-                continue  # released meanwhile
-            if age > stale_after_s:
-                with suppress(FileNotFoundError):
-                    lock.rename(lock.with_name(f"{lock.name}.stale-{os.getpid()}"))  # one taker wins the rename
-                    lock.with_name(f"{lock.name}.stale-{os.getpid()}").unlink()
+    owner, deadline = this_process(), time.time() + timeout_s
+    while not try_lock(lock, owner):
+        holder = read_owner(lock)
+        with suppress(FileNotFoundError):
+            if (holder and owner_alive(holder) is False) or time.time() - lock.stat().st_mtime > stale_after_s:
+                take_over(lock)
                 continue
-            if time.time() > deadline:
-                raise TimeoutError(f"{lock}: held for more than {timeout_s:.0f} s (by {holder})") from None
-            time.sleep(0.02)
+        if time.time() > deadline:
+            raise TimeoutError(f"{lock}: held for more than {timeout_s:.0f} s (by {holder})")
+        time.sleep(0.02)
     try:
-        os.write(fd, owner.encode())
-        os.close(fd)
         yield
     finally:
-        with suppress(FileNotFoundError):
-            if lock.read_text() == owner:  # not taken over as stale meanwhile
-                lock.unlink()
+        release(lock, owner)
+
+
+@contextmanager
+def in_use(root: Path, command: str):
+    """Hold ROOT/.in-use while `command` works in the run dir: a second command is refused at once,
+    naming the first. A lock whose owner ran here and is gone (killed) is taken over, with a line."""
+    lock, owner = Path(root) / IN_USE, this_process(command)
+    for _ in range(100):  # a lock being written has no owner for a moment
+        if try_lock(lock, owner):
+            break
+        holder = read_owner(lock)
+        if holder is None:
+            time.sleep(0.01)
+            continue
+        alive = owner_alive(holder)
+        if alive is False:
+            print(f"{lock}: left by `{holder['command']}` (pid {holder['pid']}), which ended; taken over")
+            take_over(lock)
+            continue
+        elsewhere = f"; if that process is gone, remove {lock}" if alive is None else ""
+        raise UserError(
+            f"{root}: is in use by `{holder['command']}` (pid {holder['pid']} on {holder['host']}, since "
+            f"{holder['since']}); wait for it, or stop it (Ctrl-C there, or launch cancel {root}){elsewhere}"
+        )
+    else:
+        raise UserError(f"{lock}: unreadable lock file; if no launch uses {root}, remove it")
+    try:
+        yield
+    finally:
+        release(lock, owner)
+
+
+IN_USE = ".in-use"
 
 
 def write_atomic(path: Path, text: str) -> None:
@@ -200,14 +277,26 @@ class MetricsLog:
     def __init__(self, path: Path):
         self.path, self.offset = path, 0
 
-    def rows(self) -> list[dict]:
+    def written(self) -> list[dict]:
+        """Every complete row, of every attempt, in the order written."""
         if not self.path.exists():
             return []
-        return [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
+        text = self.path.read_text(errors="replace")
+        return [row for line in text[: text.rfind("\n") + 1].splitlines() if (row := parsed_row(line))]
+
+    def rows(self) -> list[dict]:
+        """One row per step, of the history that stands: a resumed attempt restarts at its checkpoint,
+        so its first row supersedes the rows of that step and later ones that an earlier attempt wrote."""
+        kept: list[dict] = []
+        for row in self.written():
+            while kept and kept[-1]["step"] >= row["step"]:
+                kept.pop()
+            kept.append(row)
+        return kept
 
     def count(self) -> int:
         """Rows over all attempts: it grows with every step any attempt makes."""
-        return len(self.rows())
+        return len(self.written())
 
     def last(self) -> dict | None:
         rows = self.rows()
@@ -222,7 +311,16 @@ class MetricsLog:
             text = handle.read()
         complete = text[: text.rfind("\n") + 1]
         self.offset += len(complete)
-        return [json.loads(line) for line in complete.splitlines() if line.strip()]
+        return [row for line in complete.splitlines() if (row := parsed_row(line))]
+
+
+def parsed_row(line: str) -> dict | None:
+    """A metrics row, or None for a blank line or one torn by a kill mid-write (its step is redone)."""
+    try:
+        row = json.loads(line)
+    except json.JSONDecodeError:
+        return None
+    return row if isinstance(row, dict) and "step" in row else None
 
 
 @dataclass(frozen=True)
@@ -313,6 +411,19 @@ def now() -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%S%z")
 
 
+def make_run_root(root: Path) -> None:
+    """Create the run dir, or find it; a path with control characters, a file, or a place that
+    cannot be written is one line."""
+    if any(ord(c) < 32 or ord(c) == 127 for c in str(root)):
+        raise UserError(f"--run-dir {str(root)!r}: contains a newline or control character; choose a plain path")
+    if root.exists() and not root.is_dir():
+        raise UserError(f"{root}: exists and is a file, not a folder; choose another --run-dir")
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise UserError(f"{root}: cannot create the run dir ({err.strerror}); choose another --run-dir") from None
+
+
 def claim_run_dir(run: RunDir, recipe: Recipe) -> list[str]:
     """Create the run dir for `recipe`, or accept it for a resume.
 
@@ -320,16 +431,8 @@ def claim_run_dir(run: RunDir, recipe: Recipe) -> list[str]:
     A run dir of a recipe that cannot resume into this one, or files that are not a run of
     ours, is refused: never overwritten.
     """
-    where = str(run.root)
-    if any(ord(c) < 32 or ord(c) == 127 for c in where):
-        raise UserError(f"--run-dir {where!r}: contains a newline or control character; choose a plain path")
-    if run.root.exists() and not run.root.is_dir():
-        raise UserError(f"{run.root}: exists and is a file, not a folder; choose another --run-dir")
-    if not run.root.exists() or not any(run.root.iterdir()):
-        try:
-            run.root.mkdir(parents=True, exist_ok=True)
-        except OSError as err:
-            raise UserError(f"{run.root}: cannot create the run dir ({err.strerror}); choose another --run-dir") from None
+    make_run_root(run.root)
+    if not any(p.name != IN_USE for p in run.root.iterdir()):
         return []
     if not run.manifest_path.is_file() or not run.recipe.is_file():
         raise UserError(f"{run.root}: exists and is not a run dir of this launcher; choose another --run-dir")

@@ -16,7 +16,7 @@ import time
 import traceback
 from pathlib import Path
 
-from launcher.checkpoints import checkpoint_guard, stop_flag
+from launcher.checkpoints import PlanComplete, checkpoint_guard, stop_flag
 from launcher.recipe import Recipe
 from launcher.rendezvous import check_in, smoke_all_reduce, topology_line, world_from_env
 from launcher.runs import RunDir, State, allocation, publish, stage_record, staging_for
@@ -115,6 +115,12 @@ def metrics_logger(run: RunDir, attempt: int):
 
         def on_train_begin(self, args, state, control, **kwargs):
             self.last = (time.time(), state.num_input_tokens_seen)
+            log = run.metrics_log
+            if state.is_world_process_zero and log.exists() and log.stat().st_size:
+                with open(log, "rb+") as handle:  # a row torn by a kill stays on its own line
+                    handle.seek(-1, os.SEEK_END)
+                    if handle.read(1) != b"\n":
+                        handle.write(b"\n")
 
         def on_log(self, args, state, control, logs=None, **kwargs):
             if not state.is_world_process_zero or not logs or "loss" not in logs:
@@ -183,7 +189,10 @@ def train(recipe: Recipe, run: RunDir, rank: int, records: list[dict]) -> bool:
     if recipe.peft.method == "adalora":
         trainer.add_callback(adalora_allocator(trainer))
     resume = resume_point(run, rank)
-    trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+    try:
+        trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+    except PlanComplete as done:  # killed after the last checkpoint, before the adapter was published
+        print(f"{resume.name} is the plan's last step ({done.step}): nothing left to train; publishing its adapter")
     if guard.stopped_at is not None:
         stopped(run, rank, guard.stopped_at)
         return False
@@ -252,7 +261,7 @@ def stopped(run: RunDir, rank: int, step: int) -> None:
     if rank == 0:
         with run.editing_manifest() as manifest:
             manifest.state, manifest.requeues, manifest.stopped_in = State.PREEMPTED, manifest.requeues + 1, allocation()
-        print(f"stop signal: saved a complete checkpoint at step {step}; requeueing")
+        print(f"stop signal: saved a complete checkpoint at step {step}; this job ends (on SLURM it is requeued)")
 
 
 def save_final_adapter(trainer, run: RunDir, rank: int, probe: dict) -> None:

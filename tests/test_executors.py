@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 from conftest import REPO, tiny_recipe_text, write_recipe
 
-from launcher.executors.base import CANCELLED, COMPLETED, FAILED, Resources
-from launcher.executors.local import LocalExecutor
+from launcher.executors.base import CANCELLED, COMPLETED, FAILED, STOP_SIGNAL, Resources
+from launcher.executors.local import LocalExecutor, processes_running
 
 
 class WriteRank:
@@ -73,13 +73,83 @@ def test_a_job_waits_for_the_one_before_it(executor, tmp_path):
     assert (tmp_path / "a" / "task-0").stat().st_mtime <= (tmp_path / "b" / "task-0").stat().st_mtime
 
 
-def test_a_cancelled_job_ends_its_whole_process_group(executor):
+def test_a_cancelled_job_ends_every_task_and_stays_cancelled(executor):
     job = executor.submit(FailOnRankOne(), Resources(name="t", stage="train", tasks_per_node=1))
     time.sleep(0.5)
     recorded = executor.job(job.record)  # as `launch cancel` finds it from the manifest
-    assert recorded.active()
+    assert recorded.active() and recorded.members()
     recorded.cancel()
-    assert wait(job) in (CANCELLED, FAILED) and not recorded.active()
+    assert wait(job) == CANCELLED and not recorded.active() and not recorded.members()
+
+
+class SaveOnStop:
+    """Waits for the stop signal, then 'saves' (writes a file) and ends cleanly, as a training rank does."""
+
+    def __init__(self, folder: str):
+        self.folder = folder
+
+    def __call__(self):
+        import signal
+
+        stopped = []
+        signal.signal(STOP_SIGNAL, lambda *_: stopped.append(True))
+        Path(self.folder, f"ready-{os.environ['RANK']}").write_text(str(os.getpid()))
+        deadline = time.time() + 60
+        while not stopped and time.time() < deadline:
+            time.sleep(0.05)
+        Path(self.folder, f"saved-{os.environ['RANK']}").write_text("stop" if stopped else "timeout")
+
+
+def wait_for(path: Path, timeout_s: float = 30) -> None:
+    deadline = time.time() + timeout_s
+    while not path.exists():
+        assert time.time() < deadline, f"{path} did not appear"
+        time.sleep(0.05)
+
+
+def test_stop_asks_every_task_to_save_then_waits_for_it(executor, tmp_path):
+    job = executor.submit(SaveOnStop(str(tmp_path)), Resources(name="t", stage="train", tasks_per_node=2))
+    for rank in (0, 1):
+        wait_for(tmp_path / f"ready-{rank}")
+    job.stop(grace_s=20)
+    assert [(tmp_path / f"saved-{rank}").read_text() for rank in (0, 1)] == ["stop", "stop"]
+    assert job.state() == COMPLETED and not job.members()
+
+
+def test_tasks_whose_launcher_was_killed_save_and_end(tmp_path):
+    """SIGKILL of the process that started the tasks (no handler can run): each task notices that
+    its parent is gone, gets the stop signal, saves and ends; no process of the job is left."""
+    import signal
+    import subprocess
+    import sys
+
+    parent = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import sys, time; from launcher.executors.local import LocalExecutor; from launcher.executors.base import Resources;"
+            "from test_executors import SaveOnStop;"
+            "job = LocalExecutor(sys.argv[1]).submit(SaveOnStop(sys.argv[2]), Resources(name='t', stage='train', tasks_per_node=2));"
+            "print(job.body_file, flush=True); time.sleep(600)",
+            str(tmp_path / "jobs"),
+            str(tmp_path),
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+        env=os.environ | {"PYTHONPATH": f"{REPO / 'tests'}{os.pathsep}{REPO}"},
+    )
+    body_file = parent.stdout.readline().strip()
+    for rank in (0, 1):
+        wait_for(tmp_path / f"ready-{rank}")
+    parent.send_signal(signal.SIGKILL)
+    parent.wait()
+    for rank in (0, 1):
+        wait_for(tmp_path / f"saved-{rank}", timeout_s=10)
+    deadline = time.time() + 10
+    while processes_running(body_file) and time.time() < deadline:
+        time.sleep(0.1)
+    assert [(tmp_path / f"saved-{rank}").read_text() for rank in (0, 1)] == ["stop", "stop"]
+    assert processes_running(body_file) == []
 
 
 def test_submitits_private_script_renderer_still_works(tmp_path, tiny_assets):

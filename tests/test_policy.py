@@ -17,7 +17,7 @@ from launcher.executors import requeue
 from launcher.models import planned_steps
 from launcher.recipe import load_recipe, minutes
 from launcher.render import render_run
-from launcher.runs import Manifest, RunDir, State, exclusive, reconcile
+from launcher.runs import Manifest, RunDir, State, exclusive, in_use, process_start, reconcile, this_process
 
 
 @pytest.fixture
@@ -153,17 +153,42 @@ def test_concurrent_manifest_updates_lose_nothing(run):
     assert run.manifest().requeues == 100
 
 
+def dead_process() -> dict:
+    """The owner record of a process of this host that has ended."""
+    import subprocess
+
+    child = subprocess.Popen(["true"])
+    owner = this_process("launch recipe.toml") | {"pid": child.pid, "start": process_start(child.pid)}
+    child.wait()
+    return owner
+
+
 def test_a_lock_left_by_a_killed_holder_is_taken_over(tmp_path):
     lock = tmp_path / ".lock"
-    lock.write_text("n9 4242 0")  # a holder that died inside its block
+    lock.write_text("n9 4242 0")  # another host's holder, by an older launcher, that died inside its block
     os.utime(lock, (time.time() - 600, time.time() - 600))
     with exclusive(lock, stale_after_s=60):
-        assert lock.read_text().split()[1] == str(os.getpid())
+        assert json.loads(lock.read_text())["pid"] == os.getpid()
     assert not lock.exists()
-    lock.write_text("n9 4243 0")  # fresh: someone holds it now
+    lock.write_text(json.dumps(dead_process()))  # fresh, but its holder ran here and is gone: taken at once
+    with exclusive(lock, stale_after_s=60, timeout_s=5):
+        assert json.loads(lock.read_text())["pid"] == os.getpid()
+    lock.write_text(json.dumps(this_process() | {"host": "n9"}))  # fresh, held on another host
     with pytest.raises(TimeoutError, match="held for more than"):
         with exclusive(lock, stale_after_s=60, timeout_s=0.3):
             pass
+
+
+def test_a_run_dir_in_use_is_refused_at_once_naming_its_user(tmp_path, capsys):
+    with in_use(tmp_path, "launch a.toml"):
+        with pytest.raises(UserError, match=rf"is in use by `launch a.toml` \(pid {os.getpid()} on "):
+            with in_use(tmp_path, "launch merge"):
+                pass
+    (tmp_path / ".in-use").write_text(json.dumps(dead_process()))  # its launch was killed
+    with in_use(tmp_path, "launch b.toml"):
+        assert json.loads((tmp_path / ".in-use").read_text())["command"] == "launch b.toml"
+    assert "which ended; taken over" in capsys.readouterr().out
+    assert not (tmp_path / ".in-use").exists()
 
 
 def test_an_unknown_manifest_key_or_state_is_refused(run):

@@ -23,11 +23,9 @@ STEPS = 24
 
 
 def last_row_per_step(run: RunDir) -> dict[int, dict]:
-    rows = {}
-    for line in run.metrics_log.read_text().splitlines():
-        row = json.loads(line)
-        rows[row["step"]] = row
-    return rows
+    rows = run.metrics.rows()
+    assert [r["step"] for r in rows] == list(range(1, STEPS + 1))  # one row per step, whatever was redone
+    return {row["step"]: row for row in rows}
 
 
 def batches(run: RunDir, rank: int, attempt: int | None = None) -> list[list[int]]:
@@ -94,7 +92,7 @@ def test_sigkill_of_one_rank_then_relaunch_equals_an_uninterrupted_run(tmp_path,
     assert resumed >= 12 and resumed % 4 == 0
 
     want, got = last_row_per_step(straight), last_row_per_step(run)
-    assert sorted(got) == list(range(1, STEPS + 1))
+    assert len(run.metrics.written()) > STEPS  # the steps after the checkpoint were written twice
     assert max(abs(want[s]["loss"] - got[s]["loss"]) for s in want) == 0.0
     assert {got[s]["attempt"] for s in got if s > resumed} == {2}
     for rank in (0, 1):

@@ -10,6 +10,7 @@ them. Executors never import a stage: the caller hands them the body.
 from __future__ import annotations
 
 import os
+import signal
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -19,6 +20,9 @@ from launcher.runs import JobRecord
 
 # Job states, in SLURM's words; every executor answers with these.
 PENDING, RUNNING, COMPLETED, FAILED, CANCELLED, UNKNOWN = ("PENDING", "RUNNING", "COMPLETED", "FAILED", "CANCELLED", "UNKNOWN")
+# The signal SLURM sends before a time limit (submitit's --signal=USR2@lead): a training rank saves a
+# checkpoint at its next step and ends. The local executor sends it to stop a job the same way.
+STOP_SIGNAL = signal.SIGUSR2
 TERMINAL_STATES = frozenset(
     {COMPLETED, FAILED, CANCELLED, "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE", "PREEMPTED", UNKNOWN}
 )
@@ -64,6 +68,11 @@ class Job(ABC):
     @abstractmethod
     def cancel(self) -> None:
         """End the job (or take it out of the queue) and whatever waits on it."""
+
+    def stop(self, grace_s: float) -> None:
+        """Ask the job to save and end, as before a time limit; cancel it if it has not ended in grace_s.
+        Executors that cannot ask simply cancel."""
+        self.cancel()
 
     @abstractmethod
     def log(self, task: int = 0) -> Path:

@@ -5,6 +5,12 @@ set (as torchrun would), its output in FOLDER/ID_TASK.log. A job that waits for 
 when its follower (the `launch` process) sees that one complete. When one task fails, the others
 get a few seconds to end on their own (and write their errors), then the group is stopped: a rank
 left waiting in a collective would otherwise sit there for 30 minutes.
+
+The tasks never outlive the process that started them: each watches its parent, and when the
+parent is gone (killed, even with SIGKILL) it gets the stop signal (training saves a checkpoint
+at its next step) and ends for good ORPHAN_GRACE_S later. A job known only from its record is
+found by its processes' command line (which names the job's unique body file), never by a
+process or group id alone: ids are reused.
 """
 
 from __future__ import annotations
@@ -15,7 +21,9 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
+from contextlib import suppress
 from pathlib import Path
 
 from launcher.executors.base import (
@@ -24,6 +32,7 @@ from launcher.executors.base import (
     FAILED,
     PENDING,
     RUNNING,
+    STOP_SIGNAL,
     TASK_ENVIRONMENT,
     TERMINAL_STATES,
     UNKNOWN,
@@ -35,6 +44,9 @@ from launcher.executors.base import (
 from launcher.runs import JobRecord, now
 
 GRACE_S = 5.0  # after a task failed, before the others are stopped
+TERM_GRACE_S = 10.0  # after SIGTERM, before SIGKILL
+ORPHAN_GRACE_S = 60.0  # a task whose parent is gone: time to save a checkpoint before it ends regardless
+PARENT_VARIABLE = "LAUNCHER_PARENT_PID"
 
 
 def free_port() -> int:
@@ -63,15 +75,11 @@ class LocalJob(Job):
         self.final: str | None = None
         self.failed_at: float | None = None
 
-    body_file = property(lambda self: self.folder / f"{self.id}.pkl")
-    group_file = property(lambda self: self.folder / f"{self.id}.pgid")
+    body_file = property(lambda self: self.folder.resolve() / f"{self.id}.pkl")  # absolute: it identifies the tasks
     cancel_file = property(lambda self: self.folder / f"{self.id}.cancelled")
 
     def log(self, task: int = 0) -> Path:
         return self.folder / f"{self.id}_{task}.log"
-
-    def group(self) -> int | None:
-        return int(self.group_file.read_text()) if self.group_file.exists() else None
 
     def state(self) -> str:
         if self.final:
@@ -82,16 +90,15 @@ class LocalJob(Job):
         if all(code == 0 for code in codes):
             self.final = COMPLETED
         elif all(code is not None for code in codes):
-            self.final = FAILED
+            self.final = CANCELLED if self.cancel_file.exists() else FAILED
         elif self.all_or_nothing and any(code not in (None, 0) for code in codes):
             self._stop_the_rest()
         return self.final or RUNNING
 
     def _before_start(self) -> str:
         """Known only from a manifest record (another process started it), or waiting to start."""
-        if not self.owned:  # known from a record: ask the process group
-            group = self.group()
-            return RUNNING if group and alive(group) else (CANCELLED if self.cancel_file.exists() else UNKNOWN)
+        if not self.owned:  # known from a record: look for its processes
+            return RUNNING if self.members() else (CANCELLED if self.cancel_file.exists() else UNKNOWN)
         if self.cancel_file.exists():
             self.final = CANCELLED
             return self.final
@@ -103,6 +110,10 @@ class LocalJob(Job):
             self.final = CANCELLED  # as SLURM's kill_on_invalid_dep does
             return self.final
         return PENDING
+
+    def members(self) -> list[int]:
+        """Process ids of this job's tasks still running: their command line names its body file."""
+        return processes_running(str(self.body_file))
 
     def _start(self) -> None:
         environment = (
@@ -126,47 +137,71 @@ class LocalJob(Job):
                         stdout=log,
                         stderr=subprocess.STDOUT,
                         **group,
-                        env=environment | {"RANK": str(task), "LOCAL_RANK": str(task)},
+                        env=environment | {"RANK": str(task), "LOCAL_RANK": str(task), PARENT_VARIABLE: str(os.getpid())},
                     )
                 )
-        self.group_file.write_text(str(self.processes[0].pid))
 
     def _stop_the_rest(self) -> None:
         self.failed_at = self.failed_at or time.time()
         waited = time.time() - self.failed_at
         if waited > GRACE_S:
-            signal_group(self.processes[0].pid, signal.SIGTERM if waited < GRACE_S + 10 else signal.SIGKILL)
+            self._signal(signal.SIGTERM if waited < GRACE_S + TERM_GRACE_S else signal.SIGKILL)
 
     def cancel(self) -> None:
+        """End the tasks now (SIGTERM, SIGKILL after TERM_GRACE_S); a waiting job never starts."""
         self.cancel_file.write_text(now())
-        group = self.processes[0].pid if self.processes else self.group()
-        if group:
-            signal_group(group, signal.SIGTERM)
-        if self.processes:
-            for process in self.processes:
-                process.wait()
+        self._signal(signal.SIGTERM)
+        if not self._wait(TERM_GRACE_S):
+            self._signal(signal.SIGKILL)
+            self._wait(TERM_GRACE_S)
+        if self.owned:
             self.final = CANCELLED
 
-    def describe(self) -> str:
-        return (
-            f"local process group {self.group() or '-'} {'running' if self.active() else 'ended'}, "
-            f"started {self.record.submitted}"
-        )
+    def stop(self, grace_s: float) -> None:
+        """Ask the tasks to save and end (the stop signal, as SLURM sends before a time limit); those
+        still running after grace_s are cancelled."""
+        if self.processes is None and self.owned:
+            self.cancel()  # still waiting for its predecessor: it never starts
+            return
+        self._signal(STOP_SIGNAL)
+        if not self._wait(grace_s):
+            self.cancel()
 
+    def _signal(self, number: int) -> None:
+        pids = [p.pid for p in self.processes if p.poll() is None] if self.processes else self.members()
+        for pid in pids:
+            with suppress(ProcessLookupError):
+                os.kill(pid, number)
 
-def alive(group: int) -> bool:
-    try:
-        os.killpg(group, 0)
-    except (ProcessLookupError, PermissionError):
+    def _wait(self, timeout_s: float) -> bool:
+        """True once no task of the job runs (within timeout_s)."""
+        deadline = time.time() + timeout_s
+        while time.time() < deadline:
+            running = [p for p in self.processes if p.poll() is None] if self.processes else self.members()
+            if not running:
+                return True
+            time.sleep(0.1)
         return False
-    return True
+
+    def describe(self) -> str:
+        running = self.members()
+        where = f"running (pids {' '.join(map(str, running))})" if running else "ended"
+        return f"local job {self.id} {where}, started {self.record.submitted}"
 
 
-def signal_group(group: int, number: int) -> None:
-    try:
-        os.killpg(group, number)
-    except ProcessLookupError:
-        pass  # already gone
+def processes_running(marker: str) -> list[int]:
+    """Live processes whose command line holds `marker` as one of its arguments (zombies have none)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            arguments = (entry / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue  # gone meanwhile, or not ours to read
+        if marker.encode() in arguments:
+            found.append(int(entry.name))
+    return found
 
 
 class LocalExecutor(Executor):
@@ -197,10 +232,27 @@ class LocalExecutor(Executor):
         return LocalJob(record, self.folder)
 
 
+def watch_parent(parent: int) -> None:
+    """When `parent` (the process that started this task) is gone, send this process the stop signal
+    (training saves at its next step and ends), and end it for good ORPHAN_GRACE_S later."""
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(0.5)
+        print(f"the process that started this task ({parent}) is gone: stopping", file=sys.stderr, flush=True)
+        os.kill(os.getpid(), STOP_SIGNAL)
+        time.sleep(ORPHAN_GRACE_S)
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    threading.Thread(target=watch, name="parent-watch", daemon=True).start()
+
+
 def run_task(body_file: str) -> int:
     """One task: unpickle the body and call it; a user error is one line and exit code 2."""
     from launcher.errors import UserError
 
+    if os.environ.get(PARENT_VARIABLE):
+        watch_parent(int(os.environ[PARENT_VARIABLE]))
     body = pickle.loads(Path(body_file).read_bytes())
     try:
         result = body()

@@ -1,0 +1,164 @@
+"""The faults a user meets, each on a real run (2 ranks, ZeRO-2 on CPU): whatever ends `launch`,
+no process of the run is left behind and the relaunch resumes with the losses of an uninterrupted
+run; a cancelled run stays cancelled; a relaunch after the last checkpoint trains no extra step;
+a second launch into a busy run dir is refused at once."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from conftest import REPO, run_launch, tiny_recipe_text, write_recipe
+from safetensors.torch import load_file
+
+from launcher.runs import RunDir
+
+pytestmark = pytest.mark.e2e  # real processes end to end: the full tier
+
+STEPS = 12
+
+
+def args_for(recipe: Path, run_dir: Path) -> list:
+    sets = [f"train.max_steps={STEPS}", "train.save_steps=4", "merge.enabled=false", "eval.enabled=false"]
+    return [recipe, "--run-dir", run_dir, "--executor", "local"] + [x for s in sets for x in ("--set", s)]
+
+
+@pytest.fixture(scope="module")
+def straight(tmp_path_factory, tiny_assets):
+    folder = tmp_path_factory.mktemp("faults")
+    recipe = write_recipe(folder, tiny_recipe_text(tiny_assets))
+    result = run_launch(*args_for(recipe, folder / "straight"))
+    assert result.returncode == 0, result.stdout + result.stderr
+    return recipe, RunDir(folder / "straight")
+
+
+def start_launch(recipe: Path, run_dir: Path, extra: list[str] = ()) -> subprocess.Popen:
+    """`launch` in a session of its own (as from a terminal: its own process group)."""
+    return subprocess.Popen(
+        [sys.executable, "-m", "launcher.cli", *map(str, args_for(recipe, run_dir)), *extra],
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
+
+
+def wait_for_rows(run: RunDir, count: int, timeout_s: float = 240) -> None:
+    deadline = time.time() + timeout_s
+    while len(run.metrics.written()) < count:
+        assert time.time() < deadline, f"{run.metrics_log}: fewer than {count} rows after {timeout_s} s"
+        time.sleep(0.1)
+
+
+def processes_of(run: RunDir) -> list[str]:
+    """Command lines of live processes that belong to the run (they name a file inside it)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        try:
+            line = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+        except (OSError, NotADirectoryError):
+            continue
+        if str(run.root.resolve()) in line and entry.name != str(os.getpid()):
+            found.append(f"{entry.name}: {line}")
+    return found
+
+
+def losses(run: RunDir) -> dict[int, float]:
+    rows = run.metrics.rows()
+    assert [r["step"] for r in rows] == list(range(1, STEPS + 1)), "one row per step, after any number of resumes"
+    return {r["step"]: r["loss"] for r in rows}
+
+
+WAYS = {
+    "ctrl-c": lambda p: os.kill(p.pid, signal.SIGINT),
+    "sigterm": lambda p: os.kill(p.pid, signal.SIGTERM),
+    "hang-up": lambda p: os.kill(p.pid, signal.SIGHUP),
+    "sigterm-group": lambda p: os.killpg(p.pid, signal.SIGTERM),
+    "sigkill": lambda p: os.kill(p.pid, signal.SIGKILL),
+    "sigkill-group": lambda p: os.killpg(p.pid, signal.SIGKILL),
+}
+
+
+@pytest.mark.parametrize("way", WAYS)
+def test_whatever_ends_launch_no_rank_is_left_and_the_relaunch_resumes_exactly(straight, way):
+    recipe, uninterrupted = straight
+    run = RunDir(uninterrupted.root.with_name(f"ended-by-{way}"))
+    launch = start_launch(recipe, run.root)
+    wait_for_rows(run, 5)
+    WAYS[way](launch)
+    output, _ = launch.communicate(timeout=180)
+    deadline = time.time() + 10
+    while processes_of(run) and time.time() < deadline:
+        time.sleep(0.2)
+    assert processes_of(run) == [], output
+    if way.startswith("sigkill"):  # no handler ran in launch: the ranks saw their parent go, saved and ended
+        assert json.loads(run.manifest_path.read_text())["state"] == "preempted"
+    else:
+        assert "stopped; newest complete checkpoint: checkpoint-" in output, output
+        assert json.loads(run.manifest_path.read_text())["state"] == "stopped"
+    assert "Traceback" not in output
+
+    again = run_launch(*args_for(recipe, run.root))
+    assert again.returncode == 0, again.stdout + again.stderr
+    want, got = losses(uninterrupted), losses(run)
+    assert max(abs(want[s] - got[s]) for s in want) == 0.0
+    assert len(run.metrics.written()) == STEPS  # the ranks saved at the step they were at: no step redone
+
+
+def test_cancel_ends_the_run_which_stays_cancelled_and_resumes(straight):
+    recipe, uninterrupted = straight
+    run = RunDir(uninterrupted.root.with_name("cancelled"))
+    launch = start_launch(recipe, run.root)
+    wait_for_rows(run, 5)
+    cancelled = run_launch("cancel", run.root)
+    assert cancelled.returncode == 0, cancelled.stderr
+    output, _ = launch.communicate(timeout=60)
+    assert launch.returncode == 1 and "was cancelled" in output and "Traceback" not in output, output
+    assert json.loads(run.manifest_path.read_text())["state"] == "cancelled"
+    assert processes_of(run) == []
+    again = run_launch(*args_for(recipe, run.root))
+    assert again.returncode == 0 and "Traceback" not in again.stdout + again.stderr, again.stdout + again.stderr
+    want, got = losses(uninterrupted), losses(run)
+    assert max(abs(want[s] - got[s]) for s in want) == 0.0
+
+
+def test_a_relaunch_after_the_last_checkpoint_trains_no_extra_step(straight, tmp_path):
+    """Killed after the last checkpoint but before the final adapter was published: the relaunch
+    publishes the adapter of the plan's last step, equal to the uninterrupted run's."""
+    recipe, uninterrupted = straight
+    run = RunDir(tmp_path / "killed-before-publish")
+    shutil.copytree(uninterrupted.root, run.root, ignore=shutil.ignore_patterns("adapter", "local"))
+    again = run_launch(*args_for(recipe, run.root))
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert "nothing left to train" in run.rank_log(0).read_text()
+    assert [r["step"] for r in run.metrics.written()] == list(range(1, STEPS + 1))  # no step 13
+    want = load_file(str(uninterrupted.adapter / "adapter_model.safetensors"))
+    got = load_file(str(run.adapter / "adapter_model.safetensors"))
+    assert want.keys() == got.keys() and all((want[k] == got[k]).all() for k in want)
+
+
+def test_a_second_launch_into_a_busy_run_dir_is_refused_and_the_first_is_unharmed(straight):
+    recipe, uninterrupted = straight
+    run = RunDir(uninterrupted.root.with_name("busy"))
+    first = start_launch(recipe, run.root, ["--set", "train.max_steps=2000"])  # long enough to be busy throughout
+    wait_for_rows(run, 2)
+    for command in (args_for(recipe, run.root), ["merge", run.root]):
+        second = run_launch(*command)
+        assert second.returncode == 2, second.stdout + second.stderr
+        assert "is in use by `launch" in second.stderr and f"(pid {first.pid} " in second.stderr, second.stderr
+        assert second.stderr.count("\n") == 1 and "Traceback" not in second.stderr
+    assert first.poll() is None and json.loads(run.manifest_path.read_text())["state"] == "training"
+    written = len(run.metrics.written())
+    wait_for_rows(run, written + 2)  # the first run trains on
+    os.kill(first.pid, signal.SIGINT)
+    output, _ = first.communicate(timeout=120)
+    rows = run.metrics.written()
+    assert [r["step"] for r in rows] == list(range(1, len(rows) + 1)) and {r["attempt"] for r in rows} == {1}, output
