@@ -18,7 +18,7 @@ import os
 import signal
 import sys
 import time
-from contextlib import suppress
+from contextlib import ExitStack, suppress
 from pathlib import Path
 
 from rich.console import Console
@@ -405,15 +405,37 @@ def command_eval(args: argparse.Namespace, console: Console) -> int:
     missing = [run.root for run in runs if not run.adapter.exists() and recipe.eval.checkpoints == "final"]
     if missing:
         raise UserError([f"{missing[0]}: no final adapter yet; finish training, or pass --checkpoints all"])
-    out = args.out or (runs[0].eval if runs else adapters[0].with_name(adapters[0].name + "-eval"))
     systems = systems_of(runs, adapters, recipe.eval.checkpoints, base=not args.no_base)
     quiet_libraries_for(recipe)
-    plan_evaluation(recipe, systems, out, data=args.data, overwrite=args.overwrite, runs=runs)
-    console.print(f"evaluating {', '.join(s.name for s in systems)} into {out}", highlight=False)
-    result = run_evaluation(recipe, out, args.executor, console)
+    with ExitStack() as held:
+        out = args.out or eval_folder(runs, adapters, held, console)
+        plan_evaluation(recipe, systems, out, data=args.data, overwrite=args.overwrite, runs=runs)
+        console.print(f"evaluating {', '.join(s.name for s in systems)} into {out}", highlight=False)
+        result = run_evaluation(recipe, out, args.executor, console)
     console.print(metrics_table(result))
     console.print(f"report: {out / 'report.html'} (and report.md)", highlight=False)
     return 0
+
+
+def eval_folder(runs: list, adapters: list[Path], held: ExitStack, console: Console) -> Path:
+    """Where `launch eval` writes without --out. RUN/eval belongs to the run's final evaluation: it
+    is used (and the run held meanwhile) only when the run is trained and no command or job works
+    in it; otherwise the evaluation goes to a folder of its own, RUN/eval-<time>."""
+    from launcher.pipeline import run_dir_in_use
+    from launcher.runs import unused_name
+
+    if not runs:
+        return adapters[0].with_name(adapters[0].name + "-eval")
+    run = runs[0]
+    if run.adapter.exists():
+        try:
+            held.enter_context(run_dir_in_use(run.root, "launch " + " ".join(sys.argv[1:]), create=False))
+            return run.eval
+        except UserError as busy:
+            console.print(f"{busy.lines[0]}", highlight=False)
+    own = unused_name(run.root / f"eval-{time.strftime('%Y%m%dT%H%M%S')}")
+    console.print(f"the run's final evaluation (eval/) stays its own: this one goes to {own}", highlight=False)
+    return own
 
 
 def eval_targets(targets: list[Path], recipe: Path | None):
@@ -439,11 +461,20 @@ def eval_targets(targets: list[Path], recipe: Path | None):
 def command_status(args: argparse.Namespace, console: Console) -> int:
     from launcher.runs import RunDir
 
-    roots = [args.run_dir] if args.run_dir else sorted(p.parent for p in Path("runs").glob("*/manifest.json"))
+    if args.run_dir:
+        console.print(describe_run(RunDir(args.run_dir)), highlight=False)
+        return 0
+    roots = sorted(p.parent for p in Path("runs").glob("*/manifest.json"))
     if not roots:
         console.print("no runs under runs/")
+    unreadable = []
     for root in roots:
-        console.print(describe_run(RunDir(root)), highlight=False)
+        try:
+            console.print(describe_run(RunDir(root)), highlight=False)
+        except UserError as err:  # one broken run dir does not hide the others
+            unreadable += err.lines
+    if unreadable:
+        raise UserError(unreadable)
     return 0
 
 

@@ -9,7 +9,7 @@ from launcher import methods
 from launcher.errors import UserError
 from launcher.merge import validate_adapter
 from launcher.recipe import Recipe
-from launcher.runs import publish, staging_for
+from launcher.runs import check_replaceable, publish, staging_for
 
 # cat and svd are exact (cat: rank = the sum of ranks); linear, ties and dare_* approximate.
 METHODS = ("linear", "cat", "svd", "ties", "ties_svd", "dare_linear", "dare_ties", "magnitude_prune")
@@ -55,8 +55,7 @@ def combine_adapters(
     check_combination(adapters, weights, method, density)
     for adapter in adapters:
         validate_adapter(adapter)
-    if out.exists() and not overwrite:
-        raise UserError(f"{out}: exists; pass --overwrite to replace it, or another --out")
+    check_replaceable(out, overwrite)
     model = PeftModel.from_pretrained(load_base_model(recipe), str(adapters[0]), adapter_name="a0")
     for number, adapter in enumerate(adapters[1:], start=1):
         model.load_adapter(str(adapter), adapter_name=f"a{number}")
@@ -83,4 +82,4 @@ def combine_adapters(
         + "\n"
     )
     validate_adapter(staging)
-    return publish(staging, out, replace=overwrite)
+    return publish(staging, out, replace=overwrite, kind="combined adapter")

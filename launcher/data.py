@@ -38,34 +38,45 @@ class BadRow(Exception):
 
 def read_rows(source: str, data: DataSection) -> list[tuple[str, Any]]:
     """(where, row) pairs: `where` names the file and line (or row) for error messages.
-    A row that is not valid JSON comes back as a BadRow in place of the row."""
+    A row that is not valid JSON comes back as a BadRow in place of the row. A file that cannot be
+    read at all (not UTF-8, not CSV, not parquet, empty) is one line naming it."""
     path = Path(source)
     if not path.exists():
         return _hub_rows(source, data)
+    if path.suffix not in (".json", ".jsonl", ".csv", ".parquet"):
+        raise UserError([f"{path}: unsupported file type {path.suffix!r}; use .json, .jsonl, .csv or .parquet"])
+    try:
+        return _file_rows(path)
+    except UnicodeDecodeError as err:
+        raise UserError([f"{path}: not UTF-8 text (byte {err.start}); save it as UTF-8"]) from None
+    except (ValueError, OSError) as err:  # pandas' and pyarrow's parse errors are ValueErrors
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
+        raise UserError([f"{path}: cannot be read as {path.suffix[1:]} ({first})"]) from None
+
+
+def _file_rows(path: Path) -> list[tuple[str, Any]]:
     if path.suffix == ".jsonl":
         return _jsonl_rows(path)
     if path.suffix == ".json":
         try:
-            rows = json.loads(path.read_text(encoding="utf-8"))
+            rows = json.loads(path.read_text(encoding="utf-8-sig"))  # -sig: a leading BOM is read, not kept
         except json.JSONDecodeError as err:
             raise UserError([f"{path}:{err.lineno}: invalid JSON: {err.msg}"]) from None
         if not isinstance(rows, list):
             raise UserError([f"{path}: expected a JSON list of objects (or use a .jsonl file)"])
         return [(f"{path}: item {i + 1}", row) for i, row in enumerate(rows)]
-    if path.suffix in (".csv", ".parquet"):
-        import pandas
+    import pandas
 
-        if path.suffix == ".csv":
-            frame = pandas.read_csv(path, dtype=str, keep_default_na=False)
-            return [(f"{path}:{i + 2}", row) for i, row in enumerate(frame.to_dict("records"))]
-        frame = pandas.read_parquet(path)
-        return [(f"{path}: row {i + 1}", row) for i, row in enumerate(frame.to_dict("records"))]
-    raise UserError([f"{path}: unsupported file type {path.suffix!r}; use .json, .jsonl, .csv or .parquet"])
+    if path.suffix == ".csv":
+        frame = pandas.read_csv(path, dtype=str, keep_default_na=False, encoding="utf-8-sig")
+        return [(f"{path}:{i + 2}", row) for i, row in enumerate(frame.to_dict("records"))]
+    frame = pandas.read_parquet(path)
+    return [(f"{path}: row {i + 1}", row) for i, row in enumerate(frame.to_dict("records"))]
 
 
 def _jsonl_rows(path: Path) -> list[tuple[str, Any]]:
     rows = []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+    for number, line in enumerate(path.read_text(encoding="utf-8-sig").splitlines(), start=1):
         if not line.strip():
             continue
         try:
@@ -97,8 +108,8 @@ def _text(row: dict, column: str, data: DataSection, key: str, required: bool = 
     value = row.get(column)
     if value is None or (isinstance(value, float) and value != value):  # missing, or NaN from pandas
         value = ""
-    if not isinstance(value, str):
-        value = str(value)
+    if not isinstance(value, str):  # a number, list or object where text belongs: not trained on as its repr
+        raise BadRow(f"column {column!r} holds {type(value).__name__} {json.dumps(value, default=str)[:40]}, not text")
     if required and not value.strip():
         raise BadRow(f"column {column!r} is missing or empty (set data.{key} if it has another name)")
     return value

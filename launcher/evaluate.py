@@ -15,7 +15,6 @@ import hashlib
 import json
 import math
 import os
-import shutil
 import time
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass
@@ -24,7 +23,16 @@ from pathlib import Path
 from launcher.data import Example, tokenize
 from launcher.errors import UserError
 from launcher.recipe import Recipe, validate_recipe
-from launcher.runs import RunDir, accelerator_peak_mib, exclusive, peak_rss_mib, write_atomic
+from launcher.runs import (
+    RunDir,
+    accelerator_peak_mib,
+    exclusive,
+    made_by_launcher,
+    mark_output,
+    peak_rss_mib,
+    set_aside,
+    write_atomic,
+)
 
 PLAN, EXAMPLES = "plan.json", "examples.jsonl"
 DECODING_KEYS = ("max_new_tokens", "do_sample", "temperature", "top_p", "seed", "batch_size")
@@ -75,11 +83,19 @@ def eval_examples(recipe: Recipe, data: str | None) -> list[Example]:
 
 
 def plan_evaluation(
-    recipe: Recipe, systems: list[System], out: Path, data: str | None = None, overwrite: bool = False, runs: list[RunDir] = ()
+    recipe: Recipe,
+    systems: list[System],
+    out: Path,
+    data: str | None = None,
+    overwrite: bool = False,
+    runs: list[RunDir] = (),
+    set_aside_other: bool = False,
 ) -> dict:
     """Write plan.json and examples.jsonl into `out`, or find the same plan there (a resume).
 
-    A finished or different evaluation in `out` is never replaced without overwrite=True."""
+    A finished or different evaluation in `out` is replaced only with overwrite=True (or, for the
+    run's own final evaluation, set_aside_other=True when it is a different one), and then moved
+    aside, never deleted; a folder the launcher did not write is never used."""
     examples = eval_examples(recipe, data)
     lines = [json.dumps(asdict(e), ensure_ascii=False) for e in examples]
     plan = {
@@ -93,20 +109,25 @@ def plan_evaluation(
         "runs": [str(run.root.resolve()) for run in runs],  # their training curves go in the report
     }
     old = read_plan(out)
-    if old is not None and not overwrite:
-        if {k: v for k, v in old.items() if k != "recipe"} == {k: v for k, v in plan.items() if k != "recipe"}:
-            return old  # the same evaluation: resume its unfinished shards
+    same = old is not None and {k: v for k, v in old.items() if k != "recipe"} == {k: v for k, v in plan.items() if k != "recipe"}
+    if same and not overwrite:
+        return old  # the same evaluation: resume its unfinished shards
+    if old is not None and not (overwrite or set_aside_other):
         raise UserError(
             f"{out}: holds another evaluation ({describe_difference(old, plan)}); "
-            f"pass --out DIR for a new one, or --overwrite to replace it"
+            f"pass --out DIR for a new one, or --overwrite to replace it (the old one is kept, renamed)"
         )
-    if out.exists() and (overwrite or any(out.iterdir())):
-        if not overwrite:
-            raise UserError(f"{out}: exists and is not an evaluation folder; pass --out DIR or --overwrite")
-        shutil.rmtree(out)  # asked for with --overwrite
+    if out.exists() and any(out.iterdir()):
+        if not made_by_launcher(out):
+            raise UserError(
+                f"{out}: exists and is not an evaluation folder of the launcher; it is never replaced: pass --out DIR"
+            )
+        if old is not None:
+            set_aside(out)  # a finished or different evaluation: kept, renamed
     out.mkdir(parents=True, exist_ok=True)
+    mark_output(out, "evaluation")
     write_atomic(out / EXAMPLES, "\n".join(lines) + "\n")
-    write_atomic(out / PLAN, json.dumps(plan, indent=2, ensure_ascii=False) + "\n")
+    write_atomic(out / PLAN, json.dumps(plan, indent=2, ensure_ascii=False) + "\n")  # last: the plan stands
     return plan
 
 

@@ -101,7 +101,9 @@ class EvalJob:
         validate_adapter(run.adapter)
         with exclusive(run.root / ".eval-plan.lock"):
             if not (run.eval / "metrics.json").exists():
-                plan_evaluation(recipe, systems_of([run], [], recipe.eval.checkpoints), run.eval, runs=[run])
+                # RUN/eval is this run's final evaluation: another one found there is kept, renamed
+                systems = systems_of([run], [], recipe.eval.checkpoints)
+                plan_evaluation(recipe, systems, run.eval, runs=[run], set_aside_other=True)
 
 
 def result_record(out: Path):

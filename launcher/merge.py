@@ -10,7 +10,7 @@ from pathlib import Path
 from launcher import methods
 from launcher.errors import UserError
 from launcher.recipe import Recipe
-from launcher.runs import RunDir, publish, stage_record, staging_for
+from launcher.runs import RunDir, check_replaceable, publish, stage_record, staging_for
 
 PROBE_FILE = "launcher-probe.safetensors"  # the trained model's logits on two examples (worker.trained_probe)
 
@@ -115,8 +115,7 @@ def merge_into_base(recipe: Recipe, adapter: Path, target: Path, overwrite: bool
     from launcher.streaming_merge import stream_merge
 
     validate_adapter(adapter)
-    if target.exists() and not overwrite:
-        raise UserError(f"{target}: exists; pass --overwrite to replace it")
+    check_replaceable(target, overwrite)
     staging = staging_for(target)
     staging.rmdir()  # stream_merge creates it
     try:
@@ -125,7 +124,7 @@ def merge_into_base(recipe: Recipe, adapter: Path, target: Path, overwrite: bool
     except UserError:
         shutil.rmtree(staging, ignore_errors=True)  # nothing of a refused merge stays behind
         raise
-    publish(staging, target, replace=overwrite)
+    publish(staging, target, replace=overwrite, kind="merged")
     return done
 
 
@@ -147,7 +146,7 @@ def consolidated_adapter(checkpoint: Path, rebuilt: Path) -> Path:
     save_file(tensors_from_zero_shards(checkpoint), str(staging / "adapter_model.safetensors"))
     shutil.copy(checkpoint / "adapter_config.json", staging / "adapter_config.json")
     validate_adapter(staging)
-    return publish(staging, rebuilt)
+    return publish(staging, rebuilt, kind="adapter rebuilt from ZeRO shards")
 
 
 def tensors_from_zero_shards(checkpoint: Path) -> dict:

@@ -86,7 +86,7 @@ def prepare(recipe: Recipe, run_dir: Path, console: Console, executor: Executor,
 
 def rewind(run: RunDir, checkpoint: Path, console: Console) -> None:
     """--resume PATH: resume from an older complete checkpoint; newer results are kept, renamed."""
-    from launcher.checkpoints import is_complete, rewind_to
+    from launcher.checkpoints import is_complete, rewind_to, step_of
     from launcher.runs import archive
 
     checkpoint = checkpoint.resolve()
@@ -97,7 +97,13 @@ def rewind(run: RunDir, checkpoint: Path, console: Console) -> None:
         )
     for moved in rewind_to(checkpoint):
         console.print(f"  newer checkpoint kept as {moved}", highlight=False)
-    archive(run, [run.adapter, run.merged, run.eval])  # they belong to the later history
+    later = [
+        path
+        for prefix in ("merged-checkpoint-", "adapter-checkpoint-")
+        for path in run.root.glob(f"{prefix}*")
+        if path.name.removeprefix(prefix).isdigit() and int(path.name.removeprefix(prefix)) > step_of(checkpoint)
+    ]
+    archive(run, [run.adapter, run.merged, run.eval, *later])  # they belong to the later history
 
 
 def stages_to_do(recipe: Recipe, run: RunDir) -> list[Stage]:

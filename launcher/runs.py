@@ -244,14 +244,51 @@ def staging_for(target: Path) -> Path:
     return staging
 
 
-def publish(staging: Path, target: Path, replace: bool = False) -> Path:
-    """Make a finished staging folder visible at `target` at once: fsync, then rename. An existing
-    target is replaced only when asked (--overwrite)."""
+OUTPUT_MARKER = ".launcher-output"
+"""In every folder the launcher publishes: --overwrite replaces only folders that hold it."""
+# Outputs of launchers from before the marker, recognised by a file only they write.
+LEGACY_OUTPUT_FILES = ("plan.json", "launcher-combined.json")
+
+
+def mark_output(folder: Path, kind: str) -> None:
+    write_atomic(Path(folder) / OUTPUT_MARKER, json.dumps({"kind": kind, "created": now()}) + "\n")
+
+
+def made_by_launcher(folder: Path) -> bool:
+    return any((Path(folder) / name).is_file() for name in (OUTPUT_MARKER, *LEGACY_OUTPUT_FILES))
+
+
+def check_replaceable(target: Path, replace: bool) -> None:
+    """Refuse early what publish would refuse: an existing target without --overwrite, or one the
+    launcher did not write (whatever the flag)."""
+    if not target.exists():
+        return
+    if not replace:
+        raise UserError(f"{target}: exists; pass --overwrite to replace it (the old one is kept, renamed), or another --out")
+    if not made_by_launcher(target):
+        raise UserError(
+            f"{target}: exists and was not written by the launcher (no {OUTPUT_MARKER}); it is never replaced: "
+            f"move it away or choose another --out"
+        )
+
+
+def set_aside(target: Path) -> Path:
+    """Rename an output that is being replaced to TARGET.replaced-<time> (kept, never deleted)."""
+    moved = unused_name(target.with_name(f"{target.name}.replaced-{time.strftime('%Y%m%dT%H%M%S')}"))
+    target.rename(moved)
+    print(f"{target}: replaced; the previous one is kept as {moved}")
+    return moved
+
+
+def publish(staging: Path, target: Path, replace: bool = False, kind: str = "output") -> Path:
+    """Make a finished staging folder visible at `target` at once: marked as the launcher's, fsync,
+    then rename. An existing target is replaced only when asked (--overwrite) and only when the
+    launcher wrote it; the old one is moved aside, not deleted."""
+    mark_output(staging, kind)
     fsync_tree(staging)
+    check_replaceable(target, replace)
     if target.exists():
-        if not replace:
-            raise UserError(f"{target}: exists; pass --overwrite to replace it")
-        shutil.rmtree(target)
+        set_aside(target)
     staging.rename(target)
     return target
 
@@ -416,11 +453,11 @@ def make_run_root(root: Path) -> None:
     cannot be written is one line."""
     if any(ord(c) < 32 or ord(c) == 127 for c in str(root)):
         raise UserError(f"--run-dir {str(root)!r}: contains a newline or control character; choose a plain path")
-    if root.exists() and not root.is_dir():
-        raise UserError(f"{root}: exists and is a file, not a folder; choose another --run-dir")
     try:
+        if root.exists() and not root.is_dir():
+            raise UserError(f"{root}: exists and is a file, not a folder; choose another --run-dir")
         root.mkdir(parents=True, exist_ok=True)
-    except OSError as err:
+    except OSError as err:  # a name too long, a read-only file system, no permission
         raise UserError(f"{root}: cannot create the run dir ({err.strerror}); choose another --run-dir") from None
 
 

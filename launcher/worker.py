@@ -16,6 +16,7 @@ import time
 import traceback
 from pathlib import Path
 
+from launcher.buildlocks import watch_build_locks
 from launcher.checkpoints import PlanComplete, checkpoint_guard, stop_flag
 from launcher.recipe import Recipe
 from launcher.rendezvous import check_in, smoke_all_reduce, topology_line, world_from_env
@@ -28,6 +29,7 @@ def main(argv: list[str] | None = None, last_stage: bool = False) -> int:
     run = RunDir(Path(argv[0]))
     rank = int(os.environ.get("RANK", "0"))
     redirect_output(run.rank_log(rank))
+    watching = watch_build_locks()  # DeepSpeed may build an op: a lock left by a killed build is said and cleared
     try:
         recipe = run.load_recipe()
         from launcher.models import quiet_libraries_for
@@ -50,6 +52,8 @@ def main(argv: list[str] | None = None, last_stage: bool = False) -> int:
         traceback.print_exc()
         sys.stderr.flush()
         return 1
+    finally:
+        watching.set()
     return 0
 
 

@@ -218,3 +218,31 @@ def test_a_manifest_of_the_previous_launcher_still_reads(run):
     run.manifest_path.write_text(json.dumps(recorded | {"state": "finished"}))
     with pytest.raises(UserError, match="manifest.json: state: Input should be"):
         run.manifest()
+
+
+def test_a_build_lock_left_by_a_killed_build_is_said_and_cleared(tmp_path, capsys):
+    """torch's FileBaton (which DeepSpeed's op builds wait on, with no timeout) held by a build that
+    was killed: the watcher removes it once its folder is idle, and the waiting process goes on."""
+    import threading
+
+    from torch.utils.file_baton import FileBaton
+
+    from launcher.buildlocks import check_build_locks, watch_build_locks
+
+    build = tmp_path / "deepspeed_shm_comm"
+    build.mkdir()
+    (build / "main.o").write_bytes(b"")
+    killed = FileBaton(str(build / "lock"))
+    assert killed.try_acquire()  # and never released
+    assert check_build_locks(tmp_path, stale_after_s=60) == []  # a live build is waited for, and said
+    assert "waiting for" in capsys.readouterr().out
+    old = time.time() - 120
+    for path in (build, build / "main.o", build / "lock"):
+        os.utime(path, (old, old))
+    done = watch_build_locks(tmp_path, stale_after_s=60, every_s=0.05)
+    waiter = threading.Thread(target=FileBaton(str(build / "lock"), wait_seconds=0.05).wait, daemon=True)
+    waiter.start()
+    waiter.join(timeout=10)
+    done.set()
+    assert not waiter.is_alive() and not (build / "lock").exists()
+    assert "left by an extension build that ended without finishing" in capsys.readouterr().out

@@ -22,7 +22,6 @@ from launcher.runs import RunDir
 # worker (mostly waiting on SLURM) while the other worker runs the rest of the suite.
 pytestmark = [pytest.mark.xdist_group("slurm"), pytest.mark.e2e]
 
-HOSTILE = {"partition": "x; touch pwned", "account": "$(touch pwned)", "qos": "`touch pwned`", "constraint": "a'b\"c $HOME"}
 HOSTILE_ENV = "$(touch pwned); `touch pwned` 'single' \"double\" $HOME \\"
 
 
@@ -154,28 +153,59 @@ def test_status_logs_and_cancel_on_a_running_job(dev_cluster, tmp_path, tiny_ass
     assert run_launch("cancel", run_dir).returncode == 2  # nothing left to cancel
 
 
-def test_sbatch_script_quotes_every_value(tmp_path, tiny_assets):
-    """Golden sbatch.sh with hostile values; then real bash runs it (with a recording `srun`
-    stand-in: this checks shell quoting, not SLURM) and nothing hostile executes."""
+# Each at the edge of what SLURM accepts for the key (lists, features with operators).
+EDGE = {"partition": "gpu-a.1,debug_2", "account": "lab_x.y", "qos": "normal,high", "constraint": "[a100|h100]&ib*2"}
+# sbatch splits #SBATCH lines with its own tokenizer: shell quoting cannot keep these on one option.
+HOSTILE_DIRECTIVES = [
+    "x; touch pwned",
+    "$(touch pwned)",
+    "a'b\"c $HOME",
+    "a\\'\"'\"'b'\"'\"' --comment=X #",
+    "a\\ --comment=X",
+    "gpu --comment=X",
+    "gpu\t--comment=X",
+]
+
+
+def sbatch_options(script: str) -> list[list[str]]:
+    """The options sbatch reads from each #SBATCH line: it splits the rest of the line on blanks,
+    honouring quotes and backslashes, and takes every word that starts with - as an option."""
+    return [shlex.split(line.removeprefix("#SBATCH")) for line in script.splitlines() if line.startswith("#SBATCH")]
+
+
+def test_every_sbatch_directive_is_one_option_and_hostile_values_never_get_there(tmp_path, tiny_assets):
+    """Golden sbatch.sh with values at the edge of what SLURM accepts; each #SBATCH line parses to
+    exactly one option. Values that would add an option are refused with their key; the
+    environment (script body, shell-quoted) is run by real bash with a recording `srun` stand-in,
+    and nothing hostile executes."""
     from test_render import GOLDEN, assert_matches_golden
 
+    from launcher.errors import UserError
     from launcher.executors.factory import make_executor
     from launcher.pipeline import stage_resources
 
-    slurm = "".join(f"{key} = {json.dumps(value)}\n" for key, value in HOSTILE.items())
+    slurm = "".join(f"{key} = {json.dumps(value)}\n" for key, value in EDGE.items())
     text = (
-        tiny_recipe_text(tiny_assets) + f'[slurm]\n{slurm}mem = "64G"\ntime = "00:10:00"\n'
+        tiny_recipe_text(tiny_assets, name="tiny.v2-a_b") + f'[slurm]\n{slurm}mem = "64G"\ntime = "00:10:00"\n'
         f"environment = {{ EVIL = {json.dumps(HOSTILE_ENV)} }}\n"
     )
     recipe = load_recipe(write_recipe(tmp_path, text), ["distributed.nodes=2"])
-    run = RunDir(tmp_path / "run $(touch pwned) `x`")
+    run = RunDir(tmp_path / "run+@,=:x")
     script = make_executor("slurm", recipe, run.logs).submission_script(stage_resources(recipe, "train", run))
-    shown = script.replace(str(run.root.resolve()), "{RUN_DIR}").replace(shlex.quote(str(run.root.resolve())), "{RUN_DIR}")
-    assert_matches_golden(shown.replace(sys.executable, "{PYTHON}"), GOLDEN / "sbatch.sh")
+    assert_matches_golden(
+        script.replace(str(run.root.resolve()), "{RUN_DIR}").replace(sys.executable, "{PYTHON}"), GOLDEN / "sbatch.sh"
+    )
+    options = sbatch_options(script)
+    assert all(len(words) == 1 and words[0].startswith("--") for words in options), options
+    for key, value in EDGE.items():
+        assert [f"--{key}={value}"] in options
+    assert [f"--job-name={recipe.name}"] in options
 
-    for key, value in HOSTILE.items():  # what sbatch reads back from each #SBATCH line
-        line = next(row for row in script.splitlines() if row.startswith(f"#SBATCH --{key}="))
-        assert shlex.split(line.split("=", 1)[1]) == [value]
+    for key in EDGE:
+        for value in HOSTILE_DIRECTIVES:
+            with pytest.raises(UserError, match=rf"slurm(\.|: ){key}: .*(as SLURM accepts on an #SBATCH line|control character)"):
+                load_recipe(write_recipe(tmp_path, tiny_recipe_text(tiny_assets)), [f"slurm.{key}={json.dumps(value)}"])
+
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
     (bin_dir / "srun").write_text('#!/bin/bash\nprintf "%s\\n" "$EVIL" > "$RECORD"\nprintf "%s\\n" "$@" >> "$RECORD"\n')
@@ -188,6 +218,16 @@ def test_sbatch_script_quotes_every_value(tmp_path, tiny_assets):
     assert recorded[0] == HOSTILE_ENV
     assert recorded[-1] == str((run.root / "logs" / "slurm").resolve())
     assert not list(work.iterdir()) and not (tmp_path / "pwned").exists()
+
+
+def test_sbatch_itself_accepts_the_rendered_directives(dev_cluster, tmp_path, tiny_assets):
+    """sbatch --test-only parses sbatch.sh as it would submit it (nothing runs)."""
+    recipe = write_recipe(tmp_path, tiny_recipe_text(tiny_assets, name="tiny.v2-a_b"))
+    run_dir = tmp_path / "run+@,=:x"
+    rendered = run_launch(recipe, "--dry-run", "--executor", "slurm", "--profile", "dev", "--run-dir", run_dir)
+    assert rendered.returncode == 0, rendered.stdout + rendered.stderr
+    checked = subprocess.run(["sbatch", "--test-only", run_dir / "sbatch.sh"], capture_output=True, text=True, timeout=60)
+    assert checked.returncode == 0 and "to start at" in checked.stderr, checked.stdout + checked.stderr
 
 
 def job_id_of(run: RunDir) -> str:

@@ -143,6 +143,11 @@ class SlurmExecutor(Executor):
     def submitit_executor(self, resources: Resources, after: Job | None = None):
         import submitit
 
+        if not shutil.which("srun"):  # submitit's own check would be a traceback
+            raise UserError(
+                "--executor slurm: srun is not on PATH here, and the job script is made with it; "
+                "render or submit from a cluster's login node, or use --executor local"
+            )
         executor = submitit.SlurmExecutor(folder=str(self.folder.resolve()))
         parameters = self.parameters(resources)
         if after is not None:
