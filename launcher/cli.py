@@ -486,6 +486,8 @@ def describe_run(run) -> str:
     step = run.metrics.last()
     progress = f"step {step['step']}/{step['max_steps']}, loss {step['loss']:.4f}" if step else "no steps yet"
     lines = [f"{run.root}: {manifest.state}, {progress}"]
+    if manifest.state == "failed" and manifest.failure:
+        lines.append(f"  failed: {manifest.failure}")
     newest = latest_complete_checkpoint(run.checkpoints)
     lines.append(f"  last complete checkpoint: {newest.name if newest else 'none'}; requeues: {manifest.requeues}")
     if manifest.jobs:

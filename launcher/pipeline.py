@@ -207,8 +207,6 @@ def execute(recipe: Recipe, run: RunDir, console: Console, executor_name: str = 
         stop_jobs(executor, jobs, run, console)
         raise
     if not ok:
-        if run.manifest().state not in ENDED_ON_PURPOSE:
-            run.set_state(State.FAILED)
         for _, job in jobs:
             if job.active():
                 job.cancel()
@@ -221,7 +219,6 @@ def execute(recipe: Recipe, run: RunDir, console: Console, executor_name: str = 
 
 
 STOP_GRACE_S = 120.0  # an interrupted local run: time for the ranks to reach a step boundary and save
-ENDED_ON_PURPOSE = (State.PREEMPTED, State.STOPPED, State.CANCELLED)  # not failures: a relaunch resumes
 
 
 def stop_jobs(executor: Executor, jobs: list[tuple[str, Job]], run: RunDir | None, console: Console) -> None:
@@ -252,6 +249,35 @@ def stop_jobs(executor: Executor, jobs: list[tuple[str, Job]], run: RunDir | Non
     say(console, f"stopped; newest complete checkpoint: {newest.name if newest else 'none'}; the same command resumes the run")
 
 
+LOW_DISK_BYTES = 256 * 2**20  # a failed job with less free space than this: the disk is named as the likely cause
+
+
+def record_failure(run: RunDir, reason: str, console: Console) -> None:
+    """State "failed" and why, in the manifest. On a full disk a new file may not fit where the
+    old one's blocks do: then the manifest is rewritten in place."""
+    import json
+    import shutil
+
+    from launcher.runs import now
+
+    free = shutil.disk_usage(run.root).free
+    if free < LOW_DISK_BYTES:
+        reason += f" (the run dir's file system is full: {free / 2**20:.1f} MiB free; make room and relaunch)"
+        say(console, f"[red]disk full[/red]: {free / 2**20:.1f} MiB free where {run.root} is")
+    try:
+        run.update_manifest(state=State.FAILED, failure=reason, updated=now())
+        return
+    except OSError:
+        pass
+    recorded = json.loads(run.manifest_path.read_text()) | {"state": State.FAILED.value, "failure": reason}
+    try:
+        with open(run.manifest_path, "r+") as handle:  # compact: it fits in the blocks the file has
+            handle.write(json.dumps(recorded, separators=(",", ":")) + "\n")
+            handle.truncate()
+    except OSError as err:
+        say(console, f"could not record the failure in {run.manifest_path} ({err.strerror})")
+
+
 def say(console: Console, line: str) -> None:
     """Print a line if the terminal is still there (after a hang-up it is not)."""
     with suppress(OSError):
@@ -262,7 +288,7 @@ def submit(executor: Executor, stages: list[Stage], run: RunDir, console: Consol
     """Queue every stage after the previous one and record the jobs in the manifest."""
     jobs, after = [], None
     if stages and stages[0].name == "train":
-        run.set_state(State.TRAINING)
+        run.update_manifest(state=State.TRAINING, failure=None)
     for stage in stages:
         job = executor.submit(stage.body, stage.resources, after=after)
         jobs.append((stage.name, job))
@@ -305,7 +331,8 @@ def follow(run: RunDir, jobs: list[tuple[str, Job]], console: Console) -> bool:
                 f"[red]{'training' if stage == 'train' else stage} failed[/red]: {job.kind} job {job.id} ended {watcher.state}",
                 highlight=False,
             )
-            report_failure(run, console, fallback_log=job.log(0))
+            reason = report_failure(run, console, fallback_log=job.log(0))
+            record_failure(run, f"{stage} job {job.id} ended {watcher.state}" + (f": {reason}" if reason else ""), console)
             return False
         if stage == "train" and not run.adapter.exists():
             console.print(

@@ -78,12 +78,16 @@ def failed_rank_logs(run: RunDir, lines: int = 25) -> list[tuple[Path, list[str]
     return failures
 
 
-def report_failure(run: RunDir, console: Console, fallback_log: Path | None = None) -> None:
+def report_failure(run: RunDir, console: Console, fallback_log: Path | None = None) -> str | None:
+    """Print the last lines of each failed rank's log; return the first one's last line (the error)."""
     failures = failed_rank_logs(run)
     if not failures and fallback_log and fallback_log.exists():
         failures = [(fallback_log, fallback_log.read_text(errors="replace").splitlines()[-25:])]
+    headlines = []
     for log, lines in failures:
         headline = next((line for line in reversed(lines) if line.strip()), "")
+        headlines.append(f"{log.stem}: {headline}")
         console.print(f"[red]{log.stem} failed[/red]: {escape(headline)}", highlight=False)
         console.print(f"last lines of {log}:", highlight=False)
         console.print("\n".join("    " + line for line in lines), markup=False, highlight=False)
+    return headlines[0] if headlines else None

@@ -80,6 +80,8 @@ class Manifest(Record):
     created: str
     updated: str | None = None
     state: State = State.RENDERED
+    failure: str | None = None
+    """Why the run failed last (its job's end and the failed rank's last log line); cleared when it goes on."""
     worker_command: list[str] = []
     recipe_changes: list[str] = []
     jobs: list[JobRecord] = []

@@ -162,3 +162,33 @@ def test_a_second_launch_into_a_busy_run_dir_is_refused_and_the_first_is_unharme
     output, _ = first.communicate(timeout=120)
     rows = run.metrics.written()
     assert [r["step"] for r in rows] == list(range(1, len(rows) + 1)) and {r["attempt"] for r in rows} == {1}, output
+
+
+def test_a_full_disk_fails_the_run_with_the_reason_and_it_resumes_once_there_is_room(straight, tmp_path):
+    recipe, uninterrupted = straight
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64m", "tmpfs", disk], capture_output=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"a full disk needs a small file system of its own (mount, as root): {mounted.stderr.decode().strip()}")
+    try:
+        run = RunDir(disk / "run")
+        launch = start_launch(recipe, run.root)
+        wait_for_rows(run, 1)
+        with open(disk / "filler", "wb") as filler:  # the disk fills up while the run trains
+            with pytest.raises(OSError):
+                while True:
+                    filler.write(b"\0" * 2**16)
+                    filler.flush()
+        output, _ = launch.communicate(timeout=240)
+        assert launch.returncode == 1, output
+        manifest = json.loads(run.manifest_path.read_text())
+        assert manifest["state"] == "failed" and "file system is full" in manifest["failure"], manifest
+        assert "disk full" in output and processes_of(run) == []
+        (disk / "filler").unlink()
+        again = run_launch(*args_for(recipe, run.root))
+        assert again.returncode == 0, again.stdout + again.stderr
+        want, got = losses(uninterrupted), losses(run)
+        assert max(abs(want[s] - got[s]) for s in want) == 0.0
+    finally:
+        subprocess.run(["umount", "-l", disk], capture_output=True)
