@@ -192,3 +192,28 @@ def test_a_full_disk_fails_the_run_with_the_reason_and_it_resumes_once_there_is_
         assert max(abs(want[s] - got[s]) for s in want) == 0.0
     finally:
         subprocess.run(["umount", "-l", disk], capture_output=True)
+
+
+def test_an_evaluation_killed_midway_is_finished_by_the_relaunch_with_the_same_metrics(straight, tmp_path):
+    recipe, uninterrupted = straight
+    clean, killed = RunDir(tmp_path / "clean"), RunDir(tmp_path / "killed")
+    for run in (clean, killed):
+        shutil.copytree(uninterrupted.root, run.root, ignore=shutil.ignore_patterns("local"))
+    evaluate = ["--set", "eval.enabled=true", "--set", "eval.shards=2"]
+    assert run_launch(*args_for(recipe, clean.root), *evaluate).returncode == 0
+    launch = start_launch(recipe, killed.root, evaluate)
+    deadline = time.time() + 240
+    while not list(killed.eval.glob("shards/*/*.done")):
+        assert time.time() < deadline and launch.poll() is None, "no shard finished"
+        time.sleep(0.02)
+    os.killpg(launch.pid, signal.SIGKILL)  # launch and its group; the shard tasks are in a group of their own
+    launch.wait()
+    assert not (killed.eval / "metrics.json").exists(), "killed too late to test anything"
+    deadline = time.time() + 10
+    while processes_of(killed) and time.time() < deadline:
+        time.sleep(0.2)
+    assert processes_of(killed) == []
+    again = run_launch(*args_for(recipe, killed.root), *evaluate)
+    assert again.returncode == 0, again.stdout + again.stderr
+    want, got = (json.loads((run.eval / "metrics.json").read_text()) for run in (clean, killed))
+    assert got["systems"] == want["systems"] and got["examples"] == want["examples"]
