@@ -166,3 +166,21 @@ def test_submitits_private_script_renderer_still_works(tmp_path, tiny_assets):
     assert script.startswith("#!/bin/bash") and "#SBATCH --nodes=2" in script and "#SBATCH --ntasks-per-node=4" in script
     assert "#SBATCH --partition=gpu" in script and "#SBATCH --requeue" in script and "--kill-on-bad-exit=1" in script
     assert "-m launcher.executors.requeue /runs/x" in script and "submitit.core._submit" in script
+
+
+class IgnoreStop:
+    """A task that cannot save (it ignores the stop signal), as one stuck in a collective."""
+
+    def __call__(self):
+        import signal
+
+        signal.signal(STOP_SIGNAL, signal.SIG_IGN)
+        time.sleep(60)
+
+
+def test_a_task_that_does_not_stop_in_its_grace_is_cancelled(executor):
+    job = executor.submit(IgnoreStop(), Resources(name="t", stage="train", tasks_per_node=2))
+    time.sleep(1.0)  # both tasks have installed their handler
+    started = time.time()
+    job.stop(grace_s=1.0)
+    assert job.state() == CANCELLED and not job.members() and time.time() - started < 15
