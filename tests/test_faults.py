@@ -156,6 +156,11 @@ def test_a_second_launch_into_a_busy_run_dir_is_refused_and_the_first_is_unharme
         assert "is in use by `launch" in second.stderr and f"(pid {first.pid} " in second.stderr, second.stderr
         assert second.stderr.count("\n") == 1 and "Traceback" not in second.stderr
     assert first.poll() is None and json.loads(run.manifest_path.read_text())["state"] == "training"
+    wait_for_rows(run, 9)  # two complete checkpoints to evaluate
+    evaluation = run_launch("eval", run.root, "--checkpoints", "all", "--no-base")
+    assert evaluation.returncode == 0, evaluation.stdout + evaluation.stderr
+    assert "stays its own: this one goes to" in evaluation.stdout and not run.eval.exists()  # eval/ is the run's
+    assert [p.name for p in run.root.glob("eval-*/metrics.json")] == ["metrics.json"]
     written = len(run.metrics.written())
     wait_for_rows(run, written + 2)  # the first run trains on
     os.kill(first.pid, signal.SIGINT)

@@ -246,3 +246,37 @@ def test_a_build_lock_left_by_a_killed_build_is_said_and_cleared(tmp_path, capsy
     done.set()
     assert not waiter.is_alive() and not (build / "lock").exists()
     assert "left by an extension build that ended without finishing" in capsys.readouterr().out
+
+
+def test_publish_replaces_only_the_launchers_own_output_and_keeps_the_old_one(tmp_path, capsys):
+    from launcher.runs import publish
+
+    def staged(text: str):
+        staging = tmp_path / f"staging-{text}"
+        staging.mkdir()
+        (staging / "model.bin").write_text(text)
+        return staging
+
+    out = publish(staged("one"), tmp_path / "merged")
+    with pytest.raises(UserError, match="exists; pass --overwrite"):
+        publish(staged("two"), out)
+    publish(tmp_path / "staging-two", out, replace=True)
+    kept = [p for p in tmp_path.iterdir() if p.name.startswith("merged.replaced-")]
+    assert (out / "model.bin").read_text() == "two" and [(k / "model.bin").read_text() for k in kept] == ["one"]
+    assert "the previous one is kept as" in capsys.readouterr().out
+
+    users = tmp_path / "mine"
+    (users / "sub").mkdir(parents=True)
+    (users / "notes.txt").write_text("mine")
+    with pytest.raises(UserError, match="was not written by the launcher"):
+        publish(staged("three"), users, replace=True)
+    assert sorted(p.name for p in users.rglob("*")) == ["notes.txt", "sub"]
+
+
+def test_two_archives_in_one_second_keep_both(run):
+    from launcher.runs import archive
+
+    for text in ("first", "second"):
+        (run.root / "sbatch.sh").write_text(text)
+        archive(run, [run.root / "sbatch.sh"])
+    assert sorted(p.read_text() for p in (run.root / "history").glob("*sbatch.sh*")) == ["first", "second"]
