@@ -18,7 +18,7 @@ import os
 import signal
 import sys
 import time
-from contextlib import ExitStack, suppress
+from contextlib import ExitStack, contextmanager, suppress
 from pathlib import Path
 
 from rich.console import Console
@@ -41,12 +41,12 @@ def main(argv: list[str] | None = None) -> int:
         build_parser().print_help()
         return 2
     console = Console(highlight=False, soft_wrap=True)
-    interrupt_on_signals()
     # Library notices nobody can act on stay out of the terminal (the job logs keep them), e.g.
     # bitsandbytes' "Failed to load CPU gemm_4bit_forward from kernels-community" on every CPU import.
     logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
     try:
-        return args.handler(args, console)
+        with interrupted_by_signals():
+            return args.handler(args, console)
     except UserError as err:
         for line in err.lines:
             print(f"error: {line}", file=sys.stderr)
@@ -58,15 +58,24 @@ def main(argv: list[str] | None = None) -> int:
         return 128 + signum
 
 
-def interrupt_on_signals() -> None:
-    """SIGTERM and SIGHUP (the terminal closing) interrupt a command as Ctrl-C does: whatever it
-    started is stopped before it ends (launch's local ranks save a checkpoint first)."""
+@contextmanager
+def interrupted_by_signals():
+    """While a command runs, SIGTERM and SIGHUP (the terminal closing) interrupt it as Ctrl-C does:
+    whatever it started is stopped before it ends (launch's local ranks save a checkpoint first).
+    The previous handlers come back afterwards (main() may run inside another program)."""
 
     def interrupt(signum, frame):
         raise Interrupted(signum)
 
-    for number in (signal.SIGTERM, signal.SIGHUP):
-        signal.signal(number, interrupt)
+    previous = {number: signal.getsignal(number) for number in (signal.SIGTERM, signal.SIGHUP)}
+    for number, handler in previous.items():
+        if handler is not signal.SIG_IGN:  # under nohup a hang-up stays ignored
+            signal.signal(number, interrupt)
+    try:
+        yield
+    finally:
+        for number, handler in previous.items():
+            signal.signal(number, handler)
 
 
 def build_parser() -> argparse.ArgumentParser:

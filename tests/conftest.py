@@ -8,6 +8,11 @@ import sys
 from pathlib import Path
 
 import pytest
+import submitit  # noqa: F401  (see below)
+
+# submitit configures logging when it is first imported (logging.config.dictConfig, which closes
+# every handler that exists then). Imported here, before any test, it cannot close a handler that
+# a library imported by an earlier test in the same worker bound to pytest's capture (jieba's).
 
 REPO = Path(__file__).resolve().parent.parent
 
