@@ -23,10 +23,12 @@ from launcher.runs import RunDir
 pytestmark = pytest.mark.e2e  # real processes end to end: the full tier
 
 STEPS = 12
+LONG = 160  # runs killed while training: at ~15 steps/s here, long enough that the kill lands mid-training
 
 
-def args_for(recipe: Path, run_dir: Path) -> list:
-    sets = [f"train.max_steps={STEPS}", "train.save_steps=4", "merge.enabled=false", "eval.enabled=false"]
+def args_for(recipe: Path, run_dir: Path, steps: int = STEPS) -> list:
+    save = 4 if steps == STEPS else 40
+    sets = [f"train.max_steps={steps}", f"train.save_steps={save}", "merge.enabled=false", "eval.enabled=false"]
     return [recipe, "--run-dir", run_dir, "--executor", "local"] + [x for s in sets for x in ("--set", s)]
 
 
@@ -39,10 +41,10 @@ def straight(tmp_path_factory, tiny_assets):
     return recipe, RunDir(folder / "straight")
 
 
-def start_launch(recipe: Path, run_dir: Path, extra: list[str] = ()) -> subprocess.Popen:
+def start_launch(recipe: Path, run_dir: Path, extra: list[str] = (), steps: int = STEPS) -> subprocess.Popen:
     """`launch` in a session of its own (as from a terminal: its own process group)."""
     return subprocess.Popen(
-        [sys.executable, "-m", "launcher.cli", *map(str, args_for(recipe, run_dir)), *extra],
+        [sys.executable, "-m", "launcher.cli", *map(str, args_for(recipe, run_dir, steps)), *extra],
         cwd=REPO,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
@@ -71,9 +73,18 @@ def processes_of(run: RunDir) -> list[str]:
     return found
 
 
-def losses(run: RunDir) -> dict[int, float]:
+@pytest.fixture(scope="module")
+def long_straight(straight):
+    recipe, short = straight
+    run = RunDir(short.root.with_name("long-straight"))
+    result = run_launch(*args_for(recipe, run.root, LONG))
+    assert result.returncode == 0, result.stdout + result.stderr
+    return recipe, run
+
+
+def losses(run: RunDir, steps: int = STEPS) -> dict[int, float]:
     rows = run.metrics.rows()
-    assert [r["step"] for r in rows] == list(range(1, STEPS + 1)), "one row per step, after any number of resumes"
+    assert [r["step"] for r in rows] == list(range(1, steps + 1)), "one row per step, after any number of resumes"
     return {r["step"]: r["loss"] for r in rows}
 
 
@@ -87,11 +98,14 @@ WAYS = {
 }
 
 
+RELAUNCHED = ("ctrl-c", "sigkill-group")
+
+
 @pytest.mark.parametrize("way", WAYS)
-def test_whatever_ends_launch_no_rank_is_left_and_the_relaunch_resumes_exactly(straight, way):
-    recipe, uninterrupted = straight
+def test_whatever_ends_launch_no_rank_is_left_and_the_relaunch_resumes_exactly(long_straight, way):
+    recipe, uninterrupted = long_straight
     run = RunDir(uninterrupted.root.with_name(f"ended-by-{way}"))
-    launch = start_launch(recipe, run.root)
+    launch = start_launch(recipe, run.root, steps=LONG)
     wait_for_rows(run, 5)
     WAYS[way](launch)
     output, _ = launch.communicate(timeout=180)
@@ -105,18 +119,21 @@ def test_whatever_ends_launch_no_rank_is_left_and_the_relaunch_resumes_exactly(s
         assert "stopped; newest complete checkpoint: checkpoint-" in output, output
         assert json.loads(run.manifest_path.read_text())["state"] == "stopped"
     assert "Traceback" not in output
-
-    again = run_launch(*args_for(recipe, run.root))
+    saved = max(int(p.name.split("-")[1]) for p in run.checkpoints.glob("checkpoint-*"))
+    assert saved == len(run.metrics.written())  # the ranks saved at the step they were at: nothing to redo
+    if way not in RELAUNCHED:
+        return  # the resume itself is the same for every way (CI time): checked for one handled, one unhandled
+    again = run_launch(*args_for(recipe, run.root, LONG))
     assert again.returncode == 0, again.stdout + again.stderr
-    want, got = losses(uninterrupted), losses(run)
+    want, got = losses(uninterrupted, LONG), losses(run, LONG)
     assert max(abs(want[s] - got[s]) for s in want) == 0.0
-    assert len(run.metrics.written()) == STEPS  # the ranks saved at the step they were at: no step redone
+    assert len(run.metrics.written()) == LONG
 
 
-def test_cancel_ends_the_run_which_stays_cancelled_and_resumes(straight):
-    recipe, uninterrupted = straight
+def test_cancel_ends_the_run_which_stays_cancelled_and_resumes(long_straight):
+    recipe, uninterrupted = long_straight
     run = RunDir(uninterrupted.root.with_name("cancelled"))
-    launch = start_launch(recipe, run.root)
+    launch = start_launch(recipe, run.root, steps=LONG)
     wait_for_rows(run, 5)
     cancelled = run_launch("cancel", run.root)
     assert cancelled.returncode == 0, cancelled.stderr
@@ -124,9 +141,9 @@ def test_cancel_ends_the_run_which_stays_cancelled_and_resumes(straight):
     assert launch.returncode == 1 and "was cancelled" in output and "Traceback" not in output, output
     assert json.loads(run.manifest_path.read_text())["state"] == "cancelled"
     assert processes_of(run) == []
-    again = run_launch(*args_for(recipe, run.root))
+    again = run_launch(*args_for(recipe, run.root, LONG))
     assert again.returncode == 0 and "Traceback" not in again.stdout + again.stderr, again.stdout + again.stderr
-    want, got = losses(uninterrupted), losses(run)
+    want, got = losses(uninterrupted, LONG), losses(run, LONG)
     assert max(abs(want[s] - got[s]) for s in want) == 0.0
 
 
@@ -169,8 +186,8 @@ def test_a_second_launch_into_a_busy_run_dir_is_refused_and_the_first_is_unharme
     assert [r["step"] for r in rows] == list(range(1, len(rows) + 1)) and {r["attempt"] for r in rows} == {1}, output
 
 
-def test_a_full_disk_fails_the_run_with_the_reason_and_it_resumes_once_there_is_room(straight, tmp_path):
-    recipe, uninterrupted = straight
+def test_a_full_disk_fails_the_run_with_the_reason_and_it_resumes_once_there_is_room(long_straight, tmp_path):
+    recipe, uninterrupted = long_straight
     disk = tmp_path / "disk"
     disk.mkdir()
     mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64m", "tmpfs", disk], capture_output=True)
@@ -178,7 +195,7 @@ def test_a_full_disk_fails_the_run_with_the_reason_and_it_resumes_once_there_is_
         pytest.skip(f"a full disk needs a small file system of its own (mount, as root): {mounted.stderr.decode().strip()}")
     try:
         run = RunDir(disk / "run")
-        launch = start_launch(recipe, run.root)
+        launch = start_launch(recipe, run.root, steps=LONG)
         wait_for_rows(run, 1)
         with open(disk / "filler", "wb") as filler:  # the disk fills up while the run trains
             with pytest.raises(OSError):
@@ -191,9 +208,9 @@ def test_a_full_disk_fails_the_run_with_the_reason_and_it_resumes_once_there_is_
         assert manifest["state"] == "failed" and "file system is full" in manifest["failure"], manifest
         assert "disk full" in output and processes_of(run) == []
         (disk / "filler").unlink()
-        again = run_launch(*args_for(recipe, run.root))
+        again = run_launch(*args_for(recipe, run.root, LONG))
         assert again.returncode == 0, again.stdout + again.stderr
-        want, got = losses(uninterrupted), losses(run)
+        want, got = losses(uninterrupted, LONG), losses(run, LONG)
         assert max(abs(want[s] - got[s]) for s in want) == 0.0
     finally:
         subprocess.run(["umount", "-l", disk], capture_output=True)
