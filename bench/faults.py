@@ -3,7 +3,7 @@
 seconds from the signal to the last process gone, steps written twice, and the largest loss
 difference against an uninterrupted run once the relaunch has finished.
 
-    python bench/faults.py [--trials 3] [--steps 12] [--out /tmp/fault-trials]
+    PYTHONPATH=. python bench/faults.py [--trials 3] [--steps 160] [--out /tmp/fault-trials]
 
 Prints one JSON line per trial, then a summary per way.
 """
@@ -33,7 +33,7 @@ WAYS = {
 
 
 def launch_args(recipe: Path, run_dir: Path, steps: int) -> list[str]:
-    sets = [f"train.max_steps={steps}", "train.save_steps=4", "merge.enabled=false", "eval.enabled=false"]
+    sets = [f"train.max_steps={steps}", "train.save_steps=40", "merge.enabled=false", "eval.enabled=false"]
     return [sys.executable, "-m", "launcher.cli", str(recipe), "--run-dir", str(run_dir), "--executor", "local"] + [
         x for s in sets for x in ("--set", s)
     ]
@@ -92,7 +92,7 @@ def trial(recipe: Path, run_dir: Path, way: str, steps: int, straight: dict[int,
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--trials", type=int, default=3)
-    parser.add_argument("--steps", type=int, default=12)
+    parser.add_argument("--steps", type=int, default=160)  # long enough that the kill lands mid-training
     parser.add_argument("--out", type=Path, default=Path("/tmp/fault-trials"))
     args = parser.parse_args()
     from launcher.assets import build_quickstart_assets
