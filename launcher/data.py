@@ -27,6 +27,8 @@ class Example:
     prompt: str
     response: str
     suffix: str = ""  # the template's end-of-turn text after the response (trained on, not shown)
+    joint: bool = False  # tokenized as one text, the prompt's tokens counted apart (the template authors' way)
+    special_tokens: bool = True  # the tokenizer adds its special tokens (False: the rendered prompt holds them)
 
 
 class BadRow(Exception):
@@ -126,26 +128,28 @@ def _history(row: dict, data: DataSection) -> list[tuple[str, str]]:
     return [(str(q), str(a)) for q, a in turns]
 
 
-def conversation(row: Any, data: DataSection) -> tuple[str | None, list[tuple[str, str]], str, str]:
-    """(system, earlier turns, query, response) of one row, whatever its format."""
+def conversation(row: Any, data: DataSection) -> tuple[str | None, list[tuple[str, str]], str, str, str]:
+    """(system, earlier turns, query, response, instruction) of one row, whatever its format; the
+    instruction is an alpaca row's instruction when it also has an input (the query then)."""
     if not isinstance(row, dict):
         raise BadRow(f"expected an object with columns, got {type(row).__name__}")
     system = data.system_prompt
     if data.format == "alpaca":
         query = _text(row, data.instruction_column, data, "instruction_column")
         extra = _text(row, data.input_column, data, "input_column", required=False)
-        query = f"{query}\n{extra}" if extra.strip() else query
-        return system, _history(row, data), query, _text(row, data.output_column, data, "output_column")
+        instruction, query = (query, extra) if extra.strip() else ("", query)
+        return system, _history(row, data), query, _text(row, data.output_column, data, "output_column"), instruction
     if data.format == "prompt-response":
         return (
             system,
             _history(row, data),
             _text(row, data.prompt_column, data, "prompt_column"),
             _text(row, data.response_column, data, "response_column"),
+            "",
         )
     if data.format == "text":
-        return None, [], "", _text(row, data.text_column, data, "text_column")
-    return _messages(row, data)
+        return None, [], "", _text(row, data.text_column, data, "text_column"), ""
+    return *_messages(row, data), ""
 
 
 def _messages(row: dict, data: DataSection) -> tuple[str | None, list[tuple[str, str]], str, str]:
@@ -167,8 +171,15 @@ def _messages(row: dict, data: DataSection) -> tuple[str | None, list[tuple[str,
     return system, pairs[:-1], pairs[-1][0], pairs[-1][1]
 
 
-def render(template: str, system: str | None, history: list[tuple[str, str]], query: str, tokenizer=None) -> tuple[str, str]:
+def render(
+    template: str, system: str | None, history: list[tuple[str, str]], query: str, tokenizer=None, instruction: str = ""
+) -> tuple[str, str]:
     """(prompt, suffix): the text before the response, and the end-of-turn text after it."""
+    if template == "transnormer":  # OpenNLPLab's fine-tune/train.py: "{instruction}\nHuman:\n{input}\nAssistant:\n"
+        past = "".join(f"Human:\n{q}\nAssistant:\n{a}\n" for q, a in history)
+        head = "".join(f"{text}\n" for text in (system, instruction) if text)
+        return head + past + f"Human:\n{query}\nAssistant:\n", ""
+    query = f"{instruction}\n{query}" if instruction else query
     if template == "tokenizer":
         return _chat_template(tokenizer, system, history, query)
     if template == "chatml":
@@ -176,12 +187,13 @@ def render(template: str, system: str | None, history: list[tuple[str, str]], qu
         head = f"<|im_start|>system\n{system}<|im_end|>\n" if system else ""
         past = "".join(turn.format(q) + f"{a}<|im_end|>\n" for q, a in history)
         return head + past + turn.format(query), "<|im_end|>"
-    if template == "transnormer":
-        past = "".join(f"Human: {q}\nAssistant: {a}\n" for q, a in history)
-        return (f"{system}\n" if system else "") + past + f"Human: {query}\nAssistant: ", ""
     if template == "chatglm":  # ChatGLM2's build_prompt
         past = "".join(f"[Round {i}]\n\n问：{q}\n\n答：{a}\n\n" for i, (q, a) in enumerate(history, 1))
         return past + f"[Round {len(history) + 1}]\n\n问：{query}\n\n答：", ""
+    if template == "chatglm3":  # ChatGLM3's build_chat_input; the assistant's (empty) metadata line ends the prompt
+        head = f"<|system|>\n{system}" if system else ""
+        past = "".join(f"<|user|>\n{q}<|assistant|>\n{a}" for q, a in history)
+        return head + past + f"<|user|>\n{query}<|assistant|>\n", ""
     past = "".join(f"{q}\n{a}\n" for q, a in history)
     return (f"{system}\n" if system else "") + past + (f"{query}\n" if query else ""), ""
 
@@ -191,7 +203,7 @@ def _chat_template(tokenizer, system, history, query) -> tuple[str, str]:
         raise UserError(
             [
                 'data.template: "tokenizer" needs a tokenizer with a chat template; '
-                "this model's has none: pick chatml, transnormer, chatglm or plain"
+                "this model's has none: pick chatml, transnormer, chatglm, chatglm3 or plain"
             ]
         )
     messages = ([{"role": "system", "content": system}] if system else []) + [
@@ -208,9 +220,15 @@ def _chat_template(tokenizer, system, history, query) -> tuple[str, str]:
 def to_example(row: Any, data: DataSection, tokenizer=None) -> Example:
     if isinstance(row, BadRow):
         raise row
-    system, history, query, response = conversation(row, data)
-    prompt, suffix = render(data.template, system, history, query, tokenizer)
-    return Example(prompt=prompt, response=response, suffix=suffix)
+    system, history, query, response, instruction = conversation(row, data)
+    prompt, suffix = render(data.template, system, history, query, tokenizer, instruction)
+    return Example(
+        prompt=prompt,
+        response=response,
+        suffix=suffix,
+        joint=data.template == "transnormer",  # its script tokenizes prompt + answer together
+        special_tokens=data.template != "tokenizer",  # a chat template writes the model's special tokens itself
+    )
 
 
 def load_examples(source: str, data: DataSection, tokenizer=None) -> tuple[list[Example], int]:
@@ -254,11 +272,17 @@ def split_examples(recipe: Recipe, tokenizer=None) -> Split:
 
 
 def tokenize(example: Example, tokenizer, max_length: int) -> dict[str, Any]:
-    """Prompt and response tokenized apart, so the label mask falls exactly on the boundary.
-    An example with no prompt (data.format = "text") is learned whole."""
-    prompt_ids = tokenizer(example.prompt, add_special_tokens=True)["input_ids"]
-    response_ids = tokenizer(example.response + example.suffix, add_special_tokens=False)["input_ids"]
-    response_ids = response_ids + [tokenizer.eos_token_id]
+    """Prompt and response tokenized apart, so the label mask falls exactly on the boundary; or, for
+    a joint example, as one text whose first len(prompt tokens) are masked (as the template's own
+    fine-tune script does). An example with no prompt (data.format = "text") is learned whole."""
+    prompt_ids = tokenizer(example.prompt, add_special_tokens=example.special_tokens)["input_ids"]
+    if example.joint:
+        whole = tokenizer(example.prompt + example.response + example.suffix, add_special_tokens=example.special_tokens)
+        response_ids = whole["input_ids"][len(prompt_ids) :] + [tokenizer.eos_token_id]
+        prompt_ids = whole["input_ids"][: len(prompt_ids)]
+    else:
+        response_ids = tokenizer(example.response + example.suffix, add_special_tokens=False)["input_ids"]
+        response_ids = response_ids + [tokenizer.eos_token_id]
     input_ids = (prompt_ids + response_ids)[:max_length]
     labels = ([IGNORE_INDEX] * len(prompt_ids) + response_ids)[:max_length]
     return {"input_ids": input_ids, "labels": labels, "truncated": len(prompt_ids) + len(response_ids) > max_length}

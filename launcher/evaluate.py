@@ -21,6 +21,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from launcher.data import Example, tokenize
+from launcher.decoding import decode
 from launcher.errors import UserError
 from launcher.recipe import Recipe, validate_recipe
 from launcher.runs import (
@@ -184,10 +185,10 @@ def run_shard(out: Path, shard: int, device: str | None = None, started: float |
             torch.manual_seed(recipe.eval.seed + shard)
             began = time.time()
             with torch.no_grad(), selected(model, system):
-                rows = evaluate_examples(model, tokenizer, [examples[i] for i in indices], recipe)
+                rows, failure = evaluate_examples(model, tokenizer, [examples[i] for i in indices], recipe)
             for index, row in zip(indices, rows):
                 row["index"] = index
-            save_shard(shard_file(out, system.name, shard, shards), rows, time.time() - began, started or began)
+            save_shard(shard_file(out, system.name, shard, shards), rows, time.time() - began, started or began, failure)
 
 
 def shard_device(device: str, shard: int) -> str:
@@ -224,8 +225,9 @@ def selected(model, system: System):
     return nullcontext()
 
 
-def save_shard(path: Path, rows: list[dict], seconds: float, started: float) -> None:
-    """The rows, then the marker (last): generation time, and this process's start and peaks."""
+def save_shard(path: Path, rows: list[dict], seconds: float, started: float, failure: str | None = None) -> None:
+    """The rows, then the marker (last): generation time, this process's start and peaks, and why
+    generation failed (when it did)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     write_atomic(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
     generated = sum(r["new_tokens"] for r in rows)
@@ -242,6 +244,7 @@ def save_shard(path: Path, rows: list[dict], seconds: float, started: float) -> 
                 "peak_rss_mib": peak_rss_mib(),
                 "peak_accelerator_mib": accelerator_peak_mib(),
             }
+            | ({"generation_failed": failure} if failure else {})
         )
         + "\n",
     )
@@ -257,14 +260,20 @@ def shard_markers(out: Path) -> list[dict]:
     ]
 
 
-def evaluate_examples(model, tokenizer, examples: list[Example], recipe: Recipe) -> list[dict]:
+def evaluate_examples(model, tokenizer, examples: list[Example], recipe: Recipe) -> tuple[list[dict], str | None]:
     """Per example: the reference's summed loss and token count, and (when there is a prompt to
-    answer) the generated text and how many tokens it took."""
+    answer) the generated text and how many tokens it took. Generation that fails leaves the losses
+    standing: the second value says why there are no answers (None when there are)."""
     rows = [dict(zip(("loss_sum", "loss_tokens"), pair)) for pair in reference_losses(model, tokenizer, examples, recipe)]
-    answers = generate(model, tokenizer, examples, recipe) if all(e.prompt for e in examples) else [("", 0)] * len(rows)
+    answers, failure = [("", 0)] * len(rows), None
+    if all(e.prompt for e in examples):
+        try:
+            answers = generate(model, tokenizer, examples, recipe)
+        except Exception as err:  # the model's own generation code: a good training keeps its losses
+            failure = f"generation failed ({type(err).__name__}: {str(err).splitlines()[0][:200] if str(err) else ''})"
     for row, (text, count) in zip(rows, answers):
         row.update(prediction=text, new_tokens=count)
-    return rows
+    return rows, failure
 
 
 def generate(model, tokenizer, examples: list[Example], recipe: Recipe) -> list[tuple[str, int]]:
@@ -273,25 +282,30 @@ def generate(model, tokenizer, examples: list[Example], recipe: Recipe) -> list[
     from launcher.quirks import quirks_for
 
     e = recipe.eval
-    lengths = [len(tokenizer(x.prompt)["input_ids"]) for x in examples]
+    quirks = quirks_for(model.config.model_type)
+    special = all(x.special_tokens for x in examples)  # one template: all or none
+    lengths = [len(tokenizer(x.prompt, add_special_tokens=special)["input_ids"]) for x in examples]
     order = sorted(range(len(examples)), key=lambda i: lengths[i])
     sampling = {"do_sample": True, "temperature": e.temperature, "top_p": e.top_p} if e.do_sample else {"do_sample": False}
     outputs: dict[int, tuple[str, int]] = {}
     for start in range(0, len(order), e.batch_size):
         batch = order[start : start + e.batch_size]
-        encoded = tokenizer([examples[i].prompt for i in batch], return_tensors="pt", padding=True).to(model.device)
-        generated = model.generate(
-            **encoded,
-            max_new_tokens=e.max_new_tokens,
-            pad_token_id=tokenizer.pad_token_id,
-            eos_token_id=tokenizer.eos_token_id,
-            use_cache=quirks_for(model.config.model_type).generate_with_cache,
-            **sampling,
-        )
-        new_tokens = generated[:, encoded["input_ids"].shape[1] :].cpu()
+        prompts = [examples[i].prompt for i in batch]
+        encoded = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=special).to(model.device)
+        ends = {
+            "max_new_tokens": e.max_new_tokens,
+            "pad_token_id": tokenizer.pad_token_id,
+            "eos_token_id": tokenizer.eos_token_id,
+        }
+        if quirks.own_generation_loop:
+            new_tokens = decode(model, encoded["input_ids"], encoded["attention_mask"], **ends, **sampling).cpu()
+        else:
+            generated = model.generate(**encoded, **ends, use_cache=quirks.generate_with_cache, **sampling)
+            new_tokens = generated[:, encoded["input_ids"].shape[1] :].cpu()
         for i, tokens in zip(batch, new_tokens):
             count = generated_length(tokens.tolist(), tokenizer.eos_token_id)
-            text = tokenizer.decode(tokens[:count], skip_special_tokens=True)
+            known = [t for t in tokens[:count].tolist() if t < len(tokenizer)]  # a padded vocabulary's extra rows are no text
+            text = tokenizer.decode(known, skip_special_tokens=True)
             outputs[i] = (clean_prediction(text, examples[i].suffix), count)
     return [outputs[i] for i in range(len(examples))]
 
@@ -345,13 +359,14 @@ def finish_if_complete(out: Path) -> dict | None:
 
 def collect(out: Path, plan: dict, system: str) -> tuple[list[dict], dict]:
     """One system's rows of every shard, in input order, and its timing totals."""
-    rows, timing = [], {"new_tokens": 0, "seconds": 0.0}
+    rows, timing = [], {"new_tokens": 0, "seconds": 0.0, "generation_failed": None}
     for k in range(plan["shards"]):
         path = shard_file(out, system, k, plan["shards"])
         rows += [json.loads(line) for line in path.read_text().splitlines()]
         marker = json.loads(marker_of(path).read_text())
         timing["new_tokens"] += marker["new_tokens"]
         timing["seconds"] += marker["seconds"]
+        timing["generation_failed"] = timing["generation_failed"] or marker.get("generation_failed")
     return sorted(rows, key=lambda r: r["index"]), timing
 
 
@@ -361,13 +376,15 @@ def write_results(out: Path, plan: dict) -> dict:
 
     examples = [Example(**json.loads(line)) for line in (out / EXAMPLES).read_text().splitlines()]
     references = [e.response for e in examples]
-    predictions, metrics, speed = {}, {}, {}
+    predictions, metrics, speed, failed = {}, {}, {}, {}
     for system in (s["name"] for s in plan["systems"]):
         rows, timing = collect(out, plan, system)
         predictions[system] = [r["prediction"] for r in rows]
         loss = sum(r["loss_sum"] for r in rows) / max(sum(r["loss_tokens"] for r in rows), 1)
         metrics[system] = {"loss": loss, "perplexity": math.exp(min(loss, 50.0))}
-        if all(e.prompt for e in examples):
+        if timing["generation_failed"]:  # losses only; the answers were never generated
+            failed[system] = timing["generation_failed"]
+        elif all(e.prompt for e in examples):
             metrics[system] |= text_scores(predictions[system], references)
         speed[system] = {"generated_tokens": timing["new_tokens"], "shard_seconds": round(timing["seconds"], 2)}
     rows = [
@@ -376,6 +393,8 @@ def write_results(out: Path, plan: dict) -> dict:
     ]
     write_atomic(out / "predictions.jsonl", "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
     result = {"examples": len(examples), "data": plan["data"], "shards": plan["shards"], "systems": metrics, "speed": speed}
+    if failed:
+        result["generation_failed"] = failed
     write_report(out, plan, examples, predictions, result)
     write_atomic(out / "metrics.json", json.dumps(result, indent=2, ensure_ascii=False) + "\n")  # last: marks it done
     return result

@@ -8,6 +8,7 @@ import warnings
 
 from launcher.quirks import apply_quirks, quirks_for, set_environment
 from launcher.recipe import Recipe
+from launcher.remote_code import config_json, load_config, model_class, tokenizer_class
 
 TORCH_DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 
@@ -42,14 +43,11 @@ def torch_dtype(recipe: Recipe):
 
 
 def model_type(recipe: Recipe) -> str | None:
-    """config.json's model_type of the base model: read from the file when it is local (no model
-    code runs, so it works for remote-code models too), through AutoConfig for a hub id."""
-    import json
-    from pathlib import Path
-
-    local = Path(recipe.model.name_or_path) / "config.json"
-    if local.is_file():
-        return json.loads(local.read_text()).get("model_type")
+    """config.json's model_type of the base model, read from the file (local or in the hub cache)
+    without running any model code; through AutoConfig when the file cannot be had that way."""
+    found = model_type_of(recipe.model.name_or_path, recipe.model.revision)
+    if found is not None:
+        return found
     from transformers import AutoConfig
 
     config = AutoConfig.from_pretrained(
@@ -58,15 +56,17 @@ def model_type(recipe: Recipe) -> str | None:
     return getattr(config, "model_type", None)
 
 
+def model_type_of(name_or_path: str, revision: str | None = None) -> str | None:
+    return config_json(name_or_path, revision).get("model_type")
+
+
 def load_tokenizer(recipe: Recipe, padding_side: str = "right"):
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(
-        recipe.model.name_or_path,
-        revision=recipe.model.revision,
-        trust_remote_code=recipe.model.trust_remote_code,
-    )
-    quirks = quirks_for(model_type(recipe))
+    m, kind = recipe.model, model_type(recipe)
+    cls = tokenizer_class(m.name_or_path, m.revision, m.trust_remote_code, kind) or AutoTokenizer
+    tokenizer = cls.from_pretrained(m.name_or_path, revision=m.revision, trust_remote_code=m.trust_remote_code)
+    quirks = quirks_for(kind)
     if tokenizer.pad_token_id is None:
         if quirks.pad_token_id is not None:
             tokenizer.pad_token_id = quirks.pad_token_id
@@ -80,19 +80,34 @@ def load_base_model(recipe: Recipe, name_or_path: str | None = None, quantizatio
     """The base model in the recipe's dtype; quantized (bitsandbytes) and placed on `device` when asked."""
     from transformers import AutoModelForCausalLM
 
-    set_environment(model_type(recipe))
+    set_environment(model_type(recipe))  # before the model's code is imported
     from transformers.integrations import is_deepspeed_zero3_enabled
 
     extra = {"quantization_config": quantization} if quantization else {}
     if quantization and not is_deepspeed_zero3_enabled():  # ZeRO-3 places (and shards) the weights itself
         extra["device_map"] = {"": device or "cpu"}
-    model = AutoModelForCausalLM.from_pretrained(
-        name_or_path or recipe.model.name_or_path,
-        revision=recipe.model.revision,
-        trust_remote_code=recipe.model.trust_remote_code,
-        dtype=torch_dtype(recipe),
-        **extra,
+    path, m = name_or_path or recipe.model.name_or_path, recipe.model
+    config = load_config(path, m.revision, m.trust_remote_code)
+    cls = model_class(config, path, m.revision, m.trust_remote_code) or AutoModelForCausalLM
+    model = cls.from_pretrained(
+        path, config=config, revision=m.revision, trust_remote_code=m.trust_remote_code, dtype=torch_dtype(recipe), **extra
     )
+    apply_quirks(model)
+    return model
+
+
+def construct_model(name_or_path: str, dtype=None, revision=None, trust_remote_code: bool = True, **init_kwargs):
+    """A model with random weights built from its config, its remote code repaired as for loading
+    (under `with torch.device("meta")` it allocates nothing: pre-flight's model)."""
+    from transformers import AutoModelForCausalLM
+
+    set_environment(model_type_of(name_or_path))
+    config = load_config(name_or_path, revision, trust_remote_code)
+    cls = model_class(config, name_or_path, revision, trust_remote_code)
+    if cls is None:
+        model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code, dtype=dtype)
+    else:
+        model = cls._from_config(config, dtype=dtype, **init_kwargs)
     apply_quirks(model)
     return model
 

@@ -386,7 +386,12 @@ def print_summary(run: RunDir, console: Console, wall_s: float) -> None:
     metrics_path = run.eval / "metrics.json"
     if metrics_path.exists():
         console.print(f"  report:  {run.eval / 'report.html'}", highlight=False)
-        console.print(metrics_table(json.loads(metrics_path.read_text())))
+        from launcher.report import failure_lines
+
+        result = json.loads(metrics_path.read_text())
+        console.print(metrics_table(result))
+        for line in failure_lines(result):
+            console.print(f"  {line}", highlight=False)
 
 
 def metrics_table(result: dict) -> Table:

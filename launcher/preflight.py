@@ -68,29 +68,40 @@ def compatibility_problems(recipe: Recipe, stage: int, model_type: str | None) -
 
 
 def meta_model(recipe: Recipe, report: Report):
-    """The model built on the meta device from its config (no weights), or None with a one-line reason."""
-    from transformers import AutoConfig, AutoModelForCausalLM
+    """The model built on the meta device from its config (no weights), or None with a one-line
+    reason: a warning when the config cannot be had (offline hub), an error when the model's code
+    cannot be imported or constructed (the run could not start)."""
+    from launcher.models import construct_model
 
     m = recipe.model
     try:
-        config = AutoConfig.from_pretrained(m.name_or_path, revision=m.revision, trust_remote_code=m.trust_remote_code)
+        from launcher.remote_code import load_config
+
+        load_config(m.name_or_path, m.revision, m.trust_remote_code)
     except Exception as err:  # offline hub, unknown id, remote code refused: say so and check the rest
         report.warnings.append(
             f"model: cannot read the config of {m.name_or_path} ({type(err).__name__}: "
-            f"{str(err).splitlines()[0][:140]}); module and memory checks skipped"
+            f"{first_line(err)}); module and memory checks skipped"
         )
         return None
     try:
         import torch
 
         with torch.device("meta"):
-            return AutoModelForCausalLM.from_config(config, trust_remote_code=m.trust_remote_code)
+            return construct_model(m.name_or_path, revision=m.revision, trust_remote_code=m.trust_remote_code)
+    except ImportError as err:
+        missing = f"imports {err.name}, which is not installed here: pip install {err.name}" if err.name else first_line(err)
+        report.errors.append(f"model: the code of {m.name_or_path} {missing}")
     except Exception as err:
-        report.warnings.append(
-            f"model: cannot build {m.name_or_path} from its config ({type(err).__name__}: "
-            f"{str(err).splitlines()[0][:140]}); module and memory checks skipped"
+        report.errors.append(
+            f"model: {m.name_or_path} cannot be built from its config ({type(err).__name__}: {first_line(err)}); "
+            f"the run could not start"
         )
-        return None
+    return None
+
+
+def first_line(err: BaseException) -> str:
+    return (str(err).strip().splitlines() or [""])[0][:160]
 
 
 def known_model_type(recipe: Recipe) -> str | None:
@@ -103,18 +114,31 @@ def known_model_type(recipe: Recipe) -> str | None:
         return None
 
 
+def adaptable_types() -> tuple:
+    """Layer types peft's LoRA / IA3 adapt by name: torch linear and convolution layers, and
+    transformers' Conv1D (GPT-2's fused projections; quantized layers subclass nn.Linear)."""
+    import torch
+    from transformers.pytorch_utils import Conv1D
+
+    return (torch.nn.Linear, Conv1D, torch.nn.Conv1d, torch.nn.Conv2d)
+
+
+def adaptable_modules(model) -> list[tuple[str, object]]:
+    """(name, module) of every adaptable layer but the output head."""
+    head, kinds = model.get_output_embeddings(), adaptable_types()
+    return [(name, module) for name, module in model.named_modules() if isinstance(module, kinds) and module is not head]
+
+
 def linear_module_names(model) -> list[str]:
-    """Distinct last name parts of the model's linear layers (what target_modules can name)."""
+    """Distinct last name parts of the model's adaptable layers (what target_modules can name),
+    each with its type where it is not nn.Linear."""
     import torch
 
-    head = model.get_output_embeddings()
-    return sorted(
-        {
-            name.rsplit(".", 1)[-1]
-            for name, module in model.named_modules()
-            if isinstance(module, torch.nn.Linear) and module is not head
-        }
-    )
+    found = {}
+    for name, module in adaptable_modules(model):
+        kind = type(module).__name__
+        found[name.rsplit(".", 1)[-1]] = "" if isinstance(module, torch.nn.Linear) else f" ({kind})"
+    return [f"{name}{kind}" for name, kind in sorted(found.items())]
 
 
 def target_problems(recipe: Recipe, model) -> list[str]:
@@ -129,7 +153,7 @@ def target_problems(recipe: Recipe, model) -> list[str]:
         if not any(name == key or name.endswith("." + key) for name in names):
             problems.append(
                 f"peft.target_modules: {key!r} matches no module of {recipe.model.name_or_path}; "
-                f"its linear modules are: {', '.join(linear_module_names(model))}"
+                f"its adaptable modules are: {', '.join(linear_module_names(model))}"
             )
     for key in p.feedforward_modules or []:
         if wanted and key not in wanted:
@@ -137,18 +161,23 @@ def target_problems(recipe: Recipe, model) -> list[str]:
     return problems
 
 
-def adapter_parameters(recipe: Recipe, model) -> int:
-    """Trainable parameters of the recipe's adapter, counted by attaching it to the meta model."""
+def adapter_parameters(recipe: Recipe, model) -> int | None:
+    """Trainable parameters of the recipe's adapter, counted by attaching it to the meta model
+    (None when it cannot be attached there; ValueError when peft has no targets for the model)."""
     import copy
 
     from peft import get_peft_model
 
+    config = recipe.peft.spec.build_config(recipe, max(recipe.train.max_steps, 100))
     try:
-        config = recipe.peft.spec.build_config(recipe, max(recipe.train.max_steps, 100))
         tuned = get_peft_model(copy.deepcopy(model), config)
-        return tuned.get_nb_trainable_parameters()[0]
-    except Exception:  # an adapter peft cannot attach on meta: estimate without it
-        return 0
+    except ValueError as err:
+        if "target_modules" in str(err):  # peft knows no default targets for this model type
+            raise
+        return None
+    except Exception:  # an adapter peft cannot attach on the meta device: estimate without it
+        return None
+    return tuned.get_nb_trainable_parameters()[0]
 
 
 BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
@@ -166,13 +195,10 @@ def memory_estimate(recipe: Recipe, model, adapter: int, stage: int, offload: bo
     bytes in 16-bit, plus attention scores), two 16-bit tensors per layer with gradient
     checkpointing, doubled in fp32; plus the fp32 logits.
     """
-    import torch
 
     size = BYTES[recipe.model.dtype]
     world = recipe.world_size()
-    linear = sum(
-        m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear) and m is not model.get_output_embeddings()
-    )
+    linear = sum(m.weight.numel() for _, m in adaptable_modules(model))
     total = sum(p.numel() for p in model.parameters())
     per_linear = recipe.peft.spec.bytes_per_linear_weight or size
     weights = linear * per_linear + (total - linear) * size
@@ -263,7 +289,21 @@ def run_preflight(recipe: Recipe, examples: int | None = None) -> Report:
     report.errors += target_problems(recipe, model)
     if report.errors:
         return report
-    adapter = adapter_parameters(recipe, model)
+    try:
+        adapter = adapter_parameters(recipe, model)
+    except ValueError as err:  # peft knows no default target modules for this model type
+        report.errors.append(
+            f"peft: {recipe.peft.method} cannot attach to {model_type} models as configured ({first_line(err)}); "
+            f"set peft.target_modules to some of: {', '.join(linear_module_names(model))}"
+        )
+        return report
+    if adapter == 0 and recipe.peft.spec.has_targets:
+        report.errors.append(
+            f"peft: {recipe.peft.method} adapts nothing in {model_type} models (0 trainable parameters); "
+            f"set peft.target_modules to some of: {', '.join(linear_module_names(model))}"
+        )
+        return report
+    adapter = adapter or 0
     parts = memory_estimate(recipe, model, adapter, stage, offload)
     total = report.memory_bytes = sum(parts.values())
     report.lines.append(

@@ -30,7 +30,34 @@ class Quirks:
     environment: dict[str, str] = field(default_factory=dict)
     """Environment the model's code reads at import (set before loading)."""
     rebuild_meta_slopes: bool = False
-    """transformers 5 builds models on the meta device: a plain `slopes` tensor made in __init__ stays there."""
+    """transformers 5 builds models on the meta device: a plain `slopes` tensor made in __init__ stays
+    there; it is rebuilt in the model's dtype (transformers 4 made it under the model's default dtype)."""
+    remote_code: bool = False
+    """The model's code comes with the checkpoint (trust_remote_code): the repairs below apply to it."""
+    generation_mixin: bool = False
+    """Its causal-LM class does not inherit GenerationMixin, which transformers 5 requires for generate()
+    and generation_config: the loaded class is a subclass that adds it."""
+    call_post_init: bool = False
+    """Its __init__ never calls post_init(), which transformers 5 needs (all_tied_weights_keys): the
+    loaded class calls it."""
+    config_kept: dict = field(default_factory=dict)
+    """Config keys transformers 5's PretrainedConfig drops and the code reads: set from config.json
+    (or this default when the file has none)."""
+    config_aliases: dict = field(default_factory=dict)
+    """Config attributes transformers 5 no longer has that the model's __init__ reads: set from another
+    key of the same config while it runs (and removed after: a saved config must not hold them)."""
+    tokenizer_prebuilds: tuple = ()
+    """(attribute, builder in the tokenizer's module): its __init__ sets the attribute after
+    super().__init__(), which transformers 5's constructor already reads; the adapter sets it first."""
+    role_tokens: tuple = ()
+    """Role markers its tokenizer has as single special tokens (ChatGLM3): in text, each becomes that
+    token and the metadata line after it is encoded on its own, as the model's build_chat_input does
+    (a tokenizer without them, ChatGLM2's, encodes the text unchanged)."""
+    pad_drops_padding_side: bool = False
+    """Its tokenizer's _pad() lacks the padding_side argument transformers 5 passes on every call."""
+    own_generation_loop: bool = False
+    """Its generate() cannot run on transformers 5 (tuple-cache code handed a DynamicCache): evaluation
+    decodes with the launcher's own loop over the model's forward (no cache)."""
     notes: str = ""
 
 
@@ -44,6 +71,8 @@ REGISTRY: dict[str, Quirks] = {
         pad_token_id=0,
         environment={"use_triton": "False"},
         rebuild_meta_slopes=True,
+        remote_code=True,
+        generation_mixin=True,
         notes="TransNormerLLM (OpenNLPLab, remote code): linear modules qkvu_proj, out_proj, l1, l2, l3; "
         "use_triton=False selects its PyTorch path on machines without triton kernels",
     ),
@@ -51,12 +80,36 @@ REGISTRY: dict[str, Quirks] = {
         hidden_size_key="hidden_size",
         layers_key="num_layers",
         padding_side="left",
+        remote_code=True,
+        generation_mixin=True,
+        call_post_init=True,
+        config_kept={"use_cache": True},
+        config_aliases={"max_length": "seq_length"},
+        tokenizer_prebuilds=("tokenizer", "SPTokenizer"),
+        pad_drops_padding_side=True,
+        role_tokens=("<|system|>", "<|user|>", "<|assistant|>", "<|observation|>"),
+        own_generation_loop=True,
         notes="ChatGLM2/3 (THUDM, remote code): its tokenizer pads on the left only; linear modules "
         "query_key_value, dense, dense_h_to_4h, dense_4h_to_h",
     ),
 }
 
 DEFAULT = Quirks()
+
+KNOWN_REVISIONS: dict[str, dict[str, str]] = {
+    # model_type -> {first 16 hex digits of the sha256 of a remote code file: where it comes from};
+    # the repairs above were tested on exactly these files (../shared/seed-models/upstream/).
+    "transnormer": {
+        "db0458c20feeb638": "modeling_transnormer.py of OpenNLPLab TransNormerLLM (TNL-MoE 0b5d4e3)",
+        "33e04e775e99f56e": "tokenization_baichuan.py of OpenNLPLab TransNormerLLM",
+    },
+    "chatglm": {
+        "fe04c69d36dd1dba": "modeling_chatglm.py of THUDM/chatglm2-6b (2023-07-30)",
+        "b7441a9f557de429": "tokenization_chatglm.py of THUDM/chatglm2-6b (2023-07-30)",
+        "440d89faea5c3ea4": "modeling_chatglm.py of THUDM/chatglm3-6b (2023-12-07)",
+        "f3e7e26af20b222d": "tokenization_chatglm.py of THUDM/chatglm3-6b (2023-12-07)",
+    },
+}
 
 
 def quirks_for(model_type: str | None) -> Quirks:
@@ -95,11 +148,15 @@ def rebuild_meta_slopes(model) -> int:
     import torch
 
     rebuilt = 0
+    if all(p.is_meta for p in model.parameters()):  # a model built on meta (pre-flight) stays there
+        return rebuilt
+    embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    dtype = embeddings.weight.dtype if embeddings is not None else torch.get_default_dtype()
     for module in model.modules():
         slopes = getattr(module, "slopes", None)
         builder = getattr(module, "_build_slope_tensor", None)
         if isinstance(slopes, torch.Tensor) and slopes.is_meta and callable(builder):
-            fresh = builder(slopes.shape[0])
+            fresh = builder(slopes.shape[0]).to(dtype)
             device = next((p.device for p in module.parameters() if not p.is_meta), torch.device("cpu"))
             if isinstance(module._buffers.get("slopes"), torch.Tensor):
                 module._buffers["slopes"] = fresh.to(device)

@@ -24,9 +24,8 @@ def write_report(out: Path, plan: dict, examples: list[Example], predictions: di
 
 
 def metric_names(result: dict) -> list[str]:
-    first = next(iter(result["systems"].values()))
     preferred = ["exact_match", "bleu4", "rouge1", "rouge2", "rougeL", "loss", "perplexity"]
-    return [n for n in preferred if n in first]
+    return [n for n in preferred if any(n in values for values in result["systems"].values())]
 
 
 def table_rows(result: dict) -> list[list[str]]:
@@ -35,8 +34,15 @@ def table_rows(result: dict) -> list[list[str]]:
     for system, values in result["systems"].items():
         speed = result["speed"][system]
         rate = speed["generated_tokens"] / speed["shard_seconds"] if speed["shard_seconds"] else 0.0
-        rows.append([system] + [f"{values[n]:.4g}" for n in names] + [f"{rate:.0f}"])
+        rows.append([system] + [f"{values[n]:.4g}" if n in values else "—" for n in names] + [f"{rate:.0f}"])
     return rows
+
+
+def failure_lines(result: dict) -> list[str]:
+    """Why a system has losses only (its generation failed)."""
+    return [
+        f"{system}: no answers, loss and perplexity only: {why}" for system, why in result.get("generation_failed", {}).items()
+    ]
 
 
 def sample_rows(examples: list[Example], predictions: dict) -> list[list[str]]:
@@ -56,6 +62,7 @@ def markdown(title: str, examples, predictions, result, plots: list[Path]) -> st
         "for ROUGE); loss and perplexity of the references, per response token.",
         "",
     ]
+    lines += [f"- {line}" for line in failure_lines(result)] + ([""] if failure_lines(result) else [])
     lines += [f"![{p.stem}]({p.name})" for p in plots] + [""]
     lines += ["## Sample predictions", ""] + md_table(sample_rows(examples, predictions))
     return "\n".join(lines) + "\n"
@@ -87,7 +94,8 @@ def page(title: str, examples, predictions, result, plots: list[Path]) -> str:
     return (
         f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
         f"<style>{style}</style></head><body><h1>{html.escape(title)}</h1>{table(table_rows(result))}"
-        f"{images}<h2>Sample predictions</h2>{table(sample_rows(examples, predictions))}</body></html>\n"
+        + "".join(f"<p>{html.escape(line)}</p>" for line in failure_lines(result))
+        + f"{images}<h2>Sample predictions</h2>{table(sample_rows(examples, predictions))}</body></html>\n"
     )
 
 

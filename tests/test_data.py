@@ -32,7 +32,10 @@ def test_templates_render_the_seeds_prompt_formats():
     assert render("chatglm", None, history, "今天天气怎么样")[0] == (
         "[Round 1]\n\n问：你好\n\n答：你好！\n\n[Round 2]\n\n问：今天天气怎么样\n\n答："
     )
-    assert render("transnormer", None, history, "Q")[0] == "Human: 你好\nAssistant: 你好！\nHuman: Q\nAssistant: "
+    assert render("transnormer", None, history, "Q")[0] == "Human:\n你好\nAssistant:\n你好！\nHuman:\nQ\nAssistant:\n"
+    assert render("transnormer", None, [], "3", instruction="Even or odd?")[0] == "Even or odd?\nHuman:\n3\nAssistant:\n"
+    assert render("chatml", None, [], "3", instruction="Even or odd?")[0].startswith("<|im_start|>user\nEven or odd?\n3<|im_end|>")
+    assert render("chatglm3", "系统", history, "Q")[0] == "<|system|>\n系统<|user|>\n你好<|assistant|>\n你好！<|user|>\nQ<|assistant|>\n"
     assert render("plain", None, [], "Is 3 odd?") == ("Is 3 odd?\n", "")
 
 

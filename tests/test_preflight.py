@@ -22,7 +22,7 @@ def test_a_wrong_target_module_fails_before_anything_starts_and_lists_the_real_n
     assert result.returncode == 2
     text = " ".join(result.stdout.split())
     assert (
-        f"peft.target_modules: 'qkvu_proj' matches no module of {tiny_assets['model']}; its linear modules are: "
+        f"peft.target_modules: 'qkvu_proj' matches no module of {tiny_assets['model']}; its adaptable modules are: "
         "down_proj, gate_proj, k_proj, o_proj, q_proj, up_proj, v_proj"
     ) in text
     assert "nothing was started" in text and not (tmp_path / "run").exists()

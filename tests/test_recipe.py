@@ -37,7 +37,7 @@ def test_every_problem_is_reported_at_once(tmp_path, tiny_assets):
     lines = errors_of(write_recipe(tmp_path, text))
     assert len(lines) == 2
     assert lines[0].startswith(
-        "data.template: input should be 'plain', 'chatml', 'transnormer', 'chatglm' or 'tokenizer', got \"chatmI\""
+        "data.template: input should be 'plain', 'chatml', 'transnormer', 'chatglm', 'chatglm3' or 'tokenizer', got \"chatmI\""
     )
     assert lines[1] == "data.max_length: input should be greater than 0, got -1"
 
