@@ -119,7 +119,8 @@ def merge_into_base(recipe: Recipe, adapter: Path, target: Path, overwrite: bool
     staging = staging_for(target)
     staging.rmdir()  # stream_merge creates it
     try:
-        done = stream_merge(recipe.model.name_or_path, adapter, staging, recipe.model.dtype, recipe.model.revision)
+        m = recipe.model
+        done = stream_merge(m.name_or_path, adapter, staging, m.dtype, m.revision, m.trust_remote_code)
         load_tokenizer(recipe).save_pretrained(str(staging))
     except UserError:
         shutil.rmtree(staging, ignore_errors=True)  # nothing of a refused merge stays behind

@@ -78,19 +78,24 @@ def load_tokenizer(recipe: Recipe, padding_side: str = "right"):
 
 def load_base_model(recipe: Recipe, name_or_path: str | None = None, quantization=None, device: str | None = None):
     """The base model in the recipe's dtype; quantized (bitsandbytes) and placed on `device` when asked."""
-    from transformers import AutoModelForCausalLM
-
-    set_environment(model_type(recipe))  # before the model's code is imported
     from transformers.integrations import is_deepspeed_zero3_enabled
 
     extra = {"quantization_config": quantization} if quantization else {}
     if quantization and not is_deepspeed_zero3_enabled():  # ZeRO-3 places (and shards) the weights itself
         extra["device_map"] = {"": device or "cpu"}
-    path, m = name_or_path or recipe.model.name_or_path, recipe.model
-    config = load_config(path, m.revision, m.trust_remote_code)
-    cls = model_class(config, path, m.revision, m.trust_remote_code) or AutoModelForCausalLM
+    m = recipe.model
+    return load_pretrained(name_or_path or m.name_or_path, torch_dtype(recipe), m.revision, m.trust_remote_code, **extra)
+
+
+def load_pretrained(name_or_path: str, dtype, revision: str | None = None, trust_remote_code: bool = False, **extra):
+    """from_pretrained through the quirks registry: its remote code repaired, then the model."""
+    from transformers import AutoModelForCausalLM
+
+    set_environment(model_type_of(name_or_path, revision))  # before the model's code is imported
+    config = load_config(name_or_path, revision, trust_remote_code)
+    cls = model_class(config, name_or_path, revision, trust_remote_code) or AutoModelForCausalLM
     model = cls.from_pretrained(
-        path, config=config, revision=m.revision, trust_remote_code=m.trust_remote_code, dtype=torch_dtype(recipe), **extra
+        name_or_path, config=config, revision=revision, trust_remote_code=trust_remote_code, dtype=dtype, **extra
     )
     apply_quirks(model)
     return model

@@ -45,8 +45,26 @@ def shard_names(base_dir: Path) -> list[str]:
     )
 
 
-def adapter_updates(adapter_dir: Path):
-    """{base weight name: function(weight in fp32) -> merged weight in fp32} from an adapter.
+def transposed_modules(base_dir: Path, trust_remote_code: bool = False) -> set[str]:
+    """Names of the base's modules that store their weight as (in, out): transformers' Conv1D (GPT-2).
+
+    The adapter's own fan_in_fan_out cannot say it: a quantized base (qlora, lora-8bit) has its
+    Conv1D layers turned into Linear by bitsandbytes, so their adapters are saved as for (out, in),
+    while the unquantized base they merge into keeps (in, out). The model is built on the meta
+    device from its config, which allocates nothing."""
+    import torch
+    from transformers.pytorch_utils import Conv1D
+
+    from launcher.models import construct_model
+
+    with torch.device("meta"):
+        model = construct_model(str(base_dir), trust_remote_code=trust_remote_code)
+    return {name for name, module in model.named_modules() if isinstance(module, Conv1D)}
+
+
+def adapter_updates(adapter_dir: Path, transposed: set[str] = frozenset()):
+    """{base weight name: function(weight in fp32) -> merged weight in fp32} from an adapter;
+    `transposed` names the modules whose base weight is stored (in, out).
     Each delta is computed when its weight's shard is merged, so only one lives at a time."""
     from safetensors.torch import load_file
 
@@ -60,10 +78,15 @@ def adapter_updates(adapter_dir: Path):
     part = lambda module, what: tensors.get(f"{module}.{what}.weight", tensors.get(f"{module}.{what}"))  # noqa: E731
     updates = {}
     for module in sorted(modules):
+        flip = module in transposed
         if kind == "IA3":
-            scale = part(module, "ia3_l")
-            if scale is not None:  # feed-forward modules scale the input (columns), the others the output (rows)
-                updates[f"{module}.weight"] = lambda w, s=scale: w * s.reshape(1, -1) if s.shape[0] == 1 else w * s.reshape(-1, 1)
+            scale = part(module, "ia3_l")  # (1, in) for feed-forward modules (scales the input), else (out, 1)
+            if scale is not None:
+                feedforward = scale.shape[0] == 1
+                scale = scale.reshape(1, -1) if feedforward else scale.reshape(-1, 1)
+                updates[f"{module}.weight"] = lambda w, s=(scale.T if flip else scale): w * s
+                if not feedforward:  # an output scale scales the bias too (the base layer's whole output)
+                    updates[f"{module}.bias"] = lambda bias, s=scale.reshape(-1): bias * s
             continue
         a, b = part(module, "lora_A"), part(module, "lora_B")
         if a is None or b is None or a.shape[0] == 0:  # AdaLoRA may prune a layer to rank 0: nothing to add
@@ -73,8 +96,7 @@ def adapter_updates(adapter_dir: Path):
         else:  # AdaLoRA: B (A * E) * alpha / init_r (pruning keeps the scale: peft's ranknum stays init_r)
             start_rank = config.get("init_r") or a.shape[0]
             a = a * part(module, "lora_E") * (config["lora_alpha"] or start_rank) / (start_rank + 1e-5)
-        transpose = bool(config.get("fan_in_fan_out"))
-        updates[f"{module}.weight"] = lambda w, a=a, b=b, t=transpose: w.add_((b @ a).T if t else b @ a)
+        updates[f"{module}.weight"] = lambda w, a=a, b=b, t=flip: w.add_((b @ a).T if t else b @ a)
     if not updates:
         raise UserError(f"{adapter_dir}: no mergeable tensors found")
     return updates
@@ -85,14 +107,21 @@ def lora_scaling(config: dict, module: str, rank: int) -> float:
     return alpha / (rank**0.5) if config.get("use_rslora") else alpha / rank
 
 
-def stream_merge(base: str, adapter_dir: Path, out_dir: Path, dtype: str = "fp32", revision: str | None = None) -> dict:
+def stream_merge(
+    base: str,
+    adapter_dir: Path,
+    out_dir: Path,
+    dtype: str = "fp32",
+    revision: str | None = None,
+    trust_remote_code: bool = False,
+) -> dict:
     """Write the merged model into out_dir (which must not exist); return what was done and the peak RSS."""
     import torch
     from safetensors import safe_open
     from safetensors.torch import save_file
 
     base_dir, adapter_dir, out_dir = base_files(base, revision), Path(adapter_dir), Path(out_dir)
-    updates = adapter_updates(adapter_dir)
+    updates = adapter_updates(adapter_dir, transposed_modules(base_dir, trust_remote_code))
     out_dir.mkdir(parents=True)
     target = getattr(torch, TORCH_DTYPES[dtype])
     merged = 0
@@ -109,10 +138,11 @@ def stream_merge(base: str, adapter_dir: Path, out_dir: Path, dtype: str = "fp32
                 tensors[name] = weight.contiguous()
         save_file(tensors, str(out_dir / shard), metadata=metadata)
         del tensors
-    if updates:
+    missing = [name for name in updates if not name.endswith(".bias")]  # a scaled layer may have no bias
+    if missing:
         raise UserError(
-            f"{adapter_dir}: {len(updates)} adapted weights not found in {base_dir} "
-            f"(first: {next(iter(updates))}); is this the adapter's base model?"
+            f"{adapter_dir}: {len(missing)} adapted weights not found in {base_dir} "
+            f"(first: {missing[0]}); is this the adapter's base model?"
         )
     copy_side_files(base_dir, out_dir, dtype)
     return {"merged_weights": merged, "shards": len(shard_names(base_dir)), "peak_rss_mib": peak_rss_mib()}

@@ -34,8 +34,13 @@ def test_templates_render_the_seeds_prompt_formats():
     )
     assert render("transnormer", None, history, "Q")[0] == "Human:\n你好\nAssistant:\n你好！\nHuman:\nQ\nAssistant:\n"
     assert render("transnormer", None, [], "3", instruction="Even or odd?")[0] == "Even or odd?\nHuman:\n3\nAssistant:\n"
-    assert render("chatml", None, [], "3", instruction="Even or odd?")[0].startswith("<|im_start|>user\nEven or odd?\n3<|im_end|>")
-    assert render("chatglm3", "系统", history, "Q")[0] == "<|system|>\n系统<|user|>\n你好<|assistant|>\n你好！<|user|>\nQ<|assistant|>\n"
+    assert render("chatml", None, [], "3", instruction="Even or odd?")[0].startswith(
+        "<|im_start|>user\nEven or odd?\n3<|im_end|>"
+    )
+    assert (
+        render("chatglm3", "系统", history, "Q")[0]
+        == "<|system|>\n系统<|user|>\n你好<|assistant|>\n你好！<|user|>\nQ<|assistant|>\n"
+    )
     assert render("plain", None, [], "Is 3 odd?") == ("Is 3 odd?\n", "")
 
 
