@@ -361,10 +361,13 @@ def read_training_set(recipe: Recipe, samples: int = 5) -> TrainingSetReport:
         tokenizer = load_tokenizer(recipe)
     except Exception as err:  # a hub tokenizer with no network: check the rows without it
         tokenizer = None
-        report.warnings.append(
-            f"model: cannot load the tokenizer of {recipe.model.name_or_path} ({type(err).__name__}); "
-            f"token counts and samples skipped"
-        )
+        why = f"{type(err).__name__}: {(str(err).strip().splitlines() or [''])[0][:160]}"
+        if Path(recipe.model.name_or_path).exists():  # a local model whose tokenizer is broken: the run could not start
+            report.errors.append(f"model: the tokenizer of {recipe.model.name_or_path} cannot be loaded ({why})")
+        else:
+            report.warnings.append(
+                f"model: cannot load the tokenizer of {recipe.model.name_or_path} ({why}); token counts and samples skipped"
+            )
     if tokenizer is None and recipe.data.template == "tokenizer":  # count the rows; prompts need the tokenizer
         recipe = recipe.model_copy(update={"data": recipe.data.model_copy(update={"template": "plain"})})
     split = split_examples(recipe, tokenizer)

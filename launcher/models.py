@@ -102,8 +102,7 @@ def load_pretrained(name_or_path: str, dtype, revision: str | None = None, trust
 
 
 def construct_model(name_or_path: str, dtype=None, revision=None, trust_remote_code: bool = True, **init_kwargs):
-    """A model with random weights built from its config, its remote code repaired as for loading
-    (under `with torch.device("meta")` it allocates nothing: pre-flight's model)."""
+    """A model with random weights built from its config, its remote code repaired as for loading."""
     from transformers import AutoModelForCausalLM
 
     set_environment(model_type_of(name_or_path))
@@ -114,6 +113,18 @@ def construct_model(name_or_path: str, dtype=None, revision=None, trust_remote_c
     else:
         model = cls._from_config(config, dtype=dtype, **init_kwargs)
     apply_quirks(model)
+    return model
+
+
+def meta_model(name_or_path: str, revision=None, trust_remote_code: bool = True):
+    """The model built on the meta device: every module and shape, no memory (pre-flight, merge layout)."""
+    import torch
+
+    extra = {"device": "meta"} if quirks_for(model_type_of(name_or_path, revision)).init_takes_device else {}
+    with torch.device("meta"):
+        model = construct_model(name_or_path, revision=revision, trust_remote_code=trust_remote_code, **extra)
+    if not all(p.is_meta for p in model.parameters()):  # a 6B model here would take the login node's memory
+        raise RuntimeError(f"{name_or_path}: its code placed weights off the meta device")
     return model
 
 

@@ -71,7 +71,7 @@ def meta_model(recipe: Recipe, report: Report):
     """The model built on the meta device from its config (no weights), or None with a one-line
     reason: a warning when the config cannot be had (offline hub), an error when the model's code
     cannot be imported or constructed (the run could not start)."""
-    from launcher.models import construct_model
+    from launcher.models import meta_model as build_on_meta
 
     m = recipe.model
     try:
@@ -85,10 +85,7 @@ def meta_model(recipe: Recipe, report: Report):
         )
         return None
     try:
-        import torch
-
-        with torch.device("meta"):
-            return construct_model(m.name_or_path, revision=m.revision, trust_remote_code=m.trust_remote_code)
+        return build_on_meta(m.name_or_path, m.revision, m.trust_remote_code)
     except ImportError as err:
         missing = f"imports {err.name}, which is not installed here: pip install {err.name}" if err.name else first_line(err)
         report.errors.append(f"model: the code of {m.name_or_path} {missing}")
@@ -98,6 +95,20 @@ def meta_model(recipe: Recipe, report: Report):
             f"the run could not start"
         )
     return None
+
+
+def revision_warnings(recipe: Recipe, model, model_type: str | None) -> list[str]:
+    """A warning when the model's remote code is not a revision the quirks registry was tested with."""
+    from launcher.remote_code import tokenizer_class, unknown_revision
+
+    m = recipe.model
+    classes = [type(model)]
+    try:
+        classes.append(tokenizer_class(m.name_or_path, m.revision, m.trust_remote_code, model_type))
+    except Exception:  # the tokenizer's own check reports it
+        pass
+    warning = unknown_revision(model_type, [c for c in classes if c is not None])
+    return [warning] if warning else []
 
 
 def first_line(err: BaseException) -> str:
@@ -286,6 +297,7 @@ def run_preflight(recipe: Recipe, examples: int | None = None) -> Report:
         batch_lines(recipe, examples, report)
     if model is None:
         return report
+    report.warnings += revision_warnings(recipe, model, model_type)
     report.errors += target_problems(recipe, model)
     if report.errors:
         return report

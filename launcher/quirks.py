@@ -50,11 +50,15 @@ class Quirks:
     """(attribute, builder in the tokenizer's module): its __init__ sets the attribute after
     super().__init__(), which transformers 5's constructor already reads; the adapter sets it first."""
     role_tokens: tuple = ()
-    """Role markers its tokenizer has as single special tokens (ChatGLM3): in text, each becomes that
-    token and the metadata line after it is encoded on its own, as the model's build_chat_input does
-    (a tokenizer without them, ChatGLM2's, encodes the text unchanged)."""
+    """Markers its tokenizer has as single special tokens (ChatGLM3's roles, and the [gMASK] sop prefix
+    a chat template writes): in text, each becomes that token ("sop" only right after "[gMASK]") and the
+    metadata line after a role is encoded on its own, as the model's build_chat_input does (a tokenizer
+    without them, ChatGLM2's, encodes the text unchanged)."""
     pad_drops_padding_side: bool = False
     """Its tokenizer's _pad() lacks the padding_side argument transformers 5 passes on every call."""
+    init_takes_device: bool = False
+    """Its __init__ places the weights itself (ChatGLM: skip_init, then to_empty on the CPU), ignoring
+    `with torch.device("meta")`: a model built on meta (pre-flight, merge) passes device="meta"."""
     own_generation_loop: bool = False
     """Its generate() cannot run on transformers 5 (tuple-cache code handed a DynamicCache): evaluation
     decodes with the launcher's own loop over the model's forward (no cache)."""
@@ -87,8 +91,9 @@ REGISTRY: dict[str, Quirks] = {
         config_aliases={"max_length": "seq_length"},
         tokenizer_prebuilds=("tokenizer", "SPTokenizer"),
         pad_drops_padding_side=True,
-        role_tokens=("<|system|>", "<|user|>", "<|assistant|>", "<|observation|>"),
+        role_tokens=("[gMASK]", "sop", "<|system|>", "<|user|>", "<|assistant|>", "<|observation|>"),
         own_generation_loop=True,
+        init_takes_device=True,
         notes="ChatGLM2/3 (THUDM, remote code): its tokenizer pads on the left only; linear modules "
         "query_key_value, dense, dense_h_to_4h, dense_4h_to_h",
     ),

@@ -135,14 +135,15 @@ def adapted_tokenizer_class(cls, model_type: str):
 
         def _tokenize(self, text, **kwargs):
             unknown = cls._convert_token_to_id(self, self.unk_token)
-            roles = [r for r in quirks.role_tokens if cls._convert_token_to_id(self, r) != unknown]
-            if not roles:
+            known = [m for m in quirks.role_tokens if cls._convert_token_to_id(self, m) != unknown]
+            if not known:
                 return cls._tokenize(self, text, **kwargs)
+            patterns = ["(?<=\\[gMASK\\])sop" if m == "sop" else re.escape(m) for m in known]
             pieces, after_role = [], False
-            for part in re.split("(" + "|".join(map(re.escape, roles)) + ")", text):
-                if part in roles:
+            for part in re.split("(" + "|".join(patterns) + ")", text):
+                if part in known:
                     pieces.append(part)
-                    after_role = True
+                    after_role = part.startswith("<|")
                     continue
                 if after_role and "\n" in part:  # the role's metadata line, encoded apart
                     line, part = part.split("\n", 1)

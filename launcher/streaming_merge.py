@@ -52,13 +52,11 @@ def transposed_modules(base_dir: Path, trust_remote_code: bool = False) -> set[s
     Conv1D layers turned into Linear by bitsandbytes, so their adapters are saved as for (out, in),
     while the unquantized base they merge into keeps (in, out). The model is built on the meta
     device from its config, which allocates nothing."""
-    import torch
     from transformers.pytorch_utils import Conv1D
 
-    from launcher.models import construct_model
+    from launcher.models import meta_model
 
-    with torch.device("meta"):
-        model = construct_model(str(base_dir), trust_remote_code=trust_remote_code)
+    model = meta_model(str(base_dir), trust_remote_code=trust_remote_code)
     return {name for name, module in model.named_modules() if isinstance(module, Conv1D)}
 
 
@@ -84,9 +82,10 @@ def adapter_updates(adapter_dir: Path, transposed: set[str] = frozenset()):
             if scale is not None:
                 feedforward = scale.shape[0] == 1
                 scale = scale.reshape(1, -1) if feedforward else scale.reshape(-1, 1)
-                updates[f"{module}.weight"] = lambda w, s=(scale.T if flip else scale): w * s
+                weight_scale, bias_scale = (scale.T if flip else scale), scale.reshape(-1)
+                updates[f"{module}.weight"] = lambda w, s=weight_scale: w * s
                 if not feedforward:  # an output scale scales the bias too (the base layer's whole output)
-                    updates[f"{module}.bias"] = lambda bias, s=scale.reshape(-1): bias * s
+                    updates[f"{module}.bias"] = lambda bias, s=bias_scale: bias * s
             continue
         a, b = part(module, "lora_A"), part(module, "lora_B")
         if a is None or b is None or a.shape[0] == 0:  # AdaLoRA may prune a layer to rank 0: nothing to add

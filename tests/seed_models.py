@@ -98,6 +98,8 @@ def train_sentencepiece(out: Path) -> Path:
         byte_fallback=True,
         character_coverage=1.0,
         split_digits=True,
+        normalization_rule_name="identity",  # keep newlines and spaces as the real models' tokenizers do
+        remove_extra_whitespaces=False,
         minloglevel=2,
     )
     path = out / "tokenizer.model"
@@ -123,6 +125,21 @@ def write_files(seed: str, out: Path) -> None:
         tokenizer_config.pop("name_or_path", None)
     (out / "config.json").write_text(json.dumps(config, indent=2))
     (out / "tokenizer_config.json").write_text(json.dumps(tokenizer_config, indent=2))
+
+
+def seed_recipe(seed: str, model_dir: Path, **model):
+    """A minimal validated recipe for a tiny seed model (trust_remote_code, as the seed recipes say)."""
+    from launcher.recipe import validate_recipe
+
+    return validate_recipe(
+        {
+            "name": seed,
+            "model": {"name_or_path": str(model_dir), "trust_remote_code": True} | model,
+            "data": {"train_file": str(REPO / "recipes" / "data" / "huanhuan-sample.json"), "format": "alpaca"},
+            "peft": {"method": "lora", "target_modules": ["placeholder"]},
+        },
+        source=f"{seed} test recipe",
+    )
 
 
 def build_seed_model(seed: str, out: Path) -> Path:
