@@ -1,7 +1,8 @@
 """Every PEFT method trains end to end from the seed recipes (2 ranks, DeepSpeed on CPU, real
-bitsandbytes for the quantized ones), with the model swapped for a tiny local one. Each saved
+bitsandbytes for the quantized ones), with the model swapped for a tiny local Llama. Each saved
 adapter, loaded back with PeftModel.from_pretrained, gives the logits the trained model gave;
-LoRA-family merges equal PeftModel on the unquantized base."""
+LoRA-family merges equal PeftModel on the unquantized base. The TransNormer and ChatGLM seed
+recipes run with tiny models of their own upstream code in test_seed_recipes.py."""
 
 from __future__ import annotations
 
@@ -20,10 +21,7 @@ pytestmark = pytest.mark.e2e  # real processes end to end: the full tier
 
 TINY_TARGETS = 'peft.target_modules=["q_proj", "v_proj"]'
 SEEDS = {  # recipe -> overrides its tiny stand-in needs (Llama module names; no chat template)
-    "transnormer-lora.toml": [TINY_TARGETS],
     "opt-6.7b-lora-8bit.toml": [TINY_TARGETS],
-    "chatglm3-6b-qlora.toml": [TINY_TARGETS, "data.template=chatml"],
-    "chatglm2-6b-adalora.toml": [TINY_TARGETS, "peft.init_r=6", "peft.target_r=2"],
     "bloomz-prompt-tuning.toml": [],
     "bloomz-p-tuning.toml": [],
     "bloomz-prefix-tuning.toml": [],
@@ -91,7 +89,7 @@ def test_each_method_trains_from_its_seed_recipe_and_its_adapter_reloads_to_the_
     with torch.no_grad():
         got = merged(input_ids=probe["input_ids"], attention_mask=probe["attention_mask"]).logits
     assert (got - expected).abs().max().item() <= 1e-5
-    if seed == "transnormer-lora.toml":  # any complete checkpoint's adapter merges too
+    if seed == "opt-6.7b-lora-8bit.toml":  # any complete checkpoint's adapter merges too
         again = run_launch("merge", run.root, "--checkpoint", "4")
         assert again.returncode == 0, again.stdout + again.stderr
         expected = reload_logits(recipe, run.checkpoints / "checkpoint-4", probe, quantized=False)
@@ -101,10 +99,6 @@ def test_each_method_trains_from_its_seed_recipe_and_its_adapter_reloads_to_the_
         assert (got - expected).abs().max().item() <= 1e-5 and (expected - probe["logits"]).abs().max().item() > 1e-4
         refused = run_launch("merge", run.root, "--checkpoint", "4")
         assert refused.returncode != 0 and "merged-checkpoint-4: exists; pass --overwrite" in refused.stdout + refused.stderr
-    if method == "adalora":  # the allocator ran: ranks were pruned from init_r towards target_r
-        pattern = json.loads((run.adapter / "adapter_config.json").read_text())["rank_pattern"]
-        kept = [sum(mask) for mask in pattern.values()]
-        assert pattern and sum(kept) < 6 * len(kept)
 
 
 @pytest.mark.parametrize("recipe", sorted(p.name for p in (REPO / "recipes").glob("*.toml")))

@@ -89,6 +89,29 @@ def test_two_nodes_train_and_match_a_local_run(dev_cluster, tmp_path, tiny_asset
     assert max(abs(a - b) / abs(b) for a, b in zip(on_slurm, on_local)) <= 1e-4
 
 
+def test_the_transnormer_seed_recipe_on_two_nodes(dev_cluster, tmp_path):
+    """The headline recipe, with a tiny model of TransNormerLLM's real remote code, on 2 SLURM nodes (ZeRO-3)."""
+    from seed_models import build_seed_model, require_upstream
+
+    require_upstream()
+    model = build_seed_model("transnormer", tmp_path / "model")
+    sets = [f"model.name_or_path={model}", "distributed.deepspeed=zero3", "train.max_steps=8", "train.save_steps=4"]
+    sets += ["train.logging_steps=1", "train.micro_batch_size=2", "train.gradient_accumulation_steps=1", "eval.max_new_tokens=4"]
+    result = run_launch(
+        REPO / "recipes" / "transnormer-lora.toml",
+        *("--run-dir", tmp_path / "run", "--nodes", "2", "--procs-per-node", "1", "--profile", "dev"),
+        *(a for s in sets for a in ("--set", s)),
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    run = RunDir(tmp_path / "run")
+    assert "topology: 2 nodes, 2 ranks, backend gloo; n1: ranks [0], n2: ranks [1]" in run.rank_log(0).read_text()
+    rows = run.metrics.rows()
+    assert [r["step"] for r in rows] == list(range(1, 9)) and all(r["loss"] == r["loss"] for r in rows)
+    assert "valid" in validate_adapter(run.adapter) and (run.merged / "modeling_transnormer.py").exists()
+    metrics = json.loads((run.eval / "metrics.json").read_text())
+    assert set(metrics["systems"]) == {"base", "adapter"} and "generation_failed" not in metrics
+
+
 def test_a_failing_rank_fails_the_job_with_its_log_lines(dev_cluster, tmp_path, tiny_assets):
     recipe = write_recipe(tmp_path, tiny_recipe_text(tiny_assets) + '[slurm]\nenvironment = { LAUNCHER_FAIL_RANK = "1" }\n')
     started = time.time()
