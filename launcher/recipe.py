@@ -90,10 +90,9 @@ class DataSection(Section):
     messages_column: str = "messages"
     """messages: column holding a list of {role, content} (system, then user / assistant turns)."""
     system_prompt: str | None = None
-    """System text put before every prompt (chatml, transnormer, plain and tokenizer templates)."""
+    """System text put before every prompt (chatml, transnormer, chatglm3, plain and tokenizer templates)."""
     template: Literal["plain", "chatml", "transnormer", "chatglm", "chatglm3", "tokenizer"] = "plain"
-    """Prompt template: plain, chatml, transnormer (its fine-tune script's Human:/Assistant:), chatglm (ChatGLM2's
-    [Round n] 问：答：), chatglm3 (<|user|>/<|assistant|> role tokens), tokenizer (its chat template)."""
+    """Prompt template: plain, chatml, transnormer (its fine-tune script's), chatglm (ChatGLM2's), chatglm3 (role tokens), tokenizer (its chat template)."""
     max_length: int = Field(256, gt=0)
     """Maximum tokens per example (prompt + response); longer examples are truncated and counted."""
     on_bad_rows: Literal["error", "skip"] = "error"

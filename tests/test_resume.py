@@ -66,6 +66,21 @@ def wait_for_rows(run: RunDir, count: int, timeout_s: float = 240) -> None:
     raise AssertionError(f"{run.metrics_log}: fewer than {count} rows after {timeout_s} s")
 
 
+def launch_then_kill_a_rank(args: list, run: RunDir, after_rows: int) -> None:
+    """`launch args` in a fresh process; rank 1 SIGKILLed once `after_rows` steps are logged: it fails."""
+    first = subprocess.Popen(
+        [sys.executable, "-m", "launcher.cli", *map(str, args)],
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    wait_for_rows(run, after_rows)
+    os.kill(rank_pid(run, 1), signal.SIGKILL)
+    output, _ = first.communicate(timeout=300)
+    assert first.returncode == 1, output
+
+
 @pytest.mark.parametrize("stage", ["zero2", "zero3"])
 def test_sigkill_of_one_rank_then_relaunch_equals_an_uninterrupted_run(tmp_path, tiny_assets, stage):
     recipe = write_recipe(tmp_path, tiny_recipe_text(tiny_assets))
@@ -73,17 +88,7 @@ def test_sigkill_of_one_rank_then_relaunch_equals_an_uninterrupted_run(tmp_path,
     assert run_launch(*launch_args(recipe, straight.root, stage)).returncode == 0
 
     run = RunDir(tmp_path / "interrupted")
-    first = subprocess.Popen(
-        [sys.executable, "-m", "launcher.cli", *map(str, launch_args(recipe, run.root, stage))],
-        cwd=REPO,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
-    wait_for_rows(run, 14)
-    os.kill(rank_pid(run, 1), signal.SIGKILL)
-    output, _ = first.communicate(timeout=300)
-    assert first.returncode == 1, output
+    launch_then_kill_a_rank(launch_args(recipe, run.root, stage), run, 14)
     assert json.loads(run.manifest_path.read_text())["state"] == "failed"
 
     again = run_launch(*launch_args(recipe, run.root, stage))

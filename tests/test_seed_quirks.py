@@ -6,6 +6,8 @@ pre-flight refuses what could not start. Tiny random models built from that code
 from __future__ import annotations
 
 import shutil
+import subprocess
+import sys
 
 import pytest
 from conftest import REPO
@@ -179,6 +181,22 @@ def test_preflight_refuses_what_could_not_start(seed_dirs, tmp_path):
     assert [w for w in report.warnings if "modeling_chatglm.py of this chatglm model is a revision the quirks registry" in w]
     clean = run_preflight(seed_recipe("chatglm3", seed_dirs["chatglm3"]), examples=40)
     assert not [w for w in clean.warnings if "quirks registry" in w]
+
+
+def test_preflight_names_triton_when_transnormers_code_cannot_import_it(seed_dirs):
+    """Its code imports triton at module level, even on its PyTorch path: a machine without it (hidden
+    here the way Python itself reports a missing module) is told before anything starts."""
+    hide = "import sys; sys.modules['triton'] = None; from launcher.cli import main; sys.exit(main(sys.argv[1:]))"
+    recipe, model = REPO / "recipes" / "transnormer-lora.toml", seed_dirs["transnormer"]
+    result = subprocess.run(
+        [sys.executable, "-c", hide, "check", recipe, "--set", f"model.name_or_path={model}"],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+    )
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert f"model: the code of {model} imports triton, which is not installed here: pip install triton" in result.stdout
+    assert "Traceback" not in result.stdout + result.stderr
 
 
 @pytest.mark.parametrize("family", ["phi3", "gpt2"])

@@ -7,15 +7,11 @@ equal to merge_and_unload (<= 1e-5, fp32), and the batch evaluation of base and 
 from __future__ import annotations
 
 import json
-import os
-import signal
-import subprocess
-import sys
 
 import pytest
 from conftest import REPO, run_launch
 from seed_models import build_seed_model, require_upstream
-from test_resume import batches, rank_pid, wait_for_rows
+from test_resume import batches, launch_then_kill_a_rank
 
 from launcher.checkpoints import is_complete
 from launcher.recipe import load_recipe
@@ -124,17 +120,7 @@ def test_seed_recipe_end_to_end_with_its_real_model_code(seed, tmp_path):
     # a rank SIGKILLed mid-training, then the same command again: equal losses, nothing redone twice
     run = RunDir(tmp_path / "interrupted")
     args = launch_args(seed, model_dir, run.root, "merge.enabled=false", "eval.enabled=false")
-    first = subprocess.Popen(
-        [sys.executable, "-m", "launcher.cli", *map(str, args)],
-        cwd=REPO,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
-    wait_for_rows(run, 9)
-    os.kill(rank_pid(run, 1), signal.SIGKILL)
-    output, _ = first.communicate(timeout=300)
-    assert first.returncode == 1, output
+    launch_then_kill_a_rank(args, run, 9)
     again = run_launch(*args)
     assert again.returncode == 0, again.stdout + again.stderr
     want_rows, got_rows = {r["step"]: r for r in rows}, {r["step"]: r for r in run.metrics.rows()}
