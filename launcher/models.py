@@ -8,7 +8,7 @@ import warnings
 
 from launcher.quirks import apply_quirks, quirks_for, set_environment
 from launcher.recipe import Recipe
-from launcher.remote_code import config_json, load_config, model_class, tokenizer_class
+from launcher.remote_code import config_json, load_config, model_class, require_config, tokenizer_class
 
 TORCH_DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 
@@ -44,16 +44,9 @@ def torch_dtype(recipe: Recipe):
 
 def model_type(recipe: Recipe) -> str | None:
     """config.json's model_type of the base model, read from the file (local or in the hub cache)
-    without running any model code; through AutoConfig when the file cannot be had that way."""
-    found = model_type_of(recipe.model.name_or_path, recipe.model.revision)
-    if found is not None:
-        return found
-    from transformers import AutoConfig
-
-    config = AutoConfig.from_pretrained(
-        recipe.model.name_or_path, revision=recipe.model.revision, trust_remote_code=recipe.model.trust_remote_code
-    )
-    return getattr(config, "model_type", None)
+    without running any model code; OSError when it cannot be had."""
+    require_config(recipe.model.name_or_path, recipe.model.revision)
+    return model_type_of(recipe.model.name_or_path, recipe.model.revision)
 
 
 def model_type_of(name_or_path: str, revision: str | None = None) -> str | None:

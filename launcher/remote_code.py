@@ -25,6 +25,11 @@ def config_json(name_or_path: str, revision: str | None = None) -> dict:
     local = Path(name_or_path) / "config.json"
     if local.is_file():
         return json.loads(local.read_text())
+    return hub_config_json(name_or_path, revision)
+
+
+@cache  # one answer per process: an unreachable hub costs ~25 s of retries per question
+def hub_config_json(name_or_path: str, revision: str | None) -> dict:
     try:
         from transformers.utils import cached_file
 
@@ -33,10 +38,17 @@ def config_json(name_or_path: str, revision: str | None = None) -> dict:
         return {}
 
 
+def require_config(name_or_path: str, revision: str | None = None) -> None:
+    """Raise at once (OSError) when the model's config.json could not be had: nothing else of it can."""
+    if not Path(name_or_path).exists() and not config_json(name_or_path, revision):
+        raise OSError(f"config.json of {name_or_path} (revision {revision}) cannot be fetched: no local copy, hub unreachable")
+
+
 def load_config(name_or_path: str, revision: str | None = None, trust_remote_code: bool = False):
     """AutoConfig, with the attributes the model's code reads and transformers 5 no longer sets."""
     from transformers import AutoConfig
 
+    require_config(name_or_path, revision)
     config = AutoConfig.from_pretrained(name_or_path, revision=revision, trust_remote_code=trust_remote_code)
     repair_config(config, quirks_for(getattr(config, "model_type", None)), config_json(name_or_path, revision))
     return config
