@@ -98,7 +98,7 @@ def construct_model(name_or_path: str, dtype=None, revision=None, trust_remote_c
     """A model with random weights built from its config, its remote code repaired as for loading."""
     from transformers import AutoModelForCausalLM
 
-    set_environment(model_type_of(name_or_path))
+    set_environment(model_type_of(name_or_path, revision))
     config = load_config(name_or_path, revision, trust_remote_code)
     cls = model_class(config, name_or_path, revision, trust_remote_code)
     if cls is None:

@@ -5,6 +5,7 @@ pre-flight refuses what could not start. Tiny random models built from that code
 
 from __future__ import annotations
 
+import json
 import shutil
 import subprocess
 import sys
@@ -169,6 +170,15 @@ def test_preflight_refuses_what_could_not_start(seed_dirs, tmp_path):
     (broken / "modeling_chatglm.py").write_text("import not_a_real_package_xyz\n" + (broken / "modeling_chatglm.py").read_text())
     report = run_preflight(seed_recipe("chatglm2", broken), examples=40)
     assert [e for e in report.errors if e.startswith("model: the code of") and "not_a_real_package_xyz" in e], report.errors
+
+    unbuildable = shutil.copytree(seed_dirs["transnormer"], tmp_path / "zero-heads")
+    config = json.loads((unbuildable / "config.json").read_text()) | {"decoder_attention_heads": 0}
+    (unbuildable / "config.json").write_text(json.dumps(config))
+    report = run_preflight(seed_recipe("transnormer", unbuildable), examples=40)
+    assert (
+        f"model: {unbuildable} cannot be built from its config (ValueError: math domain error); the run could not start"
+        in report.errors
+    )
 
     no_tokenizer = shutil.copytree(seed_dirs["chatglm3"], tmp_path / "no-tokenizer")
     (no_tokenizer / "tokenizer.model").unlink()
