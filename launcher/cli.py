@@ -334,7 +334,7 @@ def preflight(recipe: Recipe, console: Console, samples: int = 0):
     for line in report.errors:
         console.print(f"[red]error[/red] {escape(line)}", highlight=False)
     for sample in data.samples[:samples]:
-        console.print(sample, highlight=False)
+        console.print(sample, highlight=False, markup=False)  # samples hold [gMASK]-like text, never markup
     return report
 
 

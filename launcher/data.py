@@ -405,9 +405,13 @@ def show_sample(number: int, row: dict, tokenizer) -> str:
     masked = [t for t, label in zip(row["input_ids"], row["labels"]) if label == IGNORE_INDEX]
     trained = [t for t, label in zip(row["input_ids"], row["labels"]) if label != IGNORE_INDEX]
     text = lambda ids: json.dumps(tokenizer.decode(ids, skip_special_tokens=False), ensure_ascii=False)  # noqa: E731
+    pieces = " | ".join(
+        json.dumps(str(piece), ensure_ascii=False)[1:-1] for piece in tokenizer.convert_ids_to_tokens(row["input_ids"][:12])
+    )
     return (
         f"sample {number}: {len(row['input_ids'])} tokens, {len(trained)} trained"
         f"{' (truncated)' if row['truncated'] else ''}\n"
+        f"  first tokens:          {pieces}\n"  # a role marker split into pieces shows here, not in the text
         f"  masked  (not trained): {text(masked)}\n"
         f"  trained (labels):      {text(trained)}"
     )

@@ -125,6 +125,17 @@ def test_chatglm3_roles_are_single_special_tokens_as_build_chat_input_makes_them
     assert tokenizer.get_command("sop") not in plain
 
 
+def test_check_shows_the_role_tokens_as_single_tokens(seed_dirs):
+    """`launch check --show-samples` prints the first token pieces: a role marker split into text pieces shows."""
+    from conftest import run_launch
+
+    recipe = REPO / "recipes" / "chatglm3-6b-qlora.toml"
+    result = run_launch("check", recipe, "--set", f"model.name_or_path={seed_dirs['chatglm3']}", "--show-samples", "1")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "first tokens:          [gMASK] | sop | <|user|> | ▁ | <0x0A> | " in result.stdout
+    assert 'masked  (not trained): "[gMASK]sop<|user|>' in result.stdout  # printed as text, never as console markup
+
+
 def test_own_decoding_loop_equals_generate_where_both_run(tiny_assets):
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
