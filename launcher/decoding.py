@@ -1,10 +1,10 @@
 """Greedy or sampled decoding over a model's forward, for models whose own generate() cannot run on
 the installed transformers (ChatGLM's tuple-cache code is handed a DynamicCache).
 
-No cache: every step runs the whole sequence (prompt + tokens so far) through the forward, as the
-model's own code computes it with left padding. It costs O(n^2) in the answer length instead of
-O(n), so it is used only where the quirks registry says generate() is broken. Greedy output
-equals generate()'s on models where both run (tests/test_eval.py checks it on Llama).
+With `cache`, the model's forward keeps its own cache (whatever type its code returns, ChatGLM's
+tuples): the first step runs the prompt, each next step only the new token. Without it, every step
+runs the whole sequence again (O(n^2) in the answer length). Greedy output equals generate()'s on
+models where both run, and the cached loop equals the uncached one (tests/test_seed_quirks.py).
 """
 
 from __future__ import annotations
@@ -28,16 +28,22 @@ def decode(
     do_sample: bool = False,
     temperature: float = 1.0,
     top_p: float = 1.0,
+    cache: bool = False,
 ):
     """New tokens (batch, steps): each row's answer, pad after its EOS; stops when every row has ended."""
     import torch
 
     with_positions = "position_ids" in forward_parameters(model)
     finished = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
-    new_tokens = []
+    new_tokens, past = [], None
     for _ in range(max_new_tokens):
-        extra = {"position_ids": (attention_mask.cumsum(-1) - 1).clamp(min=0)} if with_positions else {}
-        logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **extra).logits[:, -1, :]
+        start = 0 if past is None else input_ids.shape[1] - 1  # with a cache, only the new token
+        extra = {"position_ids": (attention_mask.cumsum(-1) - 1).clamp(min=0)[:, start:]} if with_positions else {}
+        if past is not None:
+            extra["past_key_values"] = past
+        output = model(input_ids=input_ids[:, start:], attention_mask=attention_mask, use_cache=cache, **extra)
+        past = output.past_key_values if cache else None
+        logits = output.logits[:, -1, :]
         token = next_token(logits.float(), do_sample, temperature, top_p)
         token = torch.where(finished, torch.full_like(token, pad_token_id), token)
         new_tokens.append(token)

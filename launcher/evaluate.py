@@ -298,7 +298,8 @@ def generate(model, tokenizer, examples: list[Example], recipe: Recipe) -> list[
             "eos_token_id": tokenizer.eos_token_id,
         }
         if quirks.own_generation_loop:
-            new_tokens = decode(model, encoded["input_ids"], encoded["attention_mask"], **ends, **sampling).cpu()
+            cache = quirks.generate_with_cache
+            new_tokens = decode(model, encoded["input_ids"], encoded["attention_mask"], **ends, **sampling, cache=cache).cpu()
         else:
             generated = model.generate(**encoded, **ends, use_cache=quirks.generate_with_cache, **sampling)
             new_tokens = generated[:, encoded["input_ids"].shape[1] :].cpu()

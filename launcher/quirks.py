@@ -61,7 +61,8 @@ class Quirks:
     `with torch.device("meta")`: a model built on meta (pre-flight, merge) passes device="meta"."""
     own_generation_loop: bool = False
     """Its generate() cannot run on transformers 5 (tuple-cache code handed a DynamicCache): evaluation
-    decodes with the launcher's own loop over the model's forward (no cache)."""
+    decodes with the launcher's own loop over the model's forward, feeding back the cache its forward
+    returns (its own tuples) when generate_with_cache says the cache works."""
     notes: str = ""
 
 

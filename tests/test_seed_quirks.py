@@ -149,8 +149,28 @@ def test_own_decoding_loop_equals_generate_where_both_run(tiny_assets):
     with torch.no_grad():
         want = model.generate(**batch, do_sample=False, **ends)[:, batch["input_ids"].shape[1] :]
         got = decode(model, batch["input_ids"], batch["attention_mask"], **ends)
+        cached = decode(model, batch["input_ids"], batch["attention_mask"], **ends, cache=True)
     assert batch["attention_mask"].min() == 0  # left padding is exercised
-    assert got.tolist() == want.tolist()
+    assert got.tolist() == want.tolist() == cached.tolist()
+
+
+@pytest.mark.parametrize("seed", ["chatglm2", "chatglm3"])
+def test_own_loop_with_chatglms_own_cache_equals_the_loop_without(seed, seed_dirs):
+    """ChatGLM's forward returns its own tuple cache: fed back, each step runs one token (O(n), not O(n^2))."""
+    import torch
+
+    from launcher.decoding import decode
+    from launcher.models import load_base_model, load_tokenizer
+
+    recipe = seed_recipe(seed, seed_dirs[seed])
+    model, tokenizer = load_base_model(recipe).eval(), load_tokenizer(recipe, padding_side="left")
+    batch = tokenizer(["[Round 1]\n\n问：你好\n\n答：", "类型#裙*版型#宽松*颜色#蓝色", "你"], return_tensors="pt", padding=True)
+    ends = {"max_new_tokens": 24, "eos_token_id": -1, "pad_token_id": tokenizer.pad_token_id}  # no early end: 24 steps
+    with torch.no_grad():
+        plain = decode(model, batch["input_ids"], batch["attention_mask"], **ends)
+        cached = decode(model, batch["input_ids"], batch["attention_mask"], **ends, cache=True)
+    assert batch["attention_mask"].min() == 0 and plain.shape == (3, 24)
+    assert cached.tolist() == plain.tolist()
 
 
 def test_generation_that_cannot_run_keeps_the_losses_and_says_why(seed_dirs, monkeypatch):
