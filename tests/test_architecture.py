@@ -24,6 +24,8 @@ STAGES = {
     "launcher.scores",
     "launcher.rendezvous",
     "launcher.quirks",
+    "launcher.remote_code",
+    "launcher.decoding",
     "launcher.methods",
     "launcher.recipe",
     "launcher.runs",

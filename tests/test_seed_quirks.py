@@ -288,3 +288,17 @@ def test_the_real_6b_model_is_built_on_meta_without_its_memory(seed, tmp_path):
     real = shutil.copytree(require_upstream() / seed, tmp_path / seed)
     model = meta_model(str(real))
     assert sum(p.numel() for p in model.parameters()) == 6_243_584_000 and all(p.is_meta for p in model.parameters())
+
+
+def test_own_loop_samples_from_the_top_p_nucleus_at_the_temperature():
+    import torch
+
+    from launcher.decoding import next_token
+
+    torch.manual_seed(0)
+    logits = torch.log(torch.tensor([[0.40, 0.35, 0.25]])).repeat(4000, 1)
+    drawn = next_token(logits, do_sample=True, temperature=1.0, top_p=0.7)  # keeps 0.40 and 0.35: 0.75 >= 0.7
+    counts = torch.bincount(drawn, minlength=3).tolist()
+    assert counts[2] == 0 and abs(counts[0] / 4000 - 0.40 / 0.75) < 0.03
+    cold = next_token(logits, do_sample=True, temperature=1e-3, top_p=1.0)  # near-zero temperature: the argmax
+    assert cold.tolist() == logits.argmax(-1).tolist()
