@@ -9,7 +9,9 @@ nothing has changed for STALE_AFTER_S (a live build writes its objects there all
 
 from __future__ import annotations
 
+import hashlib
 import os
+import sys
 import threading
 import time
 from pathlib import Path
@@ -24,6 +26,17 @@ def extensions_root() -> Path:
     from torch.utils.cpp_extension import get_default_build_root
 
     return Path(get_default_build_root())
+
+
+def use_environment_extension_cache() -> Path:
+    """Builds go to a folder of this Python environment (keyed by sys.prefix) under torch's default
+    root, unless TORCH_EXTENSIONS_DIR is set: torch's one folder per user is shared by every venv (and
+    every node of a shared home), and each venv's build invalidated the other's, making every rank
+    wait for a rebuild. Call it before anything builds an op (the worker does, first)."""
+    if not os.environ.get("TORCH_EXTENSIONS_DIR"):
+        key = hashlib.sha256(os.path.realpath(sys.prefix).encode()).hexdigest()[:12]
+        os.environ["TORCH_EXTENSIONS_DIR"] = str(extensions_root() / f"env-{key}")
+    return Path(os.environ["TORCH_EXTENSIONS_DIR"])
 
 
 def last_change(folder: Path) -> float:

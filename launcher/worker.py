@@ -16,7 +16,7 @@ import time
 import traceback
 from pathlib import Path
 
-from launcher.buildlocks import watch_build_locks
+from launcher.buildlocks import use_environment_extension_cache, watch_build_locks
 from launcher.checkpoints import PlanComplete, checkpoint_guard, stop_flag
 from launcher.recipe import Recipe
 from launcher.rendezvous import check_in, smoke_all_reduce, topology_line, world_from_env
@@ -29,6 +29,7 @@ def main(argv: list[str] | None = None, last_stage: bool = False) -> int:
     run = RunDir(Path(argv[0]))
     rank = int(os.environ.get("RANK", "0"))
     redirect_output(run.rank_log(rank))
+    use_environment_extension_cache()  # one build per environment, not one folder per user that venvs fight over
     watching = watch_build_locks()  # DeepSpeed may build an op: a lock left by a killed build is said and cleared
     try:
         recipe = run.load_recipe()

@@ -184,3 +184,35 @@ def test_a_task_that_does_not_stop_in_its_grace_is_cancelled(executor):
     started = time.time()
     job.stop(grace_s=1.0)
     assert job.state() == CANCELLED and not job.members() and time.time() - started < 15
+
+
+def fake_scheduler(folder, name: str, hang_first: int) -> None:
+    """A stand-in for a SLURM command whose controller is slow: the first `hang_first` calls hang."""
+    script = folder / name
+    script.write_text(
+        "#!/bin/sh\n"
+        f'count=$(cat "{folder}/{name}.calls" 2>/dev/null || echo 0); echo $((count + 1)) > "{folder}/{name}.calls"\n'
+        f'if [ "$count" -lt {hang_first} ]; then exec sleep 30; fi\n'
+        'echo "JobId=7 JobName=x JobState=PENDING Reason=Priority"\n'
+    )
+    script.chmod(0o755)
+
+
+def test_a_slow_scheduler_is_asked_again_with_back_off_and_never_a_traceback(tmp_path, monkeypatch):
+    """A real controller that takes longer than the timeout (here a script on PATH, as no cluster here can
+    be made slow on purpose): asked again after 2 s; when it never answers, one line and the job untouched."""
+    from launcher.errors import UserError
+    from launcher.executors import slurm
+
+    monkeypatch.setattr(slurm, "SCHEDULER_TIMEOUT_S", 0.5)
+    monkeypatch.setenv("PATH", f"{tmp_path}:{os.environ['PATH']}")
+    fake_scheduler(tmp_path, "scontrol", hang_first=1)
+    started = time.time()
+    assert slurm.job_state("7") == "PENDING"
+    assert (tmp_path / "scontrol.calls").read_text().strip() == "2" and 2.0 <= time.time() - started < 10
+    fake_scheduler(tmp_path, "squeue", hang_first=99)
+    (tmp_path / "scontrol.calls").write_text("0\n")
+    monkeypatch.setattr(slurm, "SCHEDULER_TRIES", 2)
+    with pytest.raises(UserError) as refused:
+        slurm.scheduler(["squeue", "-h", "-j", "7"])
+    assert str(refused.value).startswith("SLURM did not answer `squeue -h -j 7` within 0.5 s, 2 times")

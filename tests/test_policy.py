@@ -8,6 +8,7 @@ import json
 import multiprocessing
 import os
 import time
+from pathlib import Path
 
 import pytest
 from conftest import tiny_recipe_text, write_recipe
@@ -280,3 +281,23 @@ def test_two_archives_in_one_second_keep_both(run):
         (run.root / "sbatch.sh").write_text(text)
         archive(run, [run.root / "sbatch.sh"])
     assert sorted(p.read_text() for p in (run.root / "history").glob("*sbatch.sh*")) == ["first", "second"]
+
+
+def test_compiled_extensions_are_cached_per_python_environment(tmp_path, monkeypatch):
+    """Two venvs used to share (and invalidate) one ~/.cache/torch_extensions: each now gets its own
+    folder, keyed by its sys.prefix; a TORCH_EXTENSIONS_DIR the user set is kept."""
+    import sys
+
+    from launcher import buildlocks
+
+    folders = []
+    for prefix in ("/opt/venv-a", "/opt/venv-b", "/opt/venv-a"):
+        monkeypatch.setattr(sys, "prefix", prefix)
+        monkeypatch.delenv("TORCH_EXTENSIONS_DIR", raising=False)
+        folders.append(buildlocks.use_environment_extension_cache())
+    assert folders[0] == folders[2] != folders[1] and folders[0].name.startswith("env-")
+    from torch.utils.cpp_extension import get_default_build_root
+
+    assert folders[0].parent == folders[1].parent == Path(get_default_build_root())  # under torch's own root
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path / "mine"))
+    assert buildlocks.use_environment_extension_cache() == tmp_path / "mine"

@@ -431,3 +431,36 @@ def test_a_time_limit_shorter_than_the_training_spans_several_allocations(dev_cl
     assert run.rank_log(0).read_text().count("stop signal: saved a complete checkpoint") == manifest["requeues"]
     assert sum(len(r) - 1 for r in rows.values()) <= manifest["requeues"]  # at most one step per interruption
     assert len({row["attempt"] for r in rows.values() for row in r}) == manifest["requeues"] + 1
+
+
+def test_dev_cluster_down_ends_its_jobs_processes_too(dev_cluster, tmp_path):
+    """`down` used to stop the daemons only: a running job's tasks trained on, headless, for an hour.
+    (Last in this file: it takes the cluster down, then brings it back for the fixture to end.)"""
+    marker = f"launcher-down-test-{os.getpid()}"
+    submitted = subprocess.run(
+        [
+            "sbatch",
+            "--parsable",
+            "-N",
+            "1",
+            "-o",
+            str(tmp_path / "out"),
+            "--wrap",
+            f"{sys.executable} -c 'import time; time.sleep(600)' {marker}",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert submitted.returncode == 0, submitted.stderr
+    from launcher.executors.slurm import job_state
+
+    deadline = time.time() + 60
+    while time.time() < deadline and not subprocess.run(["pgrep", "-f", marker], capture_output=True).stdout:
+        time.sleep(0.5)
+    assert subprocess.run(["pgrep", "-f", marker], capture_output=True).stdout, job_state(submitted.stdout.strip())
+    down = subprocess.run([REPO / "slurm" / "dev-cluster", "down"], capture_output=True, text=True, timeout=120)
+    assert down.returncode == 0, down.stderr
+    assert not subprocess.run(["pgrep", "-f", marker], capture_output=True).stdout  # nothing of the job is left
+    up = subprocess.run([REPO / "slurm" / "dev-cluster", "up"], capture_output=True, text=True, timeout=600)
+    assert up.returncode == 0, up.stderr

@@ -12,6 +12,7 @@ import shlex
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 from launcher.errors import UserError
@@ -41,13 +42,35 @@ def default_partition() -> str | None:
     return next((p.rstrip("*") for p in out.split() if p.endswith("*")), None)
 
 
+SCHEDULER_TIMEOUT_S = 30.0
+SCHEDULER_TRIES = 4  # waits of 2, 4 and 8 s between them: a controller busy for about two minutes is ridden out
+
+
+def scheduler(command: list[str], timeout_s: float | None = None, tries: int | None = None) -> subprocess.CompletedProcess:
+    """A SLURM command (scontrol, squeue, scancel), retried with back-off when the controller is slow
+    to answer; when it never answers in time, one line (UserError) saying the job itself is unaffected."""
+    timeout_s, tries = timeout_s or SCHEDULER_TIMEOUT_S, tries or SCHEDULER_TRIES
+    for attempt in range(tries):
+        try:
+            return subprocess.run(command, capture_output=True, text=True, timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            if attempt + 1 < tries:
+                time.sleep(2 ** (attempt + 1))
+    raise UserError(
+        [
+            f"SLURM did not answer `{' '.join(command)}` within {timeout_s:g} s, {tries} times: the controller is "
+            f"overloaded or down; jobs already queued are unaffected (see them later with `launch status`)"
+        ]
+    )
+
+
 def job_state(job_id: str) -> str:
     """The job's state from scontrol (squeue as a fallback); UNKNOWN once SLURM forgot the job."""
-    out = subprocess.run(["scontrol", "show", "job", "-o", job_id], capture_output=True, text=True, timeout=30)
+    out = scheduler(["scontrol", "show", "job", "-o", job_id])
     for field in out.stdout.split():
         if field.startswith("JobState="):
             return field.split("=", 1)[1].split()[0]
-    out = subprocess.run(["squeue", "-h", "-j", job_id, "-o", "%T"], capture_output=True, text=True, timeout=30)
+    out = scheduler(["squeue", "-h", "-j", job_id, "-o", "%T"])
     return out.stdout.strip() or UNKNOWN
 
 
@@ -62,7 +85,9 @@ class SlurmJob(Job):
         return job_state(self.id)
 
     def cancel(self) -> None:
-        subprocess.run(["scancel", self.id], check=True, capture_output=True, timeout=30)
+        done = scheduler(["scancel", self.id])
+        if done.returncode != 0:
+            raise subprocess.CalledProcessError(done.returncode, done.args, done.stdout, done.stderr)
 
     def log(self, task: int = 0) -> Path:
         return self.folder / f"{self.id}_{task}_log.out"
