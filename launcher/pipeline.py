@@ -228,7 +228,14 @@ def stop_jobs(executor: Executor, jobs: list[tuple[str, Job]], run: RunDir | Non
     from launcher.checkpoints import latest_complete_checkpoint
 
     if executor.detachable:
-        say(console, "interrupted: the SLURM jobs go on without this process (launch status / launch cancel)")
+        left = ", ".join(f"{stage} {job.kind} job {job.id} ({job.state().lower()})" for stage, job in jobs if job.active())
+        ids = " ".join(job.id for _, job in jobs)
+        how = (
+            f"follow with `launch status {run.root}`, or end with `launch cancel {run.root}`"
+            if run
+            else f"end with `scancel {ids}`"
+        )
+        say(console, f"interrupted: {left or 'no job'} left in the queue, going on without this process; {how}")
         return
     say(
         console,

@@ -11,7 +11,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-from launcher.executors.base import TERMINAL_STATES
+from launcher.executors.base import PENDING, TERMINAL_STATES
 from launcher.runs import RunDir
 
 
@@ -20,16 +20,17 @@ class StateWatcher:
 
     def __init__(self, job, console: Console):
         self.job, self.console, self.every_s = job, console, job.poll_interval_s
-        self.state, self.checked = "SUBMITTED", 0.0
+        self.state, self.checked, self.why = "SUBMITTED", 0.0, None
 
     def poll(self) -> str | None:
         """The state in a word while the job lasts; None once it ended."""
         if time.time() - self.checked >= self.every_s or self.state == "SUBMITTED":
             self.checked = time.time()
             state = self.job.state()
-            if state != self.state:
-                self.console.print(f"job {self.job.id}: {state.lower()}", highlight=False)
-                self.state = state
+            why = self.job.waiting() if state == PENDING else None
+            if state != self.state or why != self.why:  # a pending job says why it waits, and again when that changes
+                self.console.print(f"job {self.job.id}: {state.lower()}{f' ({why})' if why else ''}", highlight=False)
+                self.state, self.why = state, why
         return None if self.state in TERMINAL_STATES else self.state.lower()
 
 

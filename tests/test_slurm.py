@@ -433,6 +433,33 @@ def test_a_time_limit_shorter_than_the_training_spans_several_allocations(dev_cl
     assert len({row["attempt"] for r in rows.values() for row in r}) == manifest["requeues"] + 1
 
 
+def test_a_job_that_waits_says_why_and_ctrl_c_says_what_stays_queued(dev_cluster, tmp_path, tiny_assets):
+    """4 ranks per node on the dev cluster's 2-CPU nodes: SLURM keeps it pending (PartitionConfig) forever.
+    `launch` and `launch status` say so in words; Ctrl-C says what is left queued and how to end it."""
+    recipe = write_recipe(tmp_path, tiny_recipe_text(tiny_assets))
+    run = RunDir(tmp_path / "run")
+    args = [recipe, "--run-dir", run.root, "--nodes", "2", "--procs-per-node", "4", "--profile", "dev"]
+    launch = subprocess.Popen(
+        [sys.executable, "-m", "launcher.cli", *map(str, args)],
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    lines, deadline = [], time.time() + 120
+    while time.time() < deadline and not any("pending (PartitionConfig: " in line for line in lines):
+        lines.append(launch.stdout.readline())
+    assert any(": pending (PartitionConfig: the partition cannot give what the job asks" in line for line in lines), lines
+    status = run_launch("status", run.root)
+    assert f"SLURM job {job_id_of(run)} pending (PartitionConfig: " in " ".join(status.stdout.split())
+    launch.send_signal(signal.SIGINT)
+    output, _ = launch.communicate(timeout=60)
+    text = " ".join(output.split())
+    assert launch.returncode == 130, output
+    assert f"interrupted: train SLURM job {job_id_of(run)} (pending)" in text and f"end with `launch cancel {run.root}`" in text
+    assert run_launch("cancel", run.root).returncode == 0
+
+
 def test_dev_cluster_down_ends_its_jobs_processes_too(dev_cluster, tmp_path):
     """`down` used to stop the daemons only: a running job's tasks trained on, headless, for an hour.
     (Last in this file: it takes the cluster down, then brings it back for the fixture to end.)"""

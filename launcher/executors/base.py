@@ -78,10 +78,16 @@ class Job(ABC):
     def log(self, task: int = 0) -> Path:
         """The file holding task `task`'s stdout and stderr."""
 
+    def waiting(self) -> str | None:
+        """Why a pending job waits, and when it is expected to start, when the scheduler says (SLURM)."""
+        return None
+
     def describe(self) -> str:
         """One line for `launch status`."""
         size = f", {self.record.nodes} nodes, {self.record.ranks} ranks" if self.record.nodes else ""
-        return f"{self.kind} job {self.id} {self.state().lower()}{size}, submitted {self.record.submitted}"
+        state = self.state()
+        why = self.waiting() if state == PENDING else None
+        return f"{self.kind} job {self.id} {state.lower()}{f' ({why})' if why else ''}{size}, submitted {self.record.submitted}"
 
     kind = "job"
     poll_interval_s = 2.0

@@ -64,14 +64,45 @@ def scheduler(command: list[str], timeout_s: float | None = None, tries: int | N
     )
 
 
+# SLURM's pending reasons a first-time user meets, in words (squeue --help lists them all)
+PENDING_REASONS = {
+    "PartitionConfig": "the partition cannot give what the job asks (more nodes, CPUs, memory or time than it "
+    "has): it will never start; cancel it and ask for less",
+    "Resources": "waiting for nodes to free up",
+    "Priority": "jobs of higher priority are ahead in the queue",
+    "Dependency": "waiting for the job before it",
+    "ReqNodeNotAvail": "the nodes it needs are down, drained or reserved",
+    "QOSMaxJobsPerUserLimit": "you have as many jobs running as your QOS allows",
+    "AssocGrpCpuLimit": "your account's CPU limit is reached",
+    "AssocGrpGRES": "your account's GPU limit is reached",
+    "BeginTime": "it was asked to start later",
+    "JobHeldUser": "held (scontrol release to let it start)",
+    "JobHeldAdmin": "held by an administrator",
+}
+
+
+def job_fields(job_id: str) -> dict[str, str]:
+    """scontrol's key=value fields of the job ({} once SLURM forgot it)."""
+    out = scheduler(["scontrol", "show", "job", "-o", job_id])
+    return dict(field.split("=", 1) for field in out.stdout.split() if "=" in field)
+
+
 def job_state(job_id: str) -> str:
     """The job's state from scontrol (squeue as a fallback); UNKNOWN once SLURM forgot the job."""
-    out = scheduler(["scontrol", "show", "job", "-o", job_id])
-    for field in out.stdout.split():
-        if field.startswith("JobState="):
-            return field.split("=", 1)[1].split()[0]
+    state = job_fields(job_id).get("JobState")
+    if state:
+        return state
     out = scheduler(["squeue", "-h", "-j", job_id, "-o", "%T"])
     return out.stdout.strip() or UNKNOWN
+
+
+def waiting_reason(fields: dict[str, str]) -> str | None:
+    """ "<Reason>: <in words>; expected start <StartTime>" of a pending job, from scontrol's fields."""
+    reason, start = fields.get("Reason", "None"), fields.get("StartTime", "Unknown")
+    if reason in ("None", "") and start in ("Unknown", "None", ""):
+        return None
+    words = f"{reason}: {PENDING_REASONS[reason]}" if reason in PENDING_REASONS else reason
+    return words + (f"; expected start {start}" if start not in ("Unknown", "None", "") else "")
 
 
 class SlurmJob(Job):
@@ -83,6 +114,9 @@ class SlurmJob(Job):
 
     def state(self) -> str:
         return job_state(self.id)
+
+    def waiting(self) -> str | None:
+        return waiting_reason(job_fields(self.id))
 
     def cancel(self) -> None:
         done = scheduler(["scancel", self.id])
