@@ -216,3 +216,16 @@ def test_a_slow_scheduler_is_asked_again_with_back_off_and_never_a_traceback(tmp
     with pytest.raises(UserError) as refused:
         slurm.scheduler(["squeue", "-h", "-j", "7"])
     assert str(refused.value).startswith("SLURM did not answer `squeue -h -j 7` within 0.5 s, 2 times")
+
+
+def test_a_pending_jobs_reason_reads_in_words_with_its_expected_start():
+    from launcher.executors.slurm import waiting_reason
+
+    assert waiting_reason({"JobState": "PENDING", "Reason": "Resources", "StartTime": "2026-11-24T03:00:00"}) == (
+        "Resources: waiting for nodes to free up; expected start 2026-11-24T03:00:00"
+    )
+    assert (
+        waiting_reason({"Reason": "QOSGrpNodeLimit", "StartTime": "Unknown"}) == "QOSGrpNodeLimit"
+    )  # not in words: as SLURM says it
+    assert waiting_reason({"Reason": "None", "StartTime": "2026-11-24T03:00:00"}) == "expected start 2026-11-24T03:00:00"
+    assert waiting_reason({"Reason": "None", "StartTime": "Unknown"}) is None

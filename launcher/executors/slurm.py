@@ -99,10 +99,9 @@ def job_state(job_id: str) -> str:
 def waiting_reason(fields: dict[str, str]) -> str | None:
     """ "<Reason>: <in words>; expected start <StartTime>" of a pending job, from scontrol's fields."""
     reason, start = fields.get("Reason", "None"), fields.get("StartTime", "Unknown")
-    if reason in ("None", "") and start in ("Unknown", "None", ""):
-        return None
-    words = f"{reason}: {PENDING_REASONS[reason]}" if reason in PENDING_REASONS else reason
-    return words + (f"; expected start {start}" if start not in ("Unknown", "None", "") else "")
+    parts = [] if reason in ("None", "") else [f"{reason}: {PENDING_REASONS[reason]}" if reason in PENDING_REASONS else reason]
+    parts += [] if start in ("Unknown", "None", "") else [f"expected start {start}"]
+    return "; ".join(parts) or None
 
 
 class SlurmJob(Job):
