@@ -171,16 +171,24 @@ def test_submitits_private_script_renderer_still_works(tmp_path, tiny_assets):
 class IgnoreStop:
     """A task that cannot save (it ignores the stop signal), as one stuck in a collective."""
 
+    def __init__(self, ready: Path):
+        self.ready = ready
+
     def __call__(self):
         import signal
 
         signal.signal(STOP_SIGNAL, signal.SIG_IGN)
+        (self.ready / os.environ["RANK"]).touch()  # the handler is in place
         time.sleep(60)
 
 
-def test_a_task_that_does_not_stop_in_its_grace_is_cancelled(executor):
-    job = executor.submit(IgnoreStop(), Resources(name="t", stage="train", tasks_per_node=2))
-    time.sleep(1.0)  # both tasks have installed their handler
+def test_a_task_that_does_not_stop_in_its_grace_is_cancelled(executor, tmp_path):
+    ready = tmp_path / "ready"
+    ready.mkdir()
+    job = executor.submit(IgnoreStop(ready), Resources(name="t", stage="train", tasks_per_node=2))
+    deadline = time.time() + 60
+    while time.time() < deadline and len(list(ready.iterdir())) < 2:  # a loaded machine starts them late
+        time.sleep(0.1)
     started = time.time()
     job.stop(grace_s=1.0)
     assert job.state() == CANCELLED and not job.members() and time.time() - started < 15
