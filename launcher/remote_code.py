@@ -22,18 +22,23 @@ from launcher.quirks import KNOWN_REVISIONS, Quirks, quirks_for
 
 def config_json(name_or_path: str, revision: str | None = None) -> dict:
     """The model's config.json as written (keys transformers drops included); {} when unreachable."""
-    local = Path(name_or_path) / "config.json"
+    return model_json(name_or_path, "config.json", revision)
+
+
+def model_json(name_or_path: str, filename: str, revision: str | None = None) -> dict:
+    """A JSON file of the model (local dir, or the hub through its cache); {} when it cannot be had."""
+    local = Path(name_or_path) / filename
     if local.is_file():
         return json.loads(local.read_text())
-    return hub_config_json(name_or_path, revision)
+    return hub_json(name_or_path, filename, revision)
 
 
 @cache  # one answer per process: an unreachable hub costs ~25 s of retries per question
-def hub_config_json(name_or_path: str, revision: str | None) -> dict:
+def hub_json(name_or_path: str, filename: str, revision: str | None) -> dict:
     try:
         from transformers.utils import cached_file
 
-        return json.loads(Path(cached_file(name_or_path, "config.json", revision=revision)).read_text())
+        return json.loads(Path(cached_file(name_or_path, filename, revision=revision)).read_text())
     except Exception:
         return {}
 
@@ -113,20 +118,10 @@ def tokenizer_class(name_or_path: str, revision: str | None, trust_remote_code: 
     repairs = quirks.tokenizer_prebuilds or quirks.pad_drops_padding_side or quirks.role_tokens
     if not trust_remote_code or not quirks.remote_code or not repairs:
         return None
-    cls = remote_class(tokenizer_auto_map(name_or_path, revision), "AutoTokenizer", name_or_path, revision)
+    cls = remote_class(
+        model_json(name_or_path, "tokenizer_config.json", revision).get("auto_map"), "AutoTokenizer", name_or_path, revision
+    )
     return None if cls is None else adapted_tokenizer_class(cls, model_type)
-
-
-def tokenizer_auto_map(name_or_path: str, revision: str | None) -> dict:
-    local = Path(name_or_path) / "tokenizer_config.json"
-    try:
-        if not local.is_file():
-            from transformers.utils import cached_file
-
-            local = Path(cached_file(name_or_path, "tokenizer_config.json", revision=revision))
-        return json.loads(local.read_text()).get("auto_map") or {}
-    except Exception:
-        return {}
 
 
 @cache

@@ -66,3 +66,14 @@ def run_launch(*args: str, cwd: Path | None = None, timeout: int = 600) -> subpr
         timeout=timeout,
         env=env,
     )
+
+
+def start_launch(*args) -> subprocess.Popen:
+    """The console entry point started in the background (stdout and stderr merged, as text)."""
+    return subprocess.Popen(
+        [sys.executable, "-m", "launcher.cli", *map(str, args)],
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )

@@ -7,12 +7,10 @@ import json
 import os
 import re
 import signal
-import subprocess
-import sys
 import time
 
 import pytest
-from conftest import REPO, run_launch, tiny_recipe_text, write_recipe
+from conftest import run_launch, start_launch, tiny_recipe_text, write_recipe
 
 from launcher.checkpoints import is_complete
 from launcher.runs import RunDir
@@ -68,13 +66,7 @@ def wait_for_rows(run: RunDir, count: int, timeout_s: float = 240) -> None:
 
 def launch_then_kill_a_rank(args: list, run: RunDir, after_rows: int) -> None:
     """`launch args` in a fresh process; rank 1 SIGKILLed once `after_rows` steps are logged: it fails."""
-    first = subprocess.Popen(
-        [sys.executable, "-m", "launcher.cli", *map(str, args)],
-        cwd=REPO,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
+    first = start_launch(*args)
     wait_for_rows(run, after_rows)
     os.kill(rank_pid(run, 1), signal.SIGKILL)
     output, _ = first.communicate(timeout=300)

@@ -12,7 +12,7 @@ import sys
 import time
 
 import pytest
-from conftest import REPO, run_launch, tiny_recipe_text, write_recipe
+from conftest import REPO, run_launch, start_launch, tiny_recipe_text, write_recipe
 
 from launcher.merge import validate_adapter
 from launcher.recipe import load_recipe
@@ -439,13 +439,7 @@ def test_a_job_that_waits_says_why_and_ctrl_c_says_what_stays_queued(dev_cluster
     recipe = write_recipe(tmp_path, tiny_recipe_text(tiny_assets))
     run = RunDir(tmp_path / "run")
     args = [recipe, "--run-dir", run.root, "--nodes", "2", "--procs-per-node", "4", "--profile", "dev"]
-    launch = subprocess.Popen(
-        [sys.executable, "-m", "launcher.cli", *map(str, args)],
-        cwd=REPO,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
+    launch = start_launch(*args)
     lines, deadline = [], time.time() + 120
     while time.time() < deadline and not any("pending (PartitionConfig: " in line for line in lines):
         lines.append(launch.stdout.readline())
