@@ -297,7 +297,7 @@ def cache_key(recipe: Recipe, tokenizer_dir: str) -> str:
         digest.update(name.read_bytes())
     digest.update(json.dumps(recipe.data.model_dump(mode="json"), sort_keys=True).encode())
     digest.update(tokenizer_dir.encode())
-    digest.update(b"rows with index, v2")  # the cached format
+    digest.update(b"rows with index and length, v3")  # the cached format
     return digest.hexdigest()[:16]
 
 
@@ -313,6 +313,8 @@ def build_train_dataset(recipe: Recipe, tokenizer, cache_dir: Path) -> tuple[Any
     if not (target / "stats.json").exists():
         split = split_examples(recipe, tokenizer)
         rows = [tokenize(e, tokenizer, recipe.data.max_length) | {"index": i} for i, e in enumerate(split.train)]
+        for row in rows:
+            row["length"] = len(row["input_ids"])  # data.batching = "grouped" sorts by it
         stats = {
             "examples": len(rows),
             "truncated": sum(r.pop("truncated") for r in rows),
@@ -324,23 +326,6 @@ def build_train_dataset(recipe: Recipe, tokenizer, cache_dir: Path) -> tuple[Any
         (staging / "stats.json").write_text(json.dumps(stats))
         publish(staging, target)
     return load_from_disk(str(target)), json.loads((target / "stats.json").read_text())
-
-
-class SampleLoggingCollator:
-    """Pads like DataCollatorForSeq2Seq and appends each micro-batch's sample indices to a per-rank
-    log, so the data order (and what a resume skipped or repeated) can be checked afterwards."""
-
-    def __init__(self, tokenizer, log_path: Path, attempt: int):
-        from transformers import DataCollatorForSeq2Seq
-
-        self.pad = DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=IGNORE_INDEX)
-        self.log_path, self.attempt = log_path, attempt
-
-    def __call__(self, features: list[dict]) -> dict:
-        ids = [f.pop("index") for f in features]
-        with open(self.log_path, "a") as handle:
-            handle.write(json.dumps({"attempt": self.attempt, "ids": ids}) + "\n")
-        return self.pad(features)
 
 
 @dataclass

@@ -167,8 +167,8 @@ def run_shard(out: Path, shard: int, device: str | None = None, started: float |
     `started` is when this shard's process began (its markers record it)."""
     import torch
 
+    from launcher.hardware import resolve_device
     from launcher.models import load_base_model, load_tokenizer, quiet_libraries
-    from launcher.render import resolve_device
 
     plan = read_plan(out)
     recipe = validate_recipe(plan["recipe"], source=str(Path(out) / PLAN))

@@ -31,7 +31,7 @@ def quiet_libraries(device: str) -> None:
 
 def quiet_libraries_for(recipe: Recipe) -> None:
     """quiet_libraries for the device this recipe runs on here (this node's, on a cluster)."""
-    from launcher.render import resolve_device
+    from launcher.hardware import resolve_device
 
     quiet_libraries(resolve_device(recipe.distributed.device))
 
@@ -69,11 +69,11 @@ def load_tokenizer(recipe: Recipe, padding_side: str = "right"):
     return tokenizer
 
 
-def load_base_model(recipe: Recipe, name_or_path: str | None = None, quantization=None, device: str | None = None):
+def load_base_model(recipe: Recipe, name_or_path: str | None = None, quantization=None, device: str | None = None, **extra):
     """The base model in the recipe's dtype; quantized (bitsandbytes) and placed on `device` when asked."""
     from transformers.integrations import is_deepspeed_zero3_enabled
 
-    extra = {"quantization_config": quantization} if quantization else {}
+    extra |= {"quantization_config": quantization} if quantization else {}
     if quantization and not is_deepspeed_zero3_enabled():  # ZeRO-3 places (and shards) the weights itself
         extra["device_map"] = {"": device or "cpu"}
     m = recipe.model
@@ -140,14 +140,20 @@ def quantization_config(recipe: Recipe):
     )
 
 
-def load_training_model(recipe: Recipe, total_steps: int, device):
-    """The base model (quantized when the method says so) with a fresh adapter from [peft]."""
+def load_training_model(recipe: Recipe, total_steps: int, device, attention: str | None = None):
+    """The base model (quantized when the method says so; with `attention` as its attention
+    implementation when given) with a fresh adapter from [peft]."""
     from peft import get_peft_model, prepare_model_for_kbit_training
 
     quantized = quantization_config(recipe)
-    model = load_base_model(recipe, quantization=quantized, device=device)
+    extra = {"attn_implementation": attention} if attention else {}
+    model = load_base_model(recipe, quantization=quantized, device=device, **extra)
     if quantized is not None:
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=recipe.train.gradient_checkpointing)
+        model = prepare_model_for_kbit_training(
+            model,
+            use_gradient_checkpointing=recipe.train.gradient_checkpointing,
+            gradient_checkpointing_kwargs={"use_reentrant": False},
+        )
     return get_peft_model(model, recipe.peft.spec.build_config(recipe, total_steps))
 
 

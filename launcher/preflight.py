@@ -206,9 +206,12 @@ def memory_estimate(recipe: Recipe, model, adapter: int, stage: int, offload: bo
     offload moves optimizer states (and ZeRO-3 weights) to CPU. Adam keeps an fp32 master copy and
     two moments: 12 bytes per trainable parameter (8 in fp32 training, where the master is the
     weight). Activations per layer follow Korthikanti et al. (sequence × batch × hidden × 34
-    bytes in 16-bit, plus attention scores), two 16-bit tensors per layer with gradient
-    checkpointing, doubled in fp32; plus the fp32 logits.
+    bytes in 16-bit, plus attention scores where eager attention keeps them: over the whole packed
+    row when packed), two 16-bit tensors per layer with gradient checkpointing, doubled in fp32;
+    plus the fp32 logits.
     """
+
+    from launcher.batching import choose_batching
 
     size = BYTES[recipe.model.dtype]
     world = recipe.world_size()
@@ -229,12 +232,15 @@ def memory_estimate(recipe: Recipe, model, adapter: int, stage: int, offload: bo
     layers = config_value(config, quirks_for(config_value(config, "model_type")).layers_key) or 0
     heads = config_value(config, "num_attention_heads") or config_value(config, "decoder_attention_heads") or 1
     tokens = recipe.train.micro_batch_size * recipe.data.max_length
+    kind = config_value(config, "model_type")
+    span = tokens if choose_batching(recipe, kind)[0] == "packed" else recipe.data.max_length  # what one token attends over
     scale = 2 if recipe.model.dtype == "fp32" else 1
-    if recipe.train.gradient_checkpointing and quirks_for(config_value(config, "model_type")).gradient_checkpointing_works:
+    if recipe.train.gradient_checkpointing and quirks_for(kind).gradient_checkpointing_works:
         per_layer = 2 * tokens * hidden * 2
         activations = layers * per_layer + tokens * hidden * 34
     else:
-        per_layer = tokens * hidden * 34 + 5 * heads * tokens * recipe.data.max_length
+        materialised = recipe.train.attention == "eager" or quirks_for(kind).remote_code  # sdpa / flash keep no scores
+        per_layer = tokens * hidden * 34 + (5 * heads * tokens * span if materialised else 0)
         activations = layers * per_layer
     vocab = config_value(config, "vocab_size") or 0
     activations = activations * scale + tokens * vocab * 4 * 2
@@ -277,6 +283,27 @@ def batch_lines(recipe: Recipe, examples: int, report: Report) -> None:
         )
 
 
+def speed_lines(recipe: Recipe, model_type: str | None, report: Report) -> None:
+    """What precision, batching and kernels the run will use, and why; what cannot be honoured."""
+    from launcher.batching import batching_problems, choose_batching
+    from launcher.hardware import resolve_device
+    from launcher.knobs import knob_problems, resolve_knobs
+
+    device = resolve_device(recipe.distributed.device)
+    layout, why = choose_batching(recipe, model_type)
+    precision = recipe._chosen.get("model.dtype", f"{recipe.model.dtype} (model.dtype)")
+    report.lines.append(f"precision: {precision}")
+    report.lines.append(f"batching: {layout} ({why}); {resolve_knobs(recipe, device).line()}")
+    errors, warnings = batching_problems(recipe, model_type)
+    report.errors += errors + knob_problems(recipe, device)
+    report.warnings += warnings
+    if layout == "packed" and recipe.train.micro_batch_size == 1:
+        report.warnings.append(
+            "data.batching: packed with train.micro_batch_size = 1 has nothing to pack; raise it "
+            "(and lower gradient_accumulation_steps) to train faster on the same examples per step"
+        )
+
+
 def run_preflight(recipe: Recipe, examples: int | None = None) -> Report:
     """Every check that needs no weights; `examples` is the training set size when known."""
     from launcher.render import render_deepspeed, zero_stage
@@ -296,6 +323,7 @@ def run_preflight(recipe: Recipe, examples: int | None = None) -> Report:
         )
     report.errors += errors
     report.warnings += warnings
+    speed_lines(recipe, model_type, report)
     if examples is not None:
         batch_lines(recipe, examples, report)
     if model is None:

@@ -15,7 +15,7 @@ import tomllib
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
 
 from launcher import methods
 from launcher.errors import UserError
@@ -49,8 +49,8 @@ class ModelSection(Section):
     """Hub revision (branch, tag or commit) to pin the base model to."""
     trust_remote_code: bool = False
     """Allow the model's own Python code from the hub to run (needed by TransNormer, ChatGLM)."""
-    dtype: Literal["fp32", "bf16", "fp16"] = "fp32"
-    """Dtype the base weights are loaded in and training runs in (mixed precision for bf16/fp16)."""
+    dtype: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    """Dtype of the base weights and of training; auto: bf16 where the device has it (Ampere+ GPUs, AVX512-BF16/AMX CPUs), else fp32."""
 
     @model_validator(mode="after")
     def _remote_code_is_pinned(self):
@@ -99,6 +99,8 @@ class DataSection(Section):
     """A row with invalid JSON or a missing/empty field: stop with its file and line, or skip it and count."""
     seed: int = Field(0, ge=0, le=SEED_MAX)
     """Seed of the train/eval split."""
+    batching: Literal["auto", "packed", "grouped", "padded"] = "auto"
+    """Micro-batch layout: packed (one row, no padding, attention within each example), grouped (similar lengths), padded; auto: packed if supported."""
 
 
 class PeftSection(Section):
@@ -206,7 +208,15 @@ class TrainSection(Section):
     logging_steps: int = Field(1, gt=0)
     """Write a row to logs/train_metrics.jsonl every this many steps."""
     gradient_checkpointing: bool = False
-    """Recompute activations in the backward pass to save memory."""
+    """Recompute activations in the backward pass to save memory (non-reentrant)."""
+    attention: Literal["auto", "sdpa", "eager", "flash_attention_2"] = "auto"
+    """Attention implementation: auto is flash_attention_2 on CUDA when flash-attn is installed, the model's default (sdpa where it has it) otherwise."""
+    optimizer: Literal["auto", "adamw", "adamw_fused"] = "auto"
+    """AdamW implementation: auto is the fused kernel on CUDA, the plain one on CPU."""
+    liger_kernels: bool | None = None
+    """Liger's fused Triton kernels (RMSNorm, RoPE, SwiGLU, fused linear cross-entropy); CUDA only; unset: on with CUDA when liger-kernel is installed."""
+    compile: bool = False
+    """torch.compile the model (opt-in: the first steps pay for compilation)."""
     seed: int = Field(42, ge=0, le=SEED_MAX)
     """Seed of model init, adapter init and data order."""
 
@@ -372,6 +382,8 @@ class Recipe(Section):
     eval: EvalSection = EvalSection()
     merge: MergeSection = MergeSection()
     slurm: SlurmSection = SlurmSection()
+    _chosen: dict[str, str] = PrivateAttr(default_factory=dict)
+    """key -> why: the values "auto" was resolved to on this machine (load_recipe), for pre-flight to say."""
 
     def world_size(self) -> int:
         return self.distributed.nodes * self.distributed.procs_per_node
@@ -438,6 +450,18 @@ def load_recipe(path: str | Path, overrides: list[str] = ()) -> Recipe:
     return validate_recipe(raw, source=str(path))
 
 
+def resolve_automatic(recipe: Recipe) -> Recipe:
+    """model.dtype = "auto" becomes this machine's choice (the run dir then records the concrete
+    value, so every stage and a resume use the same); why is kept for pre-flight to say."""
+    from launcher.hardware import resolve_device, resolve_dtype
+
+    if recipe.model.dtype == "auto":
+        dtype, why = resolve_dtype(resolve_device(recipe.distributed.device))
+        recipe.model.dtype = dtype
+        recipe._chosen["model.dtype"] = f"{dtype} ({why}; set model.dtype to force one)"
+    return recipe
+
+
 def read_toml(path: Path) -> dict[str, Any]:
     """A TOML file's tables; a file that is not UTF-8 TOML is one line naming it."""
     try:
@@ -479,7 +503,7 @@ def validate_recipe(raw: dict[str, Any], source: str = "recipe") -> Recipe:
     missing = _missing_files(recipe)
     if missing:
         raise UserError(missing)
-    return recipe
+    return resolve_automatic(recipe)
 
 
 def _apply_override(raw: dict[str, Any], item: str) -> None:

@@ -6,10 +6,7 @@ No torch here: rendering and --dry-run answer in about a second.
 from __future__ import annotations
 
 import copy
-import functools
 import json
-import shutil
-import subprocess
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +14,7 @@ import tomli_w
 import yaml
 
 from launcher.errors import UserError
+from launcher.hardware import resolve_device
 from launcher.recipe import Recipe
 from launcher.runs import RunDir, archive, new_manifest, write_atomic
 
@@ -96,21 +94,6 @@ def render_accelerate(recipe: Recipe, run: RunDir, ds_config: dict[str, Any]) ->
         "main_training_function": "main",
         "debug": False,
     }
-
-
-@functools.cache
-def resolve_device(device: str) -> str:
-    """cpu or cuda, without importing torch: auto means cuda when nvidia-smi lists a GPU (asked once per process)."""
-    if device != "auto":
-        return device
-    smi = shutil.which("nvidia-smi")
-    if not smi:
-        return "cpu"
-    try:
-        listed = subprocess.run([smi, "-L"], capture_output=True, text=True, timeout=10).stdout
-    except (OSError, subprocess.TimeoutExpired):
-        return "cpu"
-    return "cuda" if "GPU" in listed else "cpu"
 
 
 def worker_command(run: RunDir) -> list[str]:

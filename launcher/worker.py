@@ -77,12 +77,15 @@ def redirect_output(log_path: Path) -> None:
     sys.stderr = os.fdopen(2, "w", buffering=1)
 
 
-def training_arguments(recipe: Recipe, run: RunDir):
+def training_arguments(recipe: Recipe, run: RunDir, layout: str = "padded", knobs=None):
+    """The Trainer's arguments: the recipe's [train], the batching layout and the device's knobs."""
     from transformers import TrainingArguments
 
-    from launcher.render import resolve_device
+    from launcher.hardware import resolve_device
+    from launcher.knobs import resolve_knobs
 
-    t = recipe.train
+    t, device = recipe.train, resolve_device(recipe.distributed.device)
+    knobs = knobs or resolve_knobs(recipe, device)
     return TrainingArguments(
         output_dir=str(run.checkpoints),
         deepspeed=str(run.deepspeed_config),
@@ -100,10 +103,16 @@ def training_arguments(recipe: Recipe, run: RunDir):
         save_steps=t.save_steps,
         save_total_limit=None,  # rotation is checkpoints.tidy's: it counts complete checkpoints only
         gradient_checkpointing=t.gradient_checkpointing,
+        gradient_checkpointing_kwargs={"use_reentrant": False},  # re-entrant recompute breaks with frozen inputs
+        train_sampling_strategy="group_by_length" if layout == "grouped" else "random",
+        length_column_name="length",
+        optim=knobs.optimizer,
+        use_liger_kernel=knobs.liger,
+        torch_compile=knobs.compile,
         seed=t.seed,
         bf16=recipe.model.dtype == "bf16",
         fp16=recipe.model.dtype == "fp16",
-        use_cpu=resolve_device(recipe.distributed.device) == "cpu",
+        use_cpu=device == "cpu",
         include_num_input_tokens_seen="non_padding",
         remove_unused_columns=False,
         report_to="none",
@@ -155,13 +164,18 @@ def train(recipe: Recipe, run: RunDir, rank: int, records: list[dict]) -> bool:
     import torch
     from transformers import Trainer, set_seed
 
-    from launcher.data import SampleLoggingCollator, build_train_dataset
-    from launcher.models import adalora_allocator, load_tokenizer, load_training_model, planned_steps
-    from launcher.render import resolve_device
+    from launcher.batching import SampleLoggingCollator, choose_batching
+    from launcher.data import build_train_dataset
+    from launcher.hardware import resolve_device
+    from launcher.knobs import resolve_knobs
+    from launcher.models import adalora_allocator, load_tokenizer, load_training_model, model_type, planned_steps
 
     stop = stop_flag()  # a signal during start-up is acted on at the first step
     attempt = run.manifest().attempts + 1  # rank 0 records it below
-    args = training_arguments(recipe, run)  # before the model: it turns on ZeRO-3 sharded loading
+    device = resolve_device(recipe.distributed.device)
+    layout, why = choose_batching(recipe, model_type(recipe))
+    knobs = resolve_knobs(recipe, device)
+    args = training_arguments(recipe, run, layout, knobs)  # before the model: it turns on ZeRO-3 sharded loading
     tokenizer = load_tokenizer(recipe)
     with args.main_process_first(local=False, desc="tokenize"):
         dataset, stats = build_train_dataset(recipe, tokenizer, run.cache)
@@ -174,12 +188,13 @@ def train(recipe: Recipe, run: RunDir, rank: int, records: list[dict]) -> bool:
             f"{stats['truncated']} truncated to data.max_length={recipe.data.max_length}, "
             f"{stats.get('skipped_rows', 0)} bad rows skipped"
         )
+        print(f"batching: {layout} ({why}); precision {recipe.model.dtype}; {knobs.line()}")
         run.update_manifest(data=stats, attempts=attempt)
     init_deepspeed_comm(recipe)  # before loading: ZeRO-3 shards the weights as they load
     set_seed(recipe.train.seed)
-    device = resolve_device(recipe.distributed.device)
     local = int(os.environ.get("LOCAL_RANK", "0"))
-    model = load_training_model(recipe, planned_steps(recipe, len(dataset)), f"cuda:{local}" if device == "cuda" else "cpu")
+    place = f"cuda:{local}" if device == "cuda" else "cpu"
+    model = load_training_model(recipe, planned_steps(recipe, len(dataset)), place, knobs.attention)
     if rank == 0:
         trainable, total = model.get_nb_trainable_parameters()
         print(f"trainable parameters {trainable} of {total}")
@@ -188,7 +203,7 @@ def train(recipe: Recipe, run: RunDir, rank: int, records: list[dict]) -> bool:
         model=model,
         args=args,
         train_dataset=dataset,
-        data_collator=SampleLoggingCollator(tokenizer, run.logs / f"samples_rank{rank}.jsonl", attempt),
+        data_collator=SampleLoggingCollator(tokenizer, run.logs / f"samples_rank{rank}.jsonl", attempt, layout),
         callbacks=[metrics_logger(run, attempt), guard],
     )
     if recipe.peft.method == "adalora":
@@ -236,7 +251,7 @@ def init_deepspeed_comm(recipe: Recipe) -> None:
     """
     import deepspeed
 
-    from launcher.render import resolve_device
+    from launcher.hardware import resolve_device
 
     deepspeed.init_distributed(dist_backend="gloo" if resolve_device(recipe.distributed.device) == "cpu" else "nccl")
 

@@ -35,6 +35,7 @@ def tiny_recipe_text(assets: dict[str, Path], name: str = "tiny", extra: str = "
 name = "{name}"
 [model]
 name_or_path = "{assets["model"]}"
+dtype = "fp32"
 [data]
 train_file = "{assets["train_file"]}"
 eval_fraction = 0.1

@@ -30,6 +30,9 @@ STAGES = {
     "launcher.recipe",
     "launcher.runs",
     "launcher.render",
+    "launcher.hardware",
+    "launcher.batching",
+    "launcher.knobs",
     "launcher.errors",
     "launcher.assets",
 }

@@ -82,14 +82,20 @@ def test_memory_estimates_match_the_documented_arithmetic(tmp_path, tiny_assets)
     from launcher.preflight import run_preflight
 
     path = write_recipe(tmp_path, tiny_recipe_text(tiny_assets))
-    lora = run_preflight(load_recipe(path), examples=1000)
+    estimate = lambda *flags: run_preflight(load_recipe(path, list(flags)), examples=1000).memory_bytes  # noqa: E731
     # fp32 LoRA, ZeRO-2 over 2 ranks, tiny Llama (111,936 parameters, hidden 64, 2 layers, 4 heads,
     # vocab 296), 16,384 adapter parameters, 8 x 64 tokens per step:
     weights, adapter = 111_936 * 4, 16_384 * 4
     gradients, optimizer = adapter / 2, 16_384 * 8 / 2
     tokens = 8 * 64
-    activations = 2 * (tokens * 64 * 34 + 5 * 4 * tokens * 64) * 2 + tokens * 296 * 4 * 2
-    assert lora.memory_bytes == weights + adapter + gradients + optimizer + activations == 8_901_888
+    logits = tokens * 296 * 4 * 2
+    fixed = weights + adapter + gradients + optimizer
+    sdpa = 2 * (tokens * 64 * 34) * 2 + logits  # sdpa keeps no attention scores
+    assert estimate() == fixed + sdpa == 6_280_448
+    padded_eager = 2 * (tokens * 64 * 34 + 5 * 4 * tokens * 64) * 2 + logits  # scores over one example's 64 tokens
+    assert estimate('train.attention="eager"', 'data.batching="padded"') == fixed + padded_eager == 8_901_888
+    packed_eager = 2 * (tokens * 64 * 34 + 5 * 4 * tokens * tokens) * 2 + logits  # over the whole packed row
+    assert estimate('train.attention="eager"', 'data.batching="packed"') == fixed + packed_eager
     qlora = run_preflight(
         load_recipe(
             path,
@@ -97,7 +103,9 @@ def test_memory_estimates_match_the_documented_arithmetic(tmp_path, tiny_assets)
         ),
         examples=1000,
     )
-    assert qlora.memory_bytes == pytest.approx(2_850_882.56)  # pinned: a change to the estimate is deliberate
+    assert qlora.memory_bytes == pytest.approx(
+        2_850_882.56
+    )  # checkpointing: no scores either way  # pinned: a change to the estimate is deliberate
 
 
 @pytest.mark.parametrize(

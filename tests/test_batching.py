@@ -1,0 +1,184 @@
+"""Packing without cross-contamination (data.batching = "packed"), proven on numbers:
+
+- the registry is right about every architecture: a type in quirks.PACKS gives each example of a
+  packed row the logits it has alone (fp32, <= 1e-5), and each refused type really does not
+  (its packed logits differ, or its forward cannot take the row);
+- the loss and the LoRA gradients of a packed micro-batch equal those of the same examples padded,
+  token-weighted as the Trainer computes them, also over two accumulated micro-batches;
+- a 2-rank run with gradient accumulation trains step for step as the padded run does (e2e).
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from conftest import run_launch, tiny_recipe_text, write_recipe
+from test_merge_matrix import SIZES
+
+from launcher.batching import choose_batching, packed_batch, packing_refusal
+from launcher.quirks import PACKS
+
+TOLERANCE = 1e-5
+# model type -> (config class, extra config): one tiny model per type the registry speaks for
+CONFIGS = {
+    "llama": ("LlamaConfig", dict(num_key_value_heads=2)),
+    "mistral": ("MistralConfig", dict(num_key_value_heads=2)),
+    "mixtral": ("MixtralConfig", dict(num_key_value_heads=2)),
+    "qwen2": ("Qwen2Config", dict(num_key_value_heads=2)),
+    "qwen2_moe": ("Qwen2MoeConfig", dict(num_key_value_heads=2)),
+    "qwen3": ("Qwen3Config", dict(num_key_value_heads=2, head_dim=16)),
+    "gemma": ("GemmaConfig", dict(num_key_value_heads=2, head_dim=16)),
+    "gemma2": ("Gemma2Config", dict(num_key_value_heads=2, head_dim=16)),
+    "gemma3_text": ("Gemma3TextConfig", dict(num_key_value_heads=2, head_dim=16)),
+    "phi": ("PhiConfig", {}),
+    "phi3": ("Phi3Config", dict(num_key_value_heads=4, pad_token_id=0)),
+    "gpt2": ("GPT2Config", dict(n_embd=64, n_layer=2, n_head=4, n_positions=64)),
+    "gpt_neox": ("GPTNeoXConfig", {}),
+    "gptj": ("GPTJConfig", dict(n_embd=64, n_layer=2, n_head=4, rotary_dim=8)),
+    "starcoder2": ("Starcoder2Config", dict(num_key_value_heads=2)),
+    "olmo": ("OlmoConfig", {}),
+    "granite": ("GraniteConfig", {}),
+    "cohere": ("CohereConfig", {}),
+    "opt": ("OPTConfig", dict(ffn_dim=128, word_embed_proj_dim=64, max_position_embeddings=64)),
+    "bloom": ("BloomConfig", dict(n_layer=2, n_head=4)),
+    "falcon": ("FalconConfig", dict(new_decoder_architecture=False, multi_query=True)),
+}
+LENGTHS = [5, 9, 3]
+
+
+def tiny_model(model_type: str):
+    import torch
+    import transformers
+
+    name, extra = CONFIGS[model_type]
+    torch.manual_seed(0)
+    config = getattr(transformers, name)(**(SIZES | extra))
+    return transformers.AutoModelForCausalLM.from_config(config).eval()
+
+
+def packed_error(model, vocab: int = 250) -> float:
+    """Max |logits of the packed row - logits of each example alone| (inf: the forward refused the row)."""
+    import torch
+
+    torch.manual_seed(1)
+    examples = [{"input_ids": torch.randint(3, vocab, (n,)).tolist(), "labels": [0] * n} for n in LENGTHS]
+    batch = packed_batch(examples)
+    with torch.no_grad():
+        alone = torch.cat([model(input_ids=torch.tensor([e["input_ids"]])).logits[0] for e in examples])
+        try:
+            packed = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False).logits[0]
+        except TypeError:  # its forward takes no position ids
+            return float("inf")
+    return (packed - alone).abs().max().item()
+
+
+def recipe_for(tmp_path, tiny_assets, *overrides):
+    from launcher.recipe import load_recipe
+
+    return load_recipe(write_recipe(tmp_path, tiny_recipe_text(tiny_assets)), list(overrides))
+
+
+@pytest.mark.parametrize("model_type", sorted(CONFIGS))
+def test_the_registry_packs_exactly_the_architectures_that_keep_examples_apart(model_type, tmp_path, tiny_assets):
+    error = packed_error(tiny_model(model_type))
+    refusal = packing_refusal(recipe_for(tmp_path, tiny_assets), model_type)
+    if model_type in PACKS:
+        assert refusal is None and error <= TOLERANCE, f"{model_type} packs with error {error}"
+    else:
+        assert refusal[0] == "refused" and error > 100 * TOLERANCE, f"{model_type} is refused yet packs ({error})"
+
+
+@pytest.mark.parametrize("seed", ["transnormer", "chatglm3"])
+def test_the_seed_models_really_cannot_pack_and_fall_back_to_grouped(seed, tmp_path, tiny_assets):
+    import torch
+    from seed_models import build_seed_model, require_upstream
+
+    from launcher.models import load_pretrained, model_type_of
+
+    require_upstream()
+    build_seed_model(seed, tmp_path / seed)
+    model = load_pretrained(str(tmp_path / seed), torch.float32, trust_remote_code=True).eval()
+    assert packed_error(model) > 100 * TOLERANCE  # TransNormer takes no position ids; ChatGLM's mask spans the row
+    kind = model_type_of(str(tmp_path / seed))
+    layout, why = choose_batching(recipe_for(tmp_path, tiny_assets), kind)
+    assert layout == "grouped" and kind in why
+
+
+def tokenized_examples(tmp_path, tiny_assets, count: int) -> tuple[list[dict], object]:
+    """The first `count` training examples of the tiny recipe, tokenized (numbers of 1-4 digits: lengths differ)."""
+    from launcher.data import to_example, tokenize
+    from launcher.models import load_tokenizer
+
+    recipe = recipe_for(tmp_path, tiny_assets)
+    tokenizer = load_tokenizer(recipe)
+    rows = [json.loads(line) for line in tiny_assets["train_file"].read_text().splitlines()[:count]]
+    examples = [tokenize(to_example(row, recipe.data), tokenizer, 64) for row in rows]
+    return [{"input_ids": e["input_ids"], "labels": e["labels"]} for e in examples], tokenizer
+
+
+def lora_model(tiny_assets):
+    import peft
+    import torch
+    import transformers
+
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_pretrained(str(tiny_assets["model"]), dtype=torch.float32)
+    config = peft.LoraConfig(task_type=peft.TaskType.CAUSAL_LM, r=4, lora_alpha=8, target_modules="all-linear")
+    model = peft.get_peft_model(model, config)
+    with torch.no_grad():  # B off zero, so the adapter takes part in the forward and has gradients into A
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0, 0.1)
+    return model
+
+
+def step_loss_and_grads(model, micro_batches: list[dict]) -> tuple[float, dict]:
+    """As the Trainer does: each micro-batch's summed loss over the whole step's trained tokens."""
+    import torch
+
+    model.zero_grad()
+    trained = sum(int((b["labels"][..., 1:] != -100).sum()) for b in micro_batches)
+    total = 0.0
+    for batch in micro_batches:
+        loss = model(**batch, num_items_in_batch=torch.tensor(trained)).loss
+        loss.backward()
+        total += loss.item()
+    return total, {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def test_a_packed_step_has_the_loss_and_gradients_of_the_padded_step(tmp_path, tiny_assets):
+    from transformers import DataCollatorForSeq2Seq
+
+    examples, tokenizer = tokenized_examples(tmp_path, tiny_assets, 12)
+    pad = DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100)
+    padded = [pad([dict(e) for e in examples[:6]]), pad([dict(e) for e in examples[6:]])]  # two accumulated micro-batches
+    packed = [packed_batch(examples[:6]), packed_batch(examples[6:])]
+    assert int(padded[0]["attention_mask"].eq(0).sum()) > 0 and packed[0]["input_ids"].shape[0] == 1
+    model = lora_model(tiny_assets)
+    padded_loss, padded_grads = step_loss_and_grads(model, padded)
+    packed_loss, packed_grads = step_loss_and_grads(model, packed)
+    assert abs(packed_loss - padded_loss) <= TOLERANCE, (packed_loss, padded_loss)
+    worst = max((packed_grads[n] - padded_grads[n]).abs().max().item() for n in padded_grads)
+    assert worst <= TOLERANCE, worst
+    assert max(g.abs().max().item() for g in padded_grads.values()) > 100 * TOLERANCE  # the check has teeth
+
+
+@pytest.mark.e2e
+def test_two_ranks_with_accumulation_train_the_same_packed_as_padded(tmp_path, tiny_assets):
+    """Same seed and examples per step: the loss of every step is the padded run's (fp32)."""
+    losses = {}
+    for layout in ("packed", "padded"):
+        extra = "[merge]\nenabled = false\n"
+        text = tiny_recipe_text(tiny_assets, name=layout, extra=extra).replace("max_steps = 12", "max_steps = 4")
+        text = text.replace("micro_batch_size = 8", "micro_batch_size = 4\ngradient_accumulation_steps = 2")
+        text = text.replace("[eval]", "[eval]\nenabled = false")
+        recipe = write_recipe(tmp_path, text, f"{layout}.toml")
+        run_dir = tmp_path / layout
+        result = run_launch(str(recipe), "--run-dir", str(run_dir), "--set", f'data.batching="{layout}"')
+        assert result.returncode == 0, result.stdout + result.stderr
+        rows = [json.loads(line) for line in (run_dir / "logs" / "train_metrics.jsonl").read_text().splitlines()]
+        losses[layout] = [row["loss"] for row in rows]
+        assert f"batching: {layout}" in (run_dir / "logs" / "rank0.log").read_text()
+    assert len(losses["packed"]) == 4
+    assert losses["packed"] == pytest.approx(losses["padded"], abs=TOLERANCE)
