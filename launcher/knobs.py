@@ -31,7 +31,7 @@ def installed(package: str) -> bool:
 def resolve_knobs(recipe: Recipe, device: str) -> Knobs:
     t, cuda = recipe.train, device == "cuda"
     attention = t.attention if t.attention != "auto" else ("flash_attention_2" if cuda and installed("flash_attn") else None)
-    fused = t.optimizer == "adamw_fused" or (t.optimizer == "auto" and cuda)
+    fused = t.optimizer in ("adamw_fused", "auto")  # torch fuses AdamW on CUDA and CPU alike
     liger = t.liger_kernels if t.liger_kernels is not None else cuda and installed("liger_kernel")
     return Knobs(attention, "adamw_torch_fused" if fused else "adamw_torch", bool(liger), t.compile)
 

@@ -56,7 +56,26 @@ def _lora(recipe: Recipe, total_steps: int):
         lora_alpha=p.alpha,
         lora_dropout=p.dropout,
         target_modules=p.target_modules or "all-linear",
+        use_dora=p.use_dora,
+        use_rslora=p.use_rslora,
+        init_lora_weights=LORA_INITS[p.lora_init],
     )
+
+
+# peft's init_lora_weights per peft.lora_init; PiSSA by fast randomised SVD (4 subspace iterations:
+# seconds for a 7B model, where a full SVD takes many minutes), drawn from the seeded RNG.
+LORA_INITS = {"default": True, "gaussian": "gaussian", "pissa": "pissa_niter_4", "olora": "olora"}
+MOVES_THE_BASE = ("pissa", "olora")  # these subtract the adapter's start from the base weights
+
+
+def variant_zero3_refusal(recipe: Recipe) -> str | None:
+    """Why this LoRA variant cannot run under ZeRO-3 (None: it can)."""
+    p = recipe.peft
+    if p.use_dora:
+        return "DoRA's weight norm reads the whole base weight, ZeRO-3 holds shards of it"
+    if p.lora_init in MOVES_THE_BASE:
+        return f"{p.lora_init} starts from a decomposition of whole base weights, ZeRO-3 holds shards of them"
+    return None
 
 
 def _adalora(recipe: Recipe, total_steps: int):
@@ -126,7 +145,7 @@ def _p_tuning(recipe: Recipe, total_steps: int):
     )
 
 
-LORA_KEYS = ("r", "alpha", "dropout", "target_modules")
+LORA_KEYS = ("r", "alpha", "dropout", "target_modules", "use_dora", "use_rslora", "lora_init", "lora_plus_ratio")
 LORA_TENSORS = ("lora_A", "lora_B", "lora_embedding")
 LORA = dict(peft_type="LORA", build_config=_lora, identity=("lora_B", 0.0), shard_tensors=LORA_TENSORS)
 PROMPT = dict(has_targets=False, merges=False, prompt_learning=True)

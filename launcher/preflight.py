@@ -12,6 +12,7 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from launcher.methods import MOVES_THE_BASE, variant_zero3_refusal
 from launcher.quirks import config_value, hidden_size, quirks_for
 from launcher.recipe import Recipe
 
@@ -62,6 +63,14 @@ def compatibility_problems(recipe: Recipe, stage: int, model_type: str | None) -
         )
     if spec.zero3_refusal and stage == 3:
         errors.append(f"distributed.deepspeed: {method} cannot run under ZeRO-3 ({spec.zero3_refusal}); use zero2")
+    variant = variant_zero3_refusal(recipe)
+    if variant and stage == 3:
+        errors.append(f"distributed.deepspeed: this LoRA variant cannot run under ZeRO-3 ({variant}); use zero2")
+    if recipe.peft.lora_init in MOVES_THE_BASE and recipe.eval.checkpoints == "all":
+        errors.append(
+            f"eval.checkpoints: {recipe.peft.lora_init} checkpoints hold adapters of the moved base (only the final "
+            f'adapter is converted back to the original base); set it to "final"'
+        )
     if checkpointing and not quirks.gradient_checkpointing_works:
         warnings.append(f"train.gradient_checkpointing: {model_type}'s code ignores it, so it saves no memory")
     return errors, warnings

@@ -114,6 +114,14 @@ class PeftSection(Section):
     """Dropout on the LoRA input (LoRA family)."""
     target_modules: list[str] | Literal["all-linear"] | None = None
     """Module names (or suffixes) that get adapters, or "all-linear"; unset: all-linear for the LoRA family, peft's per-model default for ia3."""
+    use_dora: bool = False
+    """LoRA family: DoRA, a learned magnitude per output row over LoRA's direction (merges exactly)."""
+    use_rslora: bool = False
+    """LoRA family: rank-stabilised scaling alpha / sqrt(r) instead of alpha / r."""
+    lora_init: Literal["default", "gaussian", "pissa", "olora"] = "default"
+    """LoRA family: adapter start; pissa (principal singular vectors, fast SVD) and olora (QR) move them out of the base weights."""
+    lora_plus_ratio: float | None = Field(None, gt=0)
+    """LoRA family: LoRA+, B's learning rate = this x A's (the paper suggests 16); unset: one learning rate."""
     quant_type: Literal["nf4", "fp4"] = "nf4"
     """qlora: 4-bit data type of the frozen base."""
     double_quant: bool = True
@@ -167,6 +175,11 @@ class PeftSection(Section):
                 )
         if self.method == "prompt-tuning" and (self.prompt_init == "text") != bool(self.prompt_init_text):
             raise ValueError('peft.prompt_init_text is needed with prompt_init = "text" and only then')
+        if self.lora_init in ("pissa", "olora") and self.spec.quantization:
+            raise ValueError(
+                f"peft.lora_init: {self.lora_init} starts from the base's full-precision weights, which "
+                f'{self.method} quantizes; use method = "lora" or another lora_init'
+            )
         if self.method == "adalora" and self.target_r > self.init_r:
             raise ValueError(f"peft.target_r ({self.target_r}) must not exceed peft.init_r ({self.init_r})")
         return self
@@ -212,7 +225,7 @@ class TrainSection(Section):
     attention: Literal["auto", "sdpa", "eager", "flash_attention_2"] = "auto"
     """Attention implementation: auto is flash_attention_2 on CUDA when flash-attn is installed, the model's default (sdpa where it has it) otherwise."""
     optimizer: Literal["auto", "adamw", "adamw_fused"] = "auto"
-    """AdamW implementation: auto is the fused kernel on CUDA, the plain one on CPU."""
+    """AdamW implementation: auto is torch's fused kernel (one kernel per step for all tensors, on CUDA and CPU)."""
     liger_kernels: bool | None = None
     """Liger's fused Triton kernels (RMSNorm, RoPE, SwiGLU, fused linear cross-entropy); CUDA only; unset: on with CUDA when liger-kernel is installed."""
     compile: bool = False

@@ -372,6 +372,7 @@ class RunDir:
     manifest_path = property(lambda self: self.root / "manifest.json")
     checkpoints = property(lambda self: self.root / "checkpoints")
     adapter = property(lambda self: self.root / "adapter")
+    initial_adapter = property(lambda self: self.root / "adapter-init")  # PiSSA / OLoRA: the start the base moved by
     merged = property(lambda self: self.root / "merged")
     eval = property(lambda self: self.root / "eval")
     logs = property(lambda self: self.root / "logs")

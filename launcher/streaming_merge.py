@@ -1,7 +1,7 @@
 """Merge an adapter into its base model one safetensors shard at a time.
 
 PEFT's merge_and_unload needs the whole model in memory; this reads each base shard, adds the
-deltas of the weights in it (LoRA, AdaLoRA, IA3 scales), writes the merged shard, and lets it
+deltas of the weights in it (LoRA incl. rsLoRA and DoRA's magnitudes, AdaLoRA, IA3 scales), writes the merged shard, and lets it
 go, so the peak stays near one shard plus the adapter. The output is a plain transformers
 checkpoint (same shard names and index), with config, generation config and tokenizer copied.
 """
@@ -92,6 +92,10 @@ def adapter_updates(adapter_dir: Path, transposed: set[str] = frozenset()):
             continue
         if kind == "LORA":
             a = a * lora_scaling(config, module, a.shape[0])
+            magnitude = part(module, "lora_magnitude_vector")  # DoRA
+            if magnitude is not None:
+                updates[f"{module}.weight"] = lambda w, a=a, b=b, m=magnitude, t=flip: dora_merged(w, a, b, m, t)
+                continue
         else:  # AdaLoRA: B (A * E) * alpha / init_r (pruning keeps the scale: peft's ranknum stays init_r)
             start_rank = config.get("init_r") or a.shape[0]
             a = a * part(module, "lora_E") * (config["lora_alpha"] or start_rank) / (start_rank + 1e-5)
@@ -99,6 +103,13 @@ def adapter_updates(adapter_dir: Path, transposed: set[str] = frozenset()):
     if not updates:
         raise UserError(f"{adapter_dir}: no mergeable tensors found")
     return updates
+
+
+def dora_merged(weight, a, b, magnitude, transposed: bool):
+    """DoRA: W + BA rescaled so that each output row's norm is the learned magnitude, as PEFT merges it."""
+    rows = (weight.T if transposed else weight) + b @ a
+    rows = rows * (magnitude.reshape(-1) / rows.norm(dim=1)).reshape(-1, 1)
+    return rows.T if transposed else rows
 
 
 def lora_scaling(config: dict, module: str, rank: int) -> float:

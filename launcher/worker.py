@@ -18,6 +18,7 @@ from pathlib import Path
 
 from launcher.buildlocks import use_environment_extension_cache, watch_build_locks
 from launcher.checkpoints import PlanComplete, checkpoint_guard, stop_flag
+from launcher.methods import MOVES_THE_BASE
 from launcher.recipe import Recipe
 from launcher.rendezvous import check_in, smoke_all_reduce, topology_line, world_from_env
 from launcher.runs import RunDir, State, allocation, publish, stage_record, staging_for
@@ -162,7 +163,7 @@ def metrics_logger(run: RunDir, attempt: int):
 def train(recipe: Recipe, run: RunDir, rank: int, records: list[dict]) -> bool:
     """Train to the end (True: the final adapter is saved), or to a stop signal's checkpoint (False)."""
     import torch
-    from transformers import Trainer, set_seed
+    from transformers import set_seed
 
     from launcher.batching import SampleLoggingCollator, choose_batching
     from launcher.data import build_train_dataset
@@ -198,8 +199,10 @@ def train(recipe: Recipe, run: RunDir, rank: int, records: list[dict]) -> bool:
     if rank == 0:
         trainable, total = model.get_nb_trainable_parameters()
         print(f"trainable parameters {trainable} of {total}")
+        if recipe.peft.lora_init in MOVES_THE_BASE and not run.initial_adapter.exists():
+            save_initial_adapter(model, run)
     guard = checkpoint_guard(run.checkpoints, recipe.train.save_total_limit, stop)
-    trainer = Trainer(
+    trainer = trainer_class(recipe)(
         model=model,
         args=args,
         train_dataset=dataset,
@@ -218,6 +221,45 @@ def train(recipe: Recipe, run: RunDir, rank: int, records: list[dict]) -> bool:
         return False
     save_final_adapter(trainer, run, rank, probe=trained_probe(trainer, dataset, tokenizer))
     return True
+
+
+def trainer_class(recipe: Recipe):
+    """HF Trainer; with LoRA+ (peft.lora_plus_ratio), one whose optimizer gives B that multiple of A's
+    learning rate (peft's create_loraplus_optimizer; DeepSpeed then wraps it)."""
+    import torch
+    from transformers import Trainer
+
+    ratio = recipe.peft.lora_plus_ratio
+    if not ratio:
+        return Trainer
+
+    class LoraPlusTrainer(Trainer):
+        def create_optimizer(self, model=None):
+            from peft.optimizers import create_loraplus_optimizer
+
+            if self.optimizer is None:
+                self.optimizer = create_loraplus_optimizer(
+                    self.model,
+                    optimizer_cls=torch.optim.AdamW,
+                    lr=self.args.learning_rate,
+                    loraplus_lr_ratio=ratio,
+                    weight_decay=self.args.weight_decay,
+                    fused=self.args.optim == "adamw_torch_fused",
+                )
+            return self.optimizer
+
+    return LoraPlusTrainer
+
+
+def save_initial_adapter(model, run: RunDir) -> None:
+    """PiSSA / OLoRA moved part of each base weight into the adapter's start: saved once (rank 0,
+    first attempt), so the final adapter can be converted to one for the original base."""
+    config = model.peft_config["default"]
+    init, config.init_lora_weights = config.init_lora_weights, True  # reloading it must not decompose again
+    staging = staging_for(run.initial_adapter)
+    model.save_pretrained(str(staging))
+    config.init_lora_weights = init
+    publish(staging, run.initial_adapter)
 
 
 def trained_probe(trainer, dataset, tokenizer) -> dict:
@@ -296,7 +338,11 @@ def save_final_adapter(trainer, run: RunDir, rank: int, probe: dict) -> None:
         staging = staging_for(run.adapter)
     if dist.is_initialized():
         dist.barrier()  # the staging folder is cleared before any rank writes into it
-    trainer.save_model(str(staging))  # every rank takes part in the ZeRO-3 gather
+    if run.initial_adapter.exists():  # PiSSA / OLoRA (ZeRO <= 2: rank 0 holds every weight)
+        if rank == 0:  # B·A - B0·A0 as a rank-2r LoRA of the original base
+            trainer.model.save_pretrained(str(staging), path_initial_model_for_weight_conversion=str(run.initial_adapter))
+    else:
+        trainer.save_model(str(staging))  # every rank takes part in the ZeRO-3 gather
     if dist.is_initialized():
         dist.barrier()
     if rank == 0:

@@ -1,6 +1,6 @@
 """The streaming merge equals PEFT's merge_and_unload for every mergeable adapter kind on every
 architecture family the seeds and their peers use (fp32, <= 1e-5 on the logits), with adapters
-randomised off their identity start (no training needed): OPT, GPT-2 (Conv1D weights stored as
+randomised off their identity start (no training needed; DoRA's magnitudes too): OPT, GPT-2 (Conv1D weights stored as
 (in, out)), GPT-NeoX, Bloom, Qwen2, Mistral, Gemma (tied embeddings), Phi-3 (fused projections),
 Falcon, and the seeds' own TransNormerLLM and ChatGLM (upstream remote code). Adapters trained on a
 quantized base (qlora, lora-8bit; bitsandbytes turns Conv1D into Linear) merge into the
@@ -37,7 +37,7 @@ SEED_FAMILIES = {  # tiny models from the seeds' upstream code (tests/seed_model
     "transnormer": (["qkvu_proj", "out_proj"], "l3"),
     "chatglm3": (["query_key_value", "self_attention.dense"], "dense_4h_to_h"),
 }
-KINDS = ["lora", "rslora", "adalora", "ia3", "ia3-attention-only"]
+KINDS = ["lora", "rslora", "dora", "adalora", "ia3", "ia3-attention-only"]
 
 
 @pytest.fixture(scope="module")
@@ -89,6 +89,8 @@ def adapter_config(kind: str, attention: list[str], feedforward: str):
         return peft.LoraConfig(r=4, lora_alpha=8, target_modules=targets, init_lora_weights=False)
     if kind == "rslora":
         return peft.LoraConfig(r=4, lora_alpha=8, target_modules=targets, use_rslora=True, alpha_pattern={feedforward: 2})
+    if kind == "dora":
+        return peft.LoraConfig(r=4, lora_alpha=8, target_modules=targets, use_dora=True, init_lora_weights=False)
     if kind == "adalora":
         return peft.AdaLoraConfig(init_r=4, target_r=2, total_step=10, lora_alpha=8, target_modules=targets)
     if kind == "ia3":
@@ -102,7 +104,7 @@ def randomise(model) -> None:
 
     with torch.no_grad():
         for name, param in model.named_parameters():
-            if any(part in name for part in ("lora_B", "lora_E", "ia3_l")):
+            if any(part in name for part in ("lora_B", "lora_E", "ia3_l", "lora_magnitude_vector")):
                 param.add_(torch.randn_like(param) * 0.1)
 
 

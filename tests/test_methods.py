@@ -1,7 +1,8 @@
 """Every PEFT method trains end to end from the seed recipes (2 ranks, DeepSpeed on CPU, real
 bitsandbytes for the quantized ones), with the model swapped for a tiny local Llama. Each saved
 adapter, loaded back with PeftModel.from_pretrained, gives the logits the trained model gave;
-LoRA-family merges equal PeftModel on the unquantized base. The TransNormer and ChatGLM seed
+LoRA-family merges equal PeftModel on the unquantized base; so do the LoRA variants' (DoRA, rsLoRA,
+LoRA+, PiSSA, OLoRA). The TransNormer and ChatGLM seed
 recipes run with tiny models of their own upstream code in test_seed_recipes.py."""
 
 from __future__ import annotations
@@ -26,6 +27,11 @@ SEEDS = {  # recipe -> overrides its tiny stand-in needs (Llama module names; no
     "bloomz-p-tuning.toml": [],
     "bloomz-prefix-tuning.toml": [],
     "ia3": [],  # no seed uses IA3: the tiny parity recipe
+    # LoRA variants on the tiny parity recipe: DoRA (its magnitudes merged too), rsLoRA and LoRA+
+    # together; PiSSA and OLoRA, whose final adapter is converted to one for the original base
+    "dora+rslora+lora-plus": ["peft.use_dora=true", "peft.use_rslora=true", "peft.lora_plus_ratio=16.0"],
+    "pissa": ['peft.lora_init="pissa"'],
+    "olora": ['peft.lora_init="olora"'],
 }
 TINY_RUN = [
     "model.dtype=fp32",
@@ -54,8 +60,9 @@ def reload_logits(recipe, adapter_dir, probe, quantized: bool):
 
 
 def launch_seed(seed: str, tmp_path, tiny_assets):
-    if seed == "ia3":
-        recipe = write_recipe(tmp_path, tiny_recipe_text(tiny_assets, extra='[peft]\nmethod = "ia3"\n'))
+    if not seed.endswith(".toml"):
+        method = "ia3" if seed == "ia3" else "lora"
+        recipe = write_recipe(tmp_path, tiny_recipe_text(tiny_assets, extra=f'[peft]\nmethod = "{method}"\n'))
     else:
         recipe = REPO / "recipes" / seed
     overrides = [f"model.name_or_path={tiny_assets['model']}", *TINY_RUN, *SEEDS[seed]]
