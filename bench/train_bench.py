@@ -3,7 +3,12 @@ hand-tuned loop, at equal examples per step; real (non-pad) tokens per second, h
 the same steps, and model FLOP utilisation.
 
     python bench/train_bench.py [--device cpu|cuda] [--steps 12] [--out /tmp/train_bench]
-    python bench/train_bench.py --device cuda --shape llama3-8b --max-length 4096 --micro-batch 1 --ranks 1
+    python bench/train_bench.py --device cuda --shape llama3-8b --micro-batch 24 --ranks 1 --checkpointing \
+        --contenders launch,bf16,hand-tuned --peak-tflops 989
+
+On a GPU a packed micro-batch of 24 examples is one row of about 4,100 tokens; the seed's fp32 loop
+does not fit an 8B model there, so it is left out; --set KEY=VALUE passes recipe overrides to the
+launch contenders (peft.method="qlora", distributed.deepspeed="zero3").
 
 Builds a Llama-shaped model with random weights (default "100m": hidden 768, 8 layers, FFN 2048,
 32,000-word vocabulary, 106M parameters) and alpaca-format data whose prompt + response lengths
@@ -55,8 +60,8 @@ LEARNING_RATE = 2e-3  # high for LoRA, so that a few steps move the held-out los
 def build_assets(out: Path, shape: str, examples: int, max_length: int, seed: int = 0) -> dict[str, Path]:
     """Model (fp32 safetensors), word-level tokenizer and train / held-out data, built once per folder."""
     done = out / "assets.json"
-    if done.exists():
-        return {k: Path(v) for k, v in json.loads(done.read_text()).items()}
+    if done.exists() and json.loads(done.read_text()).get("examples") == examples:
+        return {k: Path(v) for k, v in json.loads(done.read_text()).items() if k != "examples"}
     rng = random.Random(seed)
     mapping = list(range(4, VOCAB))
     rng.shuffle(mapping)
@@ -72,8 +77,12 @@ def build_assets(out: Path, shape: str, examples: int, max_length: int, seed: in
     paths = {"model": out / "model", "train": out / "train.jsonl", "held_out": out / "held_out.jsonl"}
     for name, count in (("train", examples), ("held_out", 64)):
         paths[name].write_text("".join(json.dumps(row()) + "\n" for _ in range(count)))
-    build_model(paths["model"], shape)
-    done.write_text(json.dumps({k: str(v) for k, v in paths.items()}))
+    if (
+        not (paths["model"] / "config.json").exists()
+        or json.loads((paths["model"] / "config.json").read_text())["hidden_size"] != SHAPES[shape]["hidden_size"]
+    ):
+        build_model(paths["model"], shape)
+    done.write_text(json.dumps({k: str(v) for k, v in paths.items()} | {"examples": examples}))
     return paths
 
 
@@ -152,7 +161,10 @@ LAUNCH_CONTENDERS = {
 def run_launch(name: str, paths: dict, args, out: Path) -> dict:
     run_dir = out / "runs" / name
     recipe = out / f"{name}.toml"
-    recipe.write_text(recipe_text(paths, args, **LAUNCH_CONTENDERS[name.split("#")[0]]))
+    settings = LAUNCH_CONTENDERS[name.split("#")[0]] | dict(item.split("=", 1) for item in args.set)
+    if args.checkpointing:
+        settings["train.gradient_checkpointing"] = "true"
+    recipe.write_text(recipe_text(paths, args, **settings))
     started = time.time()
     result = subprocess.run(["launch", str(recipe), "--run-dir", str(run_dir)], capture_output=True, text=True)
     if result.returncode != 0:
@@ -171,6 +183,7 @@ def run_hand_tuned(paths: dict, args, out: Path) -> dict:
         sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={args.ranks}", "--master-port=29655",
         __file__, "--hand-tuned-rank", str(target), "--device", args.device, "--steps", str(args.steps),
         "--micro-batch", str(args.micro_batch), "--max-length", str(args.max_length), "--out", str(out),
+        *(["--checkpointing"] if args.checkpointing else []),
     ]  # fmt: skip
     threads = max(1, (os.cpu_count() or 1) // args.ranks)
     result = subprocess.run(command, capture_output=True, text=True, env=os.environ | {"OMP_NUM_THREADS": str(threads)})
@@ -210,6 +223,9 @@ def hand_tuned_rank(target: Path, args) -> None:
     torch.manual_seed(42)
     model = AutoModelForCausalLM.from_pretrained(paths["model"], dtype=torch.bfloat16).to(device)
     config = peft.LoraConfig(task_type=peft.TaskType.CAUSAL_LM, r=16, lora_alpha=32, target_modules="all-linear")
+    if getattr(args, "checkpointing", False):
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.enable_input_require_grads()
     model = peft.get_peft_model(model, config, autocast_adapter_dtype=True)  # adapter weights stay fp32
     model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[rank] if cuda else None)
     trainable = [p for p in model.parameters() if p.requires_grad]
@@ -344,6 +360,11 @@ def main() -> None:
     parser.add_argument("--max-length", type=int, default=512)
     parser.add_argument("--contenders", default="seed,launch,packed,grouped,bf16,hand-tuned,seed#2")
     parser.add_argument("--out", default="/tmp/train_bench")
+    parser.add_argument("--checkpointing", action="store_true", help="gradient checkpointing in every contender")
+    parser.add_argument("--set", action="append", default=[], help="KEY=VALUE (TOML value) for the launch contenders")
+    parser.add_argument(
+        "--peak-tflops", type=float, help="MFU against this peak (H100 SXM dense bf16: 989) instead of the measured one"
+    )
     parser.add_argument("--hand-tuned-rank", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.hand_tuned_rank:
@@ -355,11 +376,12 @@ def main() -> None:
     per_token, attention = flops_per_token_and_attention(paths, args.shape)
     threads = os.cpu_count() or 1
     peaks = {d: matmul_peak(args.device, d, threads) for d in ("bfloat16", "float32")}
+    peak = args.peak_tflops * 1e12 if args.peak_tflops else peaks["bfloat16"]
     print(json.dumps({"machine": platform.processor() or platform.machine(), "cores": threads, "peak_flops": peaks}))
     results = []
     for name in args.contenders.split(","):
         run = run_hand_tuned(paths, args, out) if name == "hand-tuned" else run_launch(name, paths, args, out)
-        results.append(summarise(name, run, paths, args, per_token, attention, peaks["bfloat16"]))
+        results.append(summarise(name, run, paths, args, per_token, attention, peak))
         print(json.dumps(results[-1]), flush=True)
     (out / "results.json").write_text(json.dumps({"peaks": peaks, "results": results}, indent=2))
     print_table(results)
