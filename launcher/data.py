@@ -344,15 +344,12 @@ def read_training_set(recipe: Recipe, samples: int = 5) -> TrainingSetReport:
     report = TrainingSetReport()
     try:
         tokenizer = load_tokenizer(recipe)
-    except Exception as err:  # a hub tokenizer with no network: check the rows without it
+    except Exception as err:  # broken, or a hub tokenizer with no network: the run could not start; check the rows
         tokenizer = None
         why = f"{type(err).__name__}: {(str(err).strip().splitlines() or [''])[0][:160]}"
-        if Path(recipe.model.name_or_path).exists():  # a local model whose tokenizer is broken: the run could not start
+        if Path(recipe.model.name_or_path).exists():
             report.errors.append(f"model: the tokenizer of {recipe.model.name_or_path} cannot be loaded ({why})")
-        else:
-            report.warnings.append(
-                f"model: cannot load the tokenizer of {recipe.model.name_or_path} ({why}); token counts and samples skipped"
-            )
+        # a hub model that cannot be had here is one error, from the model check
     if tokenizer is None and recipe.data.template == "tokenizer":  # count the rows; prompts need the tokenizer
         recipe = recipe.model_copy(update={"data": recipe.data.model_copy(update={"template": "plain"})})
     split = split_examples(recipe, tokenizer)

@@ -197,6 +197,7 @@ def execute(recipe: Recipe, run: RunDir, console: Console, executor_name: str = 
             f"nothing to merge; the adapter in {run.adapter} is the export (load it with PeftModel)"
         )
     stages = stages_to_do(recipe, run)
+    refuse_what_the_scheduler_would_not_run(executor, stages)
     jobs = submit(executor, stages, run, console)
     if detach and jobs:
         console.print(f"detached; follow it with: launch status {run.root}  /  launch logs {run.root} -f")
@@ -216,6 +217,23 @@ def execute(recipe: Recipe, run: RunDir, console: Console, executor_name: str = 
         run.update_manifest(launch_to_first_step_s=round(first[0]["time"] - started, 1) if first else None)
     print_summary(run, console, time.time() - started)
     return True
+
+
+def refuse_what_the_scheduler_would_not_run(executor: Executor, stages: list[Stage]) -> None:
+    """Before anything is queued: a job SLURM would never start (more CPUs, GPUs, memory or time than
+    its partition has) is one line now, not a job pending forever."""
+    for stage in stages:
+        reason = executor.refusal(stage.resources)
+        if reason:
+            r = stage.resources
+            raise UserError(
+                [
+                    f"slurm: the {stage.name} job ({r.nodes} node(s) x {r.tasks_per_node} task(s)"
+                    f"{f', {r.cpus_per_task} CPUs each' if r.cpus_per_task else ''}) cannot run on this cluster "
+                    f"(sbatch --test-only: {reason}); ask for less (--nodes, --procs-per-node, slurm.cpus_per_task, "
+                    f"slurm.mem, slurm.time) or pick another slurm.partition; nothing was queued"
+                ]
+            )
 
 
 STOP_GRACE_S = 120.0  # an interrupted local run: time for the ranks to reach a step boundary and save

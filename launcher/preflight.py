@@ -78,8 +78,8 @@ def compatibility_problems(recipe: Recipe, stage: int, model_type: str | None) -
 
 def meta_model(recipe: Recipe, report: Report):
     """The model built on the meta device from its config (no weights), or None with a one-line
-    reason: a warning when the config cannot be had (offline hub), an error when the model's code
-    cannot be imported or constructed (the run could not start)."""
+    error: its config cannot be had (not local, not cached, hub unreachable: the ranks would fail
+    the same way, minutes later), or its code cannot be imported or constructed."""
     from launcher.models import meta_model as build_on_meta
 
     m = recipe.model
@@ -87,11 +87,8 @@ def meta_model(recipe: Recipe, report: Report):
         from launcher.remote_code import load_config
 
         load_config(m.name_or_path, m.revision, m.trust_remote_code)
-    except Exception as err:  # offline hub, unknown id, remote code refused: say so and check the rest
-        report.warnings.append(
-            f"model: cannot read the config of {m.name_or_path} ({type(err).__name__}: "
-            f"{first_line(err)}); module and memory checks skipped"
-        )
+    except Exception as err:  # offline hub, unknown id, remote code refused: the ranks could not load it either
+        report.errors.append(unreachable_model(m.name_or_path, m.revision, err))
         return None
     try:
         return build_on_meta(m.name_or_path, m.revision, m.trust_remote_code)
@@ -107,6 +104,19 @@ def meta_model(recipe: Recipe, report: Report):
         else:
             report.errors.append(f"model: {m.name_or_path} cannot be built from its config ({why}); the run could not start")
     return None
+
+
+def unreachable_model(name: str, revision: str | None, err: BaseException, what: str = "model") -> str:
+    """One line for a model (or its tokenizer) that cannot be had here, and how to make it reachable."""
+    import os
+
+    cache = os.environ.get("HF_HOME", "~/.cache/huggingface")
+    pin = f" --revision {revision}" if revision else ""
+    return (
+        f"{what}: {name} cannot be loaded here ({type(err).__name__}: {first_line(err)}); download it where every "
+        f"node can read it (HF_HOME={cache} on a shared filesystem, then `hf download {name}{pin}`) or set "
+        f"model.name_or_path to a local folder"
+    )
 
 
 def revision_warnings(recipe: Recipe, model, model_type: str | None) -> list[str]:
@@ -311,6 +321,20 @@ def speed_lines(recipe: Recipe, model_type: str | None, report: Report) -> None:
             "data.batching: packed with train.micro_batch_size = 1 has nothing to pack; raise it "
             "(and lower gradient_accumulation_steps) to train faster on the same examples per step"
         )
+
+
+def gpu_request_warning(recipe: Recipe, executor: str) -> str | None:
+    """A GPU recipe bound for SLURM whose job asks for no GPU: its ranks would get none."""
+    d = recipe.distributed
+    cluster_bound = executor == "slurm" or recipe.slurm.profile or d.nodes > 1
+    if not cluster_bound or recipe.slurm.gpus_per_node or not (d.device == "cuda" or d.gpu_memory_gb):
+        return None
+    return (
+        f"slurm.gpus_per_node: this recipe trains on GPUs ({'distributed.device = cuda' if d.device == 'cuda' else 'distributed.gpu_memory_gb'}) "
+        f"but its SLURM job asks for none, so its ranks would get no GPU; set slurm.gpus_per_node = {d.procs_per_node} "
+        f"(one rank per GPU), with slurm.partition, slurm.cpus_per_task and slurm.mem, best in a site profile "
+        f"slurm/profiles/SITE.toml used with --profile SITE"
+    )
 
 
 def run_preflight(recipe: Recipe, examples: int | None = None) -> Report:

@@ -237,3 +237,16 @@ def test_a_pending_jobs_reason_reads_in_words_with_its_expected_start():
     )  # not in words: as SLURM says it
     assert waiting_reason({"Reason": "None", "StartTime": "2026-11-24T03:00:00"}) == "expected start 2026-11-24T03:00:00"
     assert waiting_reason({"Reason": "None", "StartTime": "Unknown"}) is None
+
+
+def test_a_gpu_recipe_bound_for_slurm_without_a_gpu_request_is_warned(tmp_path, tiny_assets):
+    from launcher.preflight import gpu_request_warning
+    from launcher.recipe import load_recipe
+
+    path = write_recipe(tmp_path, tiny_recipe_text(tiny_assets))
+    gpu = ['distributed.device="cuda"', "distributed.nodes=2"]
+    warning = gpu_request_warning(load_recipe(path, gpu), "slurm")
+    assert warning.startswith("slurm.gpus_per_node: this recipe trains on GPUs (distributed.device = cuda) but its SLURM")
+    assert "set slurm.gpus_per_node = 2 (one rank per GPU)" in warning and "--profile SITE" in warning
+    assert gpu_request_warning(load_recipe(path, [*gpu, "slurm.gpus_per_node=2"]), "slurm") is None
+    assert gpu_request_warning(load_recipe(path), "local") is None  # a CPU recipe on this machine

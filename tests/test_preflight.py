@@ -66,14 +66,15 @@ def test_memory_estimate_scales_with_zero_and_warns_over_budget(tmp_path, tiny_a
     assert any(w.startswith("memory: the estimate") and "exceeds distributed.gpu_memory_gb = 0.001" in w for w in report.warnings)
 
 
-def test_an_unreachable_hub_model_is_one_line_and_the_rest_is_checked(tmp_path, tiny_assets):
+def test_an_unreachable_hub_model_is_refused_in_one_line_and_the_rest_is_checked(tmp_path, tiny_assets):
     text = tiny_recipe_text(tiny_assets).replace(
         f'name_or_path = "{tiny_assets["model"]}"',
         'name_or_path = "OpenNLPLab/TransNormerLLM-7B"\nrevision = "main"\ntrust_remote_code = true',
     )
     recipe = load_recipe(write_recipe(tmp_path, text))
     report = run_preflight(recipe, examples=1080)
-    assert [w for w in report.warnings if w.startswith("model: cannot read the config of OpenNLPLab/TransNormerLLM-7B")]
+    assert [e for e in report.errors if e.startswith("model: OpenNLPLab/TransNormerLLM-7B cannot be loaded here (")]
+    assert "then `hf download OpenNLPLab/TransNormerLLM-7B --revision main`" in report.errors[-1]
     assert any(line.startswith("batch: 8 per rank x 1 accumulation x 2 ranks") for line in report.lines)
 
 

@@ -433,25 +433,49 @@ def test_a_time_limit_shorter_than_the_training_spans_several_allocations(dev_cl
     assert len({row["attempt"] for r in rows.values() for row in r}) == manifest["requeues"] + 1
 
 
-def test_a_job_that_waits_says_why_and_ctrl_c_says_what_stays_queued(dev_cluster, tmp_path, tiny_assets):
-    """4 ranks per node on the dev cluster's 2-CPU nodes: SLURM keeps it pending (PartitionConfig) forever.
-    `launch` and `launch status` say so in words; Ctrl-C says what is left queued and how to end it."""
+def test_a_job_the_cluster_cannot_run_is_refused_before_the_queue(dev_cluster, tmp_path, tiny_assets):
+    """4 ranks per node on the dev cluster's 2-CPU nodes would pend forever (PartitionConfig):
+    sbatch --test-only says so before anything is queued, in one line, in seconds."""
     recipe = write_recipe(tmp_path, tiny_recipe_text(tiny_assets))
-    run = RunDir(tmp_path / "run")
-    args = [recipe, "--run-dir", run.root, "--nodes", "2", "--procs-per-node", "4", "--profile", "dev"]
-    launch = start_launch(*args)
-    lines, deadline = [], time.time() + 120
-    while time.time() < deadline and not any("pending (PartitionConfig: " in line for line in lines):
-        lines.append(launch.stdout.readline())
-    assert any(": pending (PartitionConfig: the partition cannot give what the job asks" in line for line in lines), lines
-    status = run_launch("status", run.root)
-    assert f"SLURM job {job_id_of(run)} pending (PartitionConfig: " in " ".join(status.stdout.split())
-    launch.send_signal(signal.SIGINT)
-    output, _ = launch.communicate(timeout=60)
-    text = " ".join(output.split())
-    assert launch.returncode == 130, output
-    assert f"interrupted: train SLURM job {job_id_of(run)} (pending)" in text and f"end with `launch cancel {run.root}`" in text
-    assert run_launch("cancel", run.root).returncode == 0
+    started = time.time()
+    result = run_launch(recipe, "--run-dir", tmp_path / "run", "--nodes", "2", "--procs-per-node", "4", "--profile", "dev")
+    seconds = time.time() - started
+    text = " ".join(result.stdout.split())
+    assert result.returncode == 2 and "Traceback" not in result.stdout + result.stderr, text
+    assert "slurm: the train job (2 node(s) x 4 task(s)) cannot run on this cluster (sbatch --test-only: " in text
+    assert "nothing was queued" in text and not RunDir(tmp_path / "run").manifest().jobs
+    print(f"refused before the queue in {seconds:.1f} s (pre-flight included)")
+
+
+def test_a_job_that_waits_says_why_and_ctrl_c_says_what_stays_queued(dev_cluster, tmp_path, tiny_assets):
+    """Both nodes taken by another job: the run waits for them (Resources). `launch` and
+    `launch status` say so in words; Ctrl-C says what is left queued and how to end it."""
+    blocker = subprocess.run(
+        ["sbatch", "--parsable", "-N", "2", "--ntasks-per-node", "2", "-o", "/dev/null", "--wrap", "sleep 300"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert blocker.returncode == 0, blocker.stderr
+    try:
+        recipe = write_recipe(tmp_path, tiny_recipe_text(tiny_assets))
+        run = RunDir(tmp_path / "run")
+        launch = start_launch(recipe, "--run-dir", run.root, "--nodes", "2", "--profile", "dev")
+        lines, deadline = [], time.time() + 120
+        while time.time() < deadline and not any(re.search(r": pending \((Resources|Priority): ", line) for line in lines):
+            lines.append(launch.stdout.readline())
+        assert any(": pending (Resources: waiting for nodes to free up" in line for line in lines), lines
+        status = run_launch("status", run.root)
+        assert f"SLURM job {job_id_of(run)} pending (Resources: " in " ".join(status.stdout.split())
+        launch.send_signal(signal.SIGINT)
+        output, _ = launch.communicate(timeout=60)
+        text = " ".join(output.split())
+        assert launch.returncode == 130, output
+        assert f"interrupted: train SLURM job {job_id_of(run)} (pending)" in text
+        assert f"end with `launch cancel {run.root}`" in text
+        assert run_launch("cancel", run.root).returncode == 0
+    finally:
+        subprocess.run(["scancel", blocker.stdout.strip()], timeout=60)
 
 
 def test_dev_cluster_down_ends_its_jobs_processes_too(dev_cluster, tmp_path):

@@ -111,6 +111,10 @@ class Executor(ABC):
         """The script this executor would submit for `resources`, when it submits one (SLURM)."""
         return None
 
+    def refusal(self, resources: Resources) -> str | None:
+        """Why the scheduler would never run a job of `resources` (None: it would, or there is no scheduler)."""
+        return None
+
 
 def task_index() -> int:
     """This task's number within its job (0 .. tasks-1): every executor sets RANK for it."""

@@ -236,6 +236,19 @@ class SlurmExecutor(Executor):
     def submission_script(self, resources: Resources) -> str:
         return rendered_script(self.submitit_executor(resources))
 
+    def refusal(self, resources: Resources) -> str | None:
+        """sbatch --test-only on the job's script: SLURM's own verdict in a second, nothing queued."""
+        import tempfile
+
+        with tempfile.NamedTemporaryFile("w", suffix=".sh", prefix="launcher-test-only-") as script:
+            script.write(self.submission_script(resources))
+            script.flush()
+            result = scheduler(["sbatch", "--test-only", script.name])
+        if result.returncode == 0:
+            return None
+        errors = [line.split("error:", 1)[1].strip() for line in result.stderr.splitlines() if "error:" in line]
+        return errors[-1] if errors else (result.stderr.strip().splitlines() or ["no reason given"])[-1]
+
 
 def rendered_script(executor) -> str:
     """The sbatch script a submitit SlurmExecutor submits, with %j for the job id.
