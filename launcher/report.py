@@ -1,11 +1,14 @@
-"""The evaluation report: report.md and a self-contained report.html (plots embedded), with
-the metrics table, the training loss curve, metrics per checkpoint and sample predictions."""
+"""The evaluation report: report.md and a self-contained report.html (plots embedded), with a
+header (what was trained and how, on what, how long it took, peak memory, when, which code), the
+metrics table, the training curves (loss, learning rate, grad norm), every metric that moves per
+checkpoint, and sample predictions of every system."""
 
 from __future__ import annotations
 
 import base64
 import html
 import re
+import time
 from pathlib import Path
 
 from launcher.data import Example
@@ -19,8 +22,50 @@ def write_report(out: Path, plan: dict, examples: list[Example], predictions: di
 
     plots = [p for p in (loss_plot(out, plan), checkpoint_plot(out, result)) if p]
     title = f"Evaluation of {len(plan['systems'])} systems on {result['examples']} examples ({result['data']})"
-    write_atomic(out / "report.md", markdown(title, examples, predictions, result, plots))
-    write_atomic(out / "report.html", page(title, examples, predictions, result, plots))
+    header = header_lines(plan)
+    write_atomic(out / "report.md", markdown(title, header, examples, predictions, result, plots))
+    write_atomic(out / "report.html", page(title, header, examples, predictions, result, plots))
+
+
+def header_lines(plan: dict) -> list[str]:
+    """What was trained and how: model, method, hyper-parameters, data, wall time and peak memory of
+    each stage, the date, the code (git SHA); one line each."""
+    from launcher.runs import RunDir
+
+    r = plan["recipe"]
+    m, p, t, d, dist = r["model"], r["peft"], r["train"], r["data"], r["distributed"]
+    keys = ", ".join(f"{k} {v}" for k, v in p.items() if k != "method" and not isinstance(v, (list, dict)))
+    steps = f"{t['max_steps']} steps" if t["max_steps"] > 0 else f"{t['epochs']:g} epochs"
+    lines = [
+        f"model: {m['name_or_path']} ({m['dtype']}); method: {p['method']} ({keys or 'defaults'})",
+        f"training: lr {t['learning_rate']:g} ({t['lr_scheduler']}, {t['warmup_steps']} warm-up steps), {steps}, "
+        f"micro batch {t['micro_batch_size']} x {t['gradient_accumulation_steps']} accumulation x "
+        f"{dist['nodes'] * dist['procs_per_node']} ranks, {dist['deepspeed']}, seed {t['seed']}",
+        f"data: {d['train_file']} ({d['format']}, template {d['template']}, max length {d['max_length']}, "
+        f"batching {d.get('batching', 'padded')})",
+    ]
+    for root in plan.get("runs", []):
+        manifest = RunDir(Path(root)).manifest()
+        stages = [(name, getattr(manifest, name)) for name in ("train", "merge", "eval")]
+        cost = "; ".join(f"{name} {stage_cost(record)}" for name, record in stages if record is not None)
+        data = manifest.data or {}
+        lines.append(
+            f"run {Path(root).name}: {data.get('examples', '?')} training examples, {data.get('tokens', '?')} tokens; "
+            f"{cost or 'no stage recorded'}; code {manifest.git_sha or 'not a git checkout'} "
+            f"(launcher {manifest.launcher_version}), created {manifest.created}"
+        )
+    lines.append(f"report written {time.strftime('%Y-%m-%d %H:%M:%S %Z')}")
+    return lines
+
+
+def stage_cost(record) -> str:
+    """ "12.3 s, peak RSS 812 MiB, GPU 3.1 GiB" of one stage's record."""
+    parts = [f"{record.wall_s:g} s"]
+    if record.peak_rss_mib:
+        parts.append(f"peak RSS {record.peak_rss_mib:.0f} MiB")
+    if record.peak_accelerator_mib:
+        parts.append(f"GPU {record.peak_accelerator_mib / 1024:.1f} GiB")
+    return ", ".join(parts)
 
 
 def metric_names(result: dict) -> list[str]:
@@ -46,15 +91,21 @@ def failure_lines(result: dict) -> list[str]:
 
 
 def sample_rows(examples: list[Example], predictions: dict) -> list[list[str]]:
-    systems = sorted(predictions, key=lambda name: "checkpoint-" in name)[:6]  # base and final adapters first
+    systems = sorted(predictions, key=checkpoint_step)  # every system: base and final adapters, then checkpoints by step
     rows = [["prompt", "reference"] + systems]
     for i, example in enumerate(examples[:SAMPLES]):
         rows.append([example.prompt, example.response] + [predictions[s][i] for s in systems])
     return rows
 
 
-def markdown(title: str, examples, predictions, result, plots: list[Path]) -> str:
-    lines = [f"# {title}", ""]
+def checkpoint_step(system: str) -> int:
+    """-1 for base and adapters (first), else the checkpoint's step."""
+    found = re.search(r"checkpoint-(\d+)$", system)
+    return int(found.group(1)) if found else -1
+
+
+def markdown(title: str, header: list[str], examples, predictions, result, plots: list[Path]) -> str:
+    lines = [f"# {title}", ""] + [f"- {line}" for line in header] + [""]
     lines += md_table(table_rows(result))
     lines += [
         "",
@@ -77,7 +128,7 @@ def md_table(rows: list[list[str]]) -> list[str]:
     ]
 
 
-def page(title: str, examples, predictions, result, plots: list[Path]) -> str:
+def page(title: str, header: list[str], examples, predictions, result, plots: list[Path]) -> str:
     def table(rows: list[list[str]]) -> str:
         head = "".join(f"<th>{html.escape(c)}</th>" for c in rows[0])
         body = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in row) + "</tr>" for row in rows[1:])
@@ -93,60 +144,66 @@ def page(title: str, examples, predictions, result, plots: list[Path]) -> str:
     )
     return (
         f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
-        f"<style>{style}</style></head><body><h1>{html.escape(title)}</h1>{table(table_rows(result))}"
+        f"<style>{style}</style></head><body><h1>{html.escape(title)}</h1>"
+        + "<ul>"
+        + "".join(f"<li>{html.escape(line)}</li>" for line in header)
+        + "</ul>"
+        + table(table_rows(result))
         + "".join(f"<p>{html.escape(line)}</p>" for line in failure_lines(result))
         + f"{images}<h2>Sample predictions</h2>{table(sample_rows(examples, predictions))}</body></html>\n"
     )
 
 
 def loss_plot(out: Path, plan: dict) -> Path | None:
-    """Training loss per step of each evaluated run (from its logs/train_metrics.jsonl)."""
+    """Training loss (log scale when it spans more than a decade), learning rate and grad norm per
+    step of each evaluated run (from its logs/train_metrics.jsonl)."""
     from launcher.runs import RunDir
 
-    curves = {}
-    for root in plan.get("runs", []):
-        rows = RunDir(Path(root)).metrics.rows()
-        if rows:
-            curves[Path(root).name] = ([r["step"] for r in rows], [r["loss"] for r in rows])
+    curves = {Path(root).name: RunDir(Path(root)).metrics.rows() for root in plan.get("runs", [])}
+    curves = {name: rows for name, rows in curves.items() if rows}
     if not curves:
         return None
-    figure, axes = new_figure()
-    for name, (steps, losses) in curves.items():
-        axes.plot(steps, losses, label=name)
-    axes.set(xlabel="step", ylabel="training loss", title="Training loss")
-    axes.legend()
+    figure, panels = new_figure(columns=3)
+    for name, rows in curves.items():
+        steps = [r["step"] for r in rows]
+        for axes, key in zip(panels, ("loss", "learning_rate", "grad_norm")):
+            values = [r.get(key) for r in rows]
+            if all(v is not None for v in values):
+                axes.plot(steps, values, label=name)
+    losses = [r["loss"] for rows in curves.values() for r in rows if r["loss"] > 0]
+    if losses and max(losses) > 10 * min(losses):
+        panels[0].set_yscale("log")
+    for axes, label in zip(panels, ("training loss", "learning rate", "grad norm")):
+        axes.set(xlabel="step", title=label)
+    panels[0].legend()
     return save(figure, out / LOSS_PLOT)
 
 
 def checkpoint_plot(out: Path, result: dict) -> Path | None:
-    """Eval loss and text metrics of each checkpoint against its step (needs two checkpoints)."""
-    points = sorted(
-        (int(m.group(1)), values) for name, values in result["systems"].items() if (m := re.search(r"checkpoint-(\d+)$", name))
-    )
+    """Every metric that moves across the checkpoints, one panel each, against the step (needs two)."""
+    points = sorted((checkpoint_step(name), values) for name, values in result["systems"].items() if checkpoint_step(name) >= 0)
     if len(points) < 2:
         return None
-    figure, axes = new_figure()
+    moving = [n for n in metric_names(result) if len({round(v.get(n, 0.0), 9) for _, v in points}) > 1]
+    if not moving:
+        return None
+    figure, panels = new_figure(columns=len(moving))
     steps = [step for step, _ in points]
-    axes.plot(steps, [v["loss"] for _, v in points], "o-", color="C0", label="eval loss")
-    axes.set(xlabel="checkpoint step", ylabel="eval loss", title="Metrics per checkpoint")
-    scores = [n for n in ("bleu4", "rougeL") if n in points[0][1]]
-    if scores:
-        right = axes.twinx()
-        for color, name in zip(("C1", "C2"), scores):
-            right.plot(steps, [v[name] for _, v in points], "s--", color=color, label=name)
-        right.set_ylabel("score (0-100)")
-        right.legend(loc="center right")
-    axes.legend(loc="center left")
+    for axes, name in zip(panels, moving):
+        axes.plot(steps, [v.get(name) for _, v in points], "o-")
+        axes.set(xlabel="checkpoint step", title=name)
     return save(figure, out / CHECKPOINT_PLOT)
 
 
-def new_figure():
+def new_figure(columns: int = 1):
+    """A figure of `columns` panels side by side (a list of axes)."""
     import matplotlib
 
     matplotlib.use("Agg")
     from matplotlib import pyplot
 
-    return pyplot.subplots(figsize=(6, 4), dpi=100)
+    figure, axes = pyplot.subplots(1, columns, figsize=(4 * columns, 3.5), dpi=100, squeeze=False)
+    return figure, list(axes[0])
 
 
 def save(figure, path: Path) -> Path:
