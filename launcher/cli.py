@@ -276,16 +276,17 @@ def recipe_from(args: argparse.Namespace) -> Recipe:
 
 
 def command_run(args: argparse.Namespace, console: Console) -> int:
-    from launcher.executors.factory import choose_executor, make_executor
+    from launcher.executors.factory import choose_executor, make_executor, queues_jobs
     from launcher.pipeline import describe_dry_run, execute, prepare, run_dir_in_use
     from launcher.preflight import gpu_request_warning
     from launcher.runs import RunDir, default_run_dir
 
     recipe = recipe_from(args)
     executor = choose_executor(args.executor, recipe, rendering_only=args.dry_run)
-    if args.dry_run and gpu_request_warning(recipe, executor):
-        console.print(f"[yellow]warning[/yellow] {escape(gpu_request_warning(recipe, executor))}", highlight=False)
-    if not args.dry_run and preflight(recipe, console, executor=executor).errors:
+    warning = gpu_request_warning(recipe, queues_jobs(executor))
+    if args.dry_run and warning:
+        console.print(f"[yellow]warning[/yellow] {escape(warning)}", highlight=False)
+    if not args.dry_run and preflight(recipe, console, queued=queues_jobs(executor)).errors:
         console.print("pre-flight failed: nothing was started; fix the errors above", highlight=False)
         return 2
     with run_dir_in_use(args.run_dir or default_run_dir(recipe), "launch " + " ".join(sys.argv[1:])) as root:
@@ -316,7 +317,7 @@ def command_check(args: argparse.Namespace, console: Console) -> int:
     return 2 if report.errors else 0
 
 
-def preflight(recipe: Recipe, console: Console, samples: int = 0, executor: str = "local"):
+def preflight(recipe: Recipe, console: Console, samples: int = 0, queued: bool = False):
     """Run the pre-flight checks and print them; errors are printed as the recipe errors they are."""
     from launcher.data import read_training_set
     from launcher.preflight import gpu_request_warning, run_preflight
@@ -328,7 +329,7 @@ def preflight(recipe: Recipe, console: Console, samples: int = 0, executor: str 
     with console.status("pre-flight: reading data, building the model on the meta device"):
         data = read_training_set(recipe, samples)
         report = run_preflight(recipe, examples=data.examples)
-    report.warnings[:0] = data.warnings + [w for w in [gpu_request_warning(recipe, executor)] if w]
+    report.warnings[:0] = data.warnings + [w for w in [gpu_request_warning(recipe, queued)] if w]
     report.errors[:0] = data.errors
     for line in data.lines + report.lines:
         console.print(f"  {line}", highlight=False, markup=False)

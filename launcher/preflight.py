@@ -323,10 +323,11 @@ def speed_lines(recipe: Recipe, model_type: str | None, report: Report) -> None:
         )
 
 
-def gpu_request_warning(recipe: Recipe, executor: str) -> str | None:
-    """A GPU recipe bound for SLURM whose job asks for no GPU: its ranks would get none."""
+def gpu_request_warning(recipe: Recipe, queued: bool) -> str | None:
+    """A GPU recipe bound for SLURM (`queued`, a profile or several nodes) whose job asks for no GPU:
+    its ranks would get none."""
     d = recipe.distributed
-    cluster_bound = executor == "slurm" or recipe.slurm.profile or d.nodes > 1
+    cluster_bound = queued or recipe.slurm.profile or d.nodes > 1
     if not cluster_bound or recipe.slurm.gpus_per_node or not (d.device == "cuda" or d.gpu_memory_gb):
         return None
     return (

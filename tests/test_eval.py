@@ -43,7 +43,9 @@ def test_sharded_eval_of_every_checkpoint_equals_one_process_and_resumes(trained
     assert f"- model: {run.load_recipe().model.name_or_path} (fp32); method: lora (r 8, alpha 16" in head
     assert "- training: lr 0.003 (linear, 2 warm-up steps), 12 steps, micro batch 8 x 1 accumulation x 2 ranks" in head
     assert "- run run: 1080 training examples" in head and "; train " in head and " s, peak RSS " in head
-    assert samples.splitlines()[2].startswith("| prompt | reference | base | adapter | checkpoint-5 | checkpoint-10 | checkpoint-12 |")
+    assert samples.splitlines()[2].startswith(
+        "| prompt | reference | base | adapter | checkpoint-5 | checkpoint-10 | checkpoint-12 |"
+    )
 
     # Predictions come back in input order, whatever the shard and batch order was.
     examples = [json.loads(line) for line in (sharded / "examples.jsonl").read_text().splitlines()]

@@ -245,8 +245,8 @@ def test_a_gpu_recipe_bound_for_slurm_without_a_gpu_request_is_warned(tmp_path, 
 
     path = write_recipe(tmp_path, tiny_recipe_text(tiny_assets))
     gpu = ['distributed.device="cuda"', "distributed.nodes=2"]
-    warning = gpu_request_warning(load_recipe(path, gpu), "slurm")
+    warning = gpu_request_warning(load_recipe(path, gpu), queued=True)
     assert warning.startswith("slurm.gpus_per_node: this recipe trains on GPUs (distributed.device = cuda) but its SLURM")
     assert "set slurm.gpus_per_node = 2 (one rank per GPU)" in warning and "--profile SITE" in warning
-    assert gpu_request_warning(load_recipe(path, [*gpu, "slurm.gpus_per_node=2"]), "slurm") is None
-    assert gpu_request_warning(load_recipe(path), "local") is None  # a CPU recipe on this machine
+    assert gpu_request_warning(load_recipe(path, [*gpu, "slurm.gpus_per_node=2"]), queued=True) is None
+    assert gpu_request_warning(load_recipe(path), queued=False) is None  # a CPU recipe on this machine

@@ -23,6 +23,11 @@ def make_executor(name: str, recipe: Recipe, logs: Path) -> Executor:
     return LocalExecutor(Path(logs) / "local")
 
 
+def queues_jobs(name: str) -> bool:
+    """The executor `name` submits to a cluster's scheduler (whose job asks for its own resources)."""
+    return name == "slurm"
+
+
 def job_of(record: JobRecord, logs: Path) -> Job:
     """The handle of a job recorded in a manifest, whichever executor ran it."""
     if record.executor == "slurm":
