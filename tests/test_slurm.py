@@ -433,6 +433,26 @@ def test_a_time_limit_shorter_than_the_training_spans_several_allocations(dev_cl
     assert len({row["attempt"] for r in rows.values() for row in r}) == manifest["requeues"] + 1
 
 
+def readme_dev_cluster_commands() -> list[str]:
+    """The `launch` lines of the README's dev-cluster block, as a newcomer copies them."""
+    text = (REPO / "README.md").read_text()
+    block = text.split("### A real SLURM on a laptop", 1)[1].split("```bash", 1)[1].split("```", 1)[0]
+    return [line.split("  #")[0].strip() for line in block.splitlines() if line.startswith("launch ")]
+
+
+def test_the_readmes_dev_cluster_commands_work_as_written(dev_cluster, tmp_path):
+    """Run where a newcomer runs them (a checkout's recipes/, its runs/ already holding the
+    quickstart's run dir), the README's commands train on two nodes, merge and evaluate."""
+    (tmp_path / "recipes").symlink_to(REPO / "recipes")
+    (tmp_path / "runs" / "quickstart").mkdir(parents=True)  # what the quickstart left
+    commands = readme_dev_cluster_commands()
+    assert commands and all("--run-dir" in command for command in commands)
+    for command in commands:
+        result = run_launch(*shlex.split(command)[1:], cwd=tmp_path)
+        assert result.returncode == 0, f"{command}\n{result.stdout}{result.stderr}"
+        assert "done in " in result.stdout and "report:" in result.stdout
+
+
 def test_a_job_the_cluster_cannot_run_is_refused_before_the_queue(dev_cluster, tmp_path, tiny_assets):
     """4 ranks per node on the dev cluster's 2-CPU nodes would pend forever (PartitionConfig):
     sbatch --test-only says so before anything is queued, in one line, in seconds."""
@@ -440,7 +460,7 @@ def test_a_job_the_cluster_cannot_run_is_refused_before_the_queue(dev_cluster, t
     started = time.time()
     result = run_launch(recipe, "--run-dir", tmp_path / "run", "--nodes", "2", "--procs-per-node", "4", "--profile", "dev")
     seconds = time.time() - started
-    text = " ".join(result.stdout.split())
+    text = " ".join((result.stdout + result.stderr).split())
     assert result.returncode == 2 and "Traceback" not in result.stdout + result.stderr, text
     assert "slurm: the train job (2 node(s) x 4 task(s)) cannot run on this cluster (sbatch --test-only: " in text
     assert "nothing was queued" in text and not RunDir(tmp_path / "run").manifest().jobs
