@@ -199,8 +199,10 @@ def execute(recipe: Recipe, run: RunDir, console: Console, executor_name: str = 
     stages = stages_to_do(recipe, run)
     refuse_what_the_scheduler_would_not_run(executor, stages)
     jobs = submit(executor, stages, run, console)
+    if jobs:
+        say(console, f"  follow: launch status {run.root}  |  launch logs {run.root} -f  |  end: launch cancel {run.root}")
     if detach and jobs:
-        console.print(f"detached; follow it with: launch status {run.root}  /  launch logs {run.root} -f")
+        say(console, "detached: the jobs go on without this process")
         return True
     try:
         ok = follow(run, jobs, console)
@@ -417,6 +419,17 @@ def print_summary(run: RunDir, console: Console, wall_s: float) -> None:
         console.print(metrics_table(result))
         for line in failure_lines(result):
             console.print(f"  {line}", highlight=False)
+    say(console, "  next: " + "  |  ".join(next_commands(run)))
+
+
+def next_commands(run: RunDir) -> list[str]:
+    """What a user does after a run: look at it, read its logs, evaluate it further, load it."""
+    commands = [f"launch status {run.root}", f"launch logs {run.root}"]
+    if run.checkpoints.exists():
+        commands.append(f"launch eval {run.root} --checkpoints all (or --data FILE)")
+    if (run.eval / "report.html").exists():
+        commands.append(f"open {run.eval / 'report.html'}")
+    return commands + [f"PeftModel.from_pretrained(base, '{run.adapter}')"]
 
 
 def metrics_table(result: dict) -> Table:

@@ -81,6 +81,9 @@ def test_two_nodes_train_and_match_a_local_run(dev_cluster, tmp_path, tiny_asset
     assert (run.merged / "model.safetensors").exists() and (run.eval / "report.md").exists()
     assert json.loads(run.manifest_path.read_text())["jobs"][-1]["executor"] == "slurm"
     assert "job " in slurm.stdout and ": running" in slurm.stdout and ": completed" in slurm.stdout
+    said = " ".join(slurm.stdout.split())
+    assert f"follow: launch status {run.root} | launch logs {run.root} -f | end: launch cancel {run.root}" in said
+    assert f"next: launch status {run.root} | launch logs {run.root} | launch eval {run.root} --checkpoints all" in said
 
     local = run_launch(recipe, "--run-dir", tmp_path / "local", "--executor", "local", *zero3)
     assert local.returncode == 0, local.stdout + local.stderr
