@@ -108,13 +108,18 @@ def build_model(out: Path, shape: str) -> None:
         **SHAPES[shape],
     )
     torch.manual_seed(0)
-    with torch.device("meta" if shape == "llama3-8b" else "cpu"):
+    if shape != "llama3-8b":
+        LlamaForCausalLM(config).save_pretrained(out)
+        return
+    torch.set_default_dtype(torch.bfloat16)  # 8B random weights made in bf16 straight away (32 GB in fp32)
+    with torch.device("meta"):
         model = LlamaForCausalLM(config)
-    if shape == "llama3-8b":  # 8B random weights, made in bf16 straight away (32 GB in fp32)
-        model = model.to_empty(device="cpu").to(torch.bfloat16)
-        for param in model.parameters():
-            torch.nn.init.normal_(param, 0.0, 0.02)
-    model.save_pretrained(out)
+    torch.set_default_dtype(torch.float32)
+    model = model.to_empty(device="cpu")
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            param.fill_(1.0) if "norm" in name else param.normal_(0.0, 0.02)
+    model.save_pretrained(out)  # the rotary buffers are not saved: loading rebuilds them
 
 
 # ---------------------------------------------------------------- contenders
