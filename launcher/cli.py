@@ -510,8 +510,7 @@ def describe_run(run) -> str:
     for stage in ("train", "merge", "eval"):
         record = getattr(manifest, stage)
         if record:
-            accelerator = f", accelerator peak {record.peak_accelerator_mib} MiB" if record.peak_accelerator_mib else ""
-            lines.append(f"  {stage}: {record.wall_s} s, peak RSS {record.peak_rss_mib} MiB{accelerator}")
+            lines.append(f"  {stage}: {record.cost()}")
     if (run.eval / "report.html").exists():
         lines.append(f"  report: {run.eval / 'report.html'} (and report.md)")
     elif (run.eval / "plan.json").exists():

@@ -106,14 +106,14 @@ def meta_model(recipe: Recipe, report: Report):
     return None
 
 
-def unreachable_model(name: str, revision: str | None, err: BaseException, what: str = "model") -> str:
-    """One line for a model (or its tokenizer) that cannot be had here, and how to make it reachable."""
+def unreachable_model(name: str, revision: str | None, err: BaseException) -> str:
+    """One line for a model that cannot be had here, and how to make it reachable."""
     import os
 
     cache = os.environ.get("HF_HOME", "~/.cache/huggingface")
     pin = f" --revision {revision}" if revision else ""
     return (
-        f"{what}: {name} cannot be loaded here ({type(err).__name__}: {first_line(err)}); download it where every "
+        f"model: {name} cannot be loaded here ({type(err).__name__}: {first_line(err)}); download it where every "
         f"node can read it (HF_HOME={cache} on a shared filesystem, then `hf download {name}{pin}`) or set "
         f"model.name_or_path to a local folder"
     )

@@ -175,7 +175,7 @@ class PeftSection(Section):
                 )
         if self.method == "prompt-tuning" and (self.prompt_init == "text") != bool(self.prompt_init_text):
             raise ValueError('peft.prompt_init_text is needed with prompt_init = "text" and only then')
-        if self.lora_init in ("pissa", "olora") and self.spec.quantization:
+        if self.lora_init in methods.MOVES_THE_BASE and self.spec.quantization:
             raise ValueError(
                 f"peft.lora_init: {self.lora_init} starts from the base's full-precision weights, which "
                 f'{self.method} quantizes; use method = "lora" or another lora_init'
@@ -396,7 +396,7 @@ class Recipe(Section):
     merge: MergeSection = MergeSection()
     slurm: SlurmSection = SlurmSection()
     _chosen: dict[str, str] = PrivateAttr(default_factory=dict)
-    """key -> why: the values "auto" was resolved to on this machine (load_recipe), for pre-flight to say."""
+    """key -> why: the values "auto" was resolved to on this machine (validate_recipe), for pre-flight to say."""
 
     def world_size(self) -> int:
         return self.distributed.nodes * self.distributed.procs_per_node

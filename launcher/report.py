@@ -47,7 +47,7 @@ def header_lines(plan: dict) -> list[str]:
     for root in plan.get("runs", []):
         manifest = RunDir(Path(root)).manifest()
         stages = [(name, getattr(manifest, name)) for name in ("train", "merge", "eval")]
-        cost = "; ".join(f"{name} {stage_cost(record)}" for name, record in stages if record is not None)
+        cost = "; ".join(f"{name} {record.cost()}" for name, record in stages if record is not None)
         data = manifest.data or {}
         lines.append(
             f"run {Path(root).name}: {data.get('examples', '?')} training examples, {data.get('tokens', '?')} tokens; "
@@ -56,16 +56,6 @@ def header_lines(plan: dict) -> list[str]:
         )
     lines.append(f"report written {time.strftime('%Y-%m-%d %H:%M:%S %Z')}")
     return lines
-
-
-def stage_cost(record) -> str:
-    """ "12.3 s, peak RSS 812 MiB, GPU 3.1 GiB" of one stage's record."""
-    parts = [f"{record.wall_s:g} s"]
-    if record.peak_rss_mib:
-        parts.append(f"peak RSS {record.peak_rss_mib:.0f} MiB")
-    if record.peak_accelerator_mib:
-        parts.append(f"GPU {record.peak_accelerator_mib / 1024:.1f} GiB")
-    return ", ".join(parts)
 
 
 def metric_names(result: dict) -> list[str]:

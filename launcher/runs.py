@@ -68,6 +68,11 @@ class StageRecord(Record):
     merged_weights: int | None = None
     shards: int | None = None
 
+    def cost(self) -> str:
+        """ "12.3 s, peak RSS 812 MiB, GPU 3.1 GiB" (GPU only where the stage used one)."""
+        gpu = f", GPU {self.peak_accelerator_mib / 1024:.1f} GiB" if self.peak_accelerator_mib else ""
+        return f"{self.wall_s:g} s, peak RSS {self.peak_rss_mib:.0f} MiB{gpu}"
+
 
 class Manifest(Record):
     """manifest.json: what the run is, where it stands, its jobs and what each stage cost."""

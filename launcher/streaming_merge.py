@@ -1,8 +1,8 @@
 """Merge an adapter into its base model one safetensors shard at a time.
 
 PEFT's merge_and_unload needs the whole model in memory; this reads each base shard, adds the
-deltas of the weights in it (LoRA incl. rsLoRA and DoRA's magnitudes, AdaLoRA, IA3 scales), writes the merged shard, and lets it
-go, so the peak stays near one shard plus the adapter. The output is a plain transformers
+deltas of the weights in it (LoRA incl. rsLoRA and DoRA's magnitudes, AdaLoRA, IA3 scales),
+writes the merged shard, and lets it go, so the peak stays near one shard plus the adapter. The output is a plain transformers
 checkpoint (same shard names and index), with config, generation config and tokenizer copied.
 """
 

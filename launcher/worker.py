@@ -78,15 +78,13 @@ def redirect_output(log_path: Path) -> None:
     sys.stderr = os.fdopen(2, "w", buffering=1)
 
 
-def training_arguments(recipe: Recipe, run: RunDir, layout: str = "padded", knobs=None):
+def training_arguments(recipe: Recipe, run: RunDir, layout: str, knobs):
     """The Trainer's arguments: the recipe's [train], the batching layout and the device's knobs."""
     from transformers import TrainingArguments
 
     from launcher.hardware import resolve_device
-    from launcher.knobs import resolve_knobs
 
     t, device = recipe.train, resolve_device(recipe.distributed.device)
-    knobs = knobs or resolve_knobs(recipe, device)
     return TrainingArguments(
         output_dir=str(run.checkpoints),
         deepspeed=str(run.deepspeed_config),
