@@ -373,10 +373,11 @@ def collect(out: Path, plan: dict, system: str) -> tuple[list[dict], dict]:
 
 def write_results(out: Path, plan: dict) -> dict:
     from launcher.report import write_report
-    from launcher.scores import text_scores
+    from launcher.scores import resolve_convention, text_scores
 
     examples = [Example(**json.loads(line)) for line in (out / EXAMPLES).read_text().splitlines()]
     references = [e.response for e in examples]
+    convention, why = resolve_convention(plan["recipe"]["eval"].get("metrics_convention", "auto"), references)
     predictions, metrics, speed, failed = {}, {}, {}, {}
     for system in (s["name"] for s in plan["systems"]):
         rows, timing = collect(out, plan, system)
@@ -386,14 +387,21 @@ def write_results(out: Path, plan: dict) -> dict:
         if timing["generation_failed"]:  # losses only; the answers were never generated
             failed[system] = timing["generation_failed"]
         elif all(e.prompt for e in examples):
-            metrics[system] |= text_scores(predictions[system], references)
+            metrics[system] |= text_scores(predictions[system], references, convention)
         speed[system] = {"generated_tokens": timing["new_tokens"], "shard_seconds": round(timing["seconds"], 2)}
     rows = [
         {"prompt": e.prompt, "reference": e.response} | {s: predictions[s][i] for s in predictions}
         for i, e in enumerate(examples)
     ]
     write_atomic(out / "predictions.jsonl", "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
-    result = {"examples": len(examples), "data": plan["data"], "shards": plan["shards"], "systems": metrics, "speed": speed}
+    result = {
+        "examples": len(examples),
+        "data": plan["data"],
+        "shards": plan["shards"],
+        "metrics_convention": {"name": convention, "why": why},
+        "systems": metrics,
+        "speed": speed,
+    }
     if failed:
         result["generation_failed"] = failed
     write_report(out, plan, examples, predictions, result)

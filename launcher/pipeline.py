@@ -413,11 +413,14 @@ def print_summary(run: RunDir, console: Console, wall_s: float) -> None:
     metrics_path = run.eval / "metrics.json"
     if metrics_path.exists():
         console.print(f"  report:  {run.eval / 'report.html'}", highlight=False)
-        from launcher.report import failure_lines
+        from launcher.report import failure_lines, metric_notes
 
         result = json.loads(metrics_path.read_text())
         console.print(metrics_table(result))
-        for line in failure_lines(result):
+        convention = result.get("metrics_convention")
+        if convention:
+            console.print(f"  metrics convention {convention['name']} ({convention['why']})", highlight=False)
+        for line in [n for n in metric_notes(result) if " n/a: " in n] + failure_lines(result):
             console.print(f"  {line}", highlight=False)
     say(console, "  next: " + "  |  ".join(next_commands(run)))
 

@@ -274,6 +274,8 @@ class EvalSection(Section):
     """Sampling seed (each shard adds its index)."""
     checkpoints: Literal["final", "all"] = "final"
     """Evaluate the final adapter only, or every complete checkpoint too."""
+    metrics_convention: Literal["auto", "chatglm", "sacrebleu"] = "auto"
+    """How BLEU-4 and ROUGE are counted: chatglm (ChatGLM AdGen / LLaMA-Factory), sacrebleu (corpus BLEU); auto: chatglm for Chinese references."""
     shards: int = Field(1, gt=0)
     """Split the examples over this many processes (local) or SLURM tasks."""
     time: str = Field("01:00:00", pattern=TIME_PATTERN)

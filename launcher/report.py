@@ -69,8 +69,41 @@ def table_rows(result: dict) -> list[list[str]]:
     for system, values in result["systems"].items():
         speed = result["speed"][system]
         rate = speed["generated_tokens"] / speed["shard_seconds"] if speed["shard_seconds"] else 0.0
-        rows.append([system] + [f"{values[n]:.4g}" if n in values else "—" for n in names] + [f"{rate:.0f}"])
+        rows.append([system] + [cell(values, n) for n in names] + [f"{rate:.0f}"])
     return rows
+
+
+def cell(values: dict, name: str) -> str:
+    if name not in values:
+        return "—"
+    return "n/a" if values[name] is None else f"{values[name]:.4g}"
+
+
+CONVENTION_TEXT = {
+    "chatglm": "BLEU-4 per example on characters (nltk, smoothing method3) and ROUGE-1/2/L F on jieba words with "
+    "punctuation kept (rouge_chinese), averaged over examples, as ChatGLM's AdGen script and LLaMA-Factory count them",
+    "sacrebleu": "corpus BLEU-4 (sacrebleu, zh tokenizer: CJK characters, 13a otherwise) and mean ROUGE-1/2/L F "
+    "(rouge-score on lower-cased words, jieba words for Chinese, punctuation dropped)",
+}
+
+
+def metric_notes(result: dict) -> list[str]:
+    """How the numbers were counted: the convention (and why it was picked), exact match, and why
+    BLEU-4 reads n/a where it does."""
+    notes = ["loss and perplexity: of the reference responses, per response token"]
+    convention = result.get("metrics_convention")
+    if convention:
+        text = CONVENTION_TEXT[convention["name"]]
+        notes.insert(0, f"metrics convention {convention['name']} ({convention['why']}): {text}; 0-100 scale")
+    if any("exact_match" in v for v in result["systems"].values()):
+        notes.append("exact match: share of answers equal to the reference (0-1), surrounding spaces ignored")
+    for name, label, size in (("bleu4", "BLEU-4", "4 tokens"), ("rouge2", "ROUGE-2", "2 words")):
+        if any(name in v and v[name] is None for v in result["systems"].values()):
+            notes.append(
+                f"{label} n/a: no reference has {size}, so no answer can score it (it would read 0 for any answer); "
+                "read exact match and ROUGE-1 instead"
+            )
+    return notes
 
 
 def failure_lines(result: dict) -> list[str]:
@@ -97,12 +130,7 @@ def checkpoint_step(system: str) -> int:
 def markdown(title: str, header: list[str], examples, predictions, result, plots: list[Path]) -> str:
     lines = [f"# {title}", ""] + [f"- {line}" for line in header] + [""]
     lines += md_table(table_rows(result))
-    lines += [
-        "",
-        "BLEU-4 and ROUGE F1 on a 0-100 scale (Chinese segmented: characters for BLEU, jieba words "
-        "for ROUGE); loss and perplexity of the references, per response token.",
-        "",
-    ]
+    lines += [""] + [f"- {note}" for note in metric_notes(result)] + [""]
     lines += [f"- {line}" for line in failure_lines(result)] + ([""] if failure_lines(result) else [])
     lines += [f"![{p.stem}]({p.name})" for p in plots] + [""]
     lines += ["## Sample predictions", ""] + md_table(sample_rows(examples, predictions))
@@ -139,6 +167,9 @@ def page(title: str, header: list[str], examples, predictions, result, plots: li
         + "".join(f"<li>{html.escape(line)}</li>" for line in header)
         + "</ul>"
         + table(table_rows(result))
+        + "<ul>"
+        + "".join(f"<li>{html.escape(note)}</li>" for note in metric_notes(result))
+        + "</ul>"
         + "".join(f"<p>{html.escape(line)}</p>" for line in failure_lines(result))
         + f"{images}<h2>Sample predictions</h2>{table(sample_rows(examples, predictions))}</body></html>\n"
     )
@@ -174,7 +205,7 @@ def checkpoint_plot(out: Path, result: dict) -> Path | None:
     points = sorted((checkpoint_step(name), values) for name, values in result["systems"].items() if checkpoint_step(name) >= 0)
     if len(points) < 2:
         return None
-    moving = [n for n in metric_names(result) if len({round(v.get(n, 0.0), 9) for _, v in points}) > 1]
+    moving = [n for n in metric_names(result) if len({round(v.get(n) or 0.0, 9) for _, v in points}) > 1]
     if not moving:
         return None
     figure, panels = new_figure(columns=len(moving))

@@ -97,6 +97,9 @@ def test_evaluation_compares_base_and_adapter(finished_run):
     rows = [json.loads(line) for line in (run.eval / "predictions.jsonl").read_text().splitlines()]
     assert len(rows) == metrics["examples"] and set(rows[0]) == {"prompt", "reference", "base", "adapter"}
     assert "| adapter |" in (run.eval / "report.md").read_text()
+    # One-word answers ("even"/"odd"): no 4-grams, no bigrams; the report names the convention and says why.
+    assert metrics["metrics_convention"]["name"] == "sacrebleu" and adapter["bleu4"] is None and adapter["rouge2"] is None
+    assert "- BLEU-4 n/a: no reference has 4 tokens" in (run.eval / "report.md").read_text()
     assert "<table>" in (run.eval / "report.html").read_text() and (run.eval / "loss_curve.png").stat().st_size > 1000
     assert str(run.eval / "report.html") in result.stdout and "exact_match" in result.stdout
     status = run_launch("status", run.root)
