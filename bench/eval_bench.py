@@ -1,7 +1,7 @@
 """Evaluation throughput: launch's batched generation vs a naive loop shaped like the seed's
 `batch_generate_data`, and `launch eval` with 2 shards vs 1.
 
-    python bench/eval_bench.py [--hidden 256] [--layers 4] [--examples 256] [--device cpu|cuda]
+    python bench/eval_bench.py [--hidden 256] [--layers 4] [--examples 256] [--device cpu|cuda] [--vllm]
 
 Builds a random Llama and prompts of mixed length (log-uniform, 4 to 256 words). Both loops
 decode greedily with the same model, prompts, batch size and max_new_tokens, and count
@@ -9,7 +9,9 @@ generated tokens the same way (up to EOS); they alternate, twice each, in one pr
   naive:  fixed batches in input order, left padding to the longest prompt of the batch;
   launch: launcher.evaluate.generate (batches of length-sorted prompts).
 Then the whole `launch eval` path (plan, shards, reference loss, metrics, report) on the base
-model with eval.shards = 1 and 2, each in fresh processes. Prints JSON lines and the ratios.
+model with eval.shards = 1 and 2, each in fresh processes; with --vllm, once more with
+eval.backend = vllm (tok/s against HF's 1 shard, and the share of prompts where the greedy answers
+agree). Prints JSON lines and the ratios.
 """
 
 from __future__ import annotations
@@ -76,7 +78,7 @@ def recipe_for(model: Path, data: Path, args) -> Recipe:
 
 def naive_generate(model, tokenizer, prompts: list[str], batch_size: int, max_new_tokens: int) -> int:
     """The seed's shape: fixed batches in input order, padding="longest", left padded."""
-    from launcher.evaluate import generated_length
+    from launcher.decoding import generated_length
 
     tokens = 0
     for start in range(0, len(prompts), batch_size):
@@ -137,15 +139,15 @@ def sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def sharded(recipe, out: Path, shards: int) -> dict:
+def sharded(recipe, out: Path, shards: int, backend: str = "hf") -> dict:
     from rich.console import Console
 
     from launcher.evaluate import System, plan_evaluation
     from launcher.pipeline import run_evaluation
 
-    folder = out / f"eval-{shards}-shards"
+    folder = out / f"eval-{shards}-shards-{backend}"
     shutil.rmtree(folder, ignore_errors=True)
-    recipe.eval.shards = shards
+    recipe.eval.shards, recipe.eval.backend = shards, backend
     plan_evaluation(recipe, [System("base", None)], folder)
     started = time.perf_counter()
     # Fresh processes for 1 shard too (one local job, a task per shard): the same start-up cost.
@@ -153,14 +155,22 @@ def sharded(recipe, out: Path, shards: int) -> dict:
     seconds = time.perf_counter() - started
     tokens = result["speed"]["base"]["generated_tokens"]
     row = {
-        "contender": f"launch eval, {shards} shard(s)",
+        "contender": f"launch eval, {shards} shard(s), {backend}",
         "examples": result["examples"],
         "generated_tokens": tokens,
         "wall_s": round(seconds, 2),
         "tokens_per_s": round(tokens / seconds, 1),
+        "predictions": str(folder / "predictions.jsonl"),
     }
     print(json.dumps(row), flush=True)
     return row
+
+
+def agreement(hf: dict, vllm: dict) -> float:
+    """The share of prompts whose greedy answer is the same text under both backends."""
+    read = lambda row: [json.loads(line)["base"] for line in Path(row["predictions"]).read_text().splitlines()]
+    pairs = list(zip(read(hf), read(vllm)))
+    return sum(a == b for a, b in pairs) / max(len(pairs), 1)
 
 
 def machine(device: str) -> str:
@@ -189,6 +199,7 @@ def main() -> None:
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     parser.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32")
     parser.add_argument("--out", type=Path, default=Path("/tmp/eval-bench"))
+    parser.add_argument("--vllm", action="store_true", help="also `launch eval` with eval.backend = vllm (a GPU and vllm)")
     args = parser.parse_args()
     from launcher.models import quiet_libraries
 
@@ -214,14 +225,17 @@ def main() -> None:
     rows = loops(recipe)
     best = {name: max(r["tokens_per_s"] for r in rows if r["contender"] == name) for name in ("naive", "launch")}
     one, two = sharded(recipe, args.out, 1), sharded(recipe, args.out, 2)
-    print(
-        json.dumps(
-            {
-                "launch_over_naive_tokens_per_s": round(best["launch"] / best["naive"], 2),
-                "two_shards_over_one_wall": round(one["wall_s"] / two["wall_s"], 2),
-            }
-        )
-    )
+    ratios = {
+        "launch_over_naive_tokens_per_s": round(best["launch"] / best["naive"], 2),
+        "two_shards_over_one_wall": round(one["wall_s"] / two["wall_s"], 2),
+    }
+    if args.vllm:
+        fast = sharded(recipe, args.out, 1, backend="vllm")
+        ratios |= {
+            "vllm_over_hf_tokens_per_s": round(fast["tokens_per_s"] / one["tokens_per_s"], 2),
+            "vllm_hf_greedy_agreement": round(agreement(one, fast), 3),
+        }
+    print(json.dumps(ratios))
 
 
 if __name__ == "__main__":

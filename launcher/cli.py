@@ -3,7 +3,7 @@
 launch RECIPE.toml [--set KEY=VALUE ...] [--run-dir DIR] [--dry-run] [--procs-per-node N]
 launch check RECIPE.toml [--set KEY=VALUE ...]
 launch merge RUN_DIR [--checkpoint N] [--overwrite]
-launch eval RUN_DIR|ADAPTER_DIR ... [--data FILE] [--shards K] [--executor local|slurm] [--checkpoints all]
+launch eval RUN_DIR|ADAPTER_DIR ... [--data FILE] [--shards K] [--executor local|slurm] [--checkpoints all] [--benchmark TASK,...]
 launch status [RUN_DIR]
 launch logs RUN_DIR [--rank N] [-f]
 launch cancel RUN_DIR
@@ -201,6 +201,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     evaluation.add_argument("--out", type=Path, metavar="DIR", help="where to write (default: the first run's eval/)")
     evaluation.add_argument("--no-base", action="store_true", help="leave the base model out")
+    evaluation.add_argument(
+        "--benchmark", metavar="TASK[,TASK]", help="lm-evaluation-harness tasks to run on every system too (eval.benchmarks)"
+    )
+    evaluation.add_argument(
+        "--benchmark-tasks", metavar="DIR", help="a folder of your own lm-eval task YAMLs (eval.benchmark_tasks_dir)"
+    )
     evaluation.add_argument(
         "--set",
         dest="overrides",
@@ -403,7 +409,12 @@ def command_eval(args: argparse.Namespace, console: Console) -> int:
     runs, adapters, recipe_path = eval_targets(args.targets, args.recipe)
     overrides = list(args.overrides) + [
         f"{key}={json.dumps(value)}"
-        for key, value in (("eval.shards", args.shards), ("eval.checkpoints", args.checkpoints))
+        for key, value in (
+            ("eval.shards", args.shards),
+            ("eval.checkpoints", args.checkpoints),
+            ("eval.benchmarks", args.benchmark and [task.strip() for task in args.benchmark.split(",") if task.strip()]),
+            ("eval.benchmark_tasks_dir", args.benchmark_tasks and str(Path(args.benchmark_tasks).resolve())),
+        )
         if value is not None
     ]
     recipe = load_recipe(recipe_path, overrides)
@@ -494,6 +505,7 @@ def command_status(args: argparse.Namespace, console: Console) -> int:
 def describe_run(run) -> str:
     from launcher.checkpoints import latest_complete_checkpoint
     from launcher.executors.factory import job_of
+    from launcher.tracking import dashboard_commands
 
     manifest = run.manifest()
     step = run.metrics.last()
@@ -511,6 +523,7 @@ def describe_run(run) -> str:
         record = getattr(manifest, stage)
         if record:
             lines.append(f"  {stage}: {record.cost()}")
+    lines += [f"  dashboard: {command}" for command in dashboard_commands(run)]
     if (run.eval / "report.html").exists():
         lines.append(f"  report: {run.eval / 'report.html'} (and report.md)")
     elif (run.eval / "plan.json").exists():

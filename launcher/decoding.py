@@ -68,3 +68,15 @@ def next_token(logits, do_sample: bool, temperature: float, top_p: float):
         sorted_probs = sorted_probs.masked_fill(outside, 0.0)
         probs = torch.zeros_like(probs).scatter(-1, order, sorted_probs)
     return torch.multinomial(probs, num_samples=1).squeeze(-1)
+
+
+def generated_length(tokens: list[int], eos: int) -> int:
+    """Tokens up to and with the first EOS (the rest of the row is padding)."""
+    return tokens.index(eos) + 1 if eos in tokens else len(tokens)
+
+
+def clean_prediction(text: str, suffix: str) -> str:
+    suffix = suffix.strip()
+    if suffix and suffix in text:
+        text = text[: text.index(suffix)]
+    return text.strip()

@@ -15,13 +15,16 @@ import hashlib
 import json
 import math
 import os
+import sys
 import time
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from launcher.benchmarks import benchmark_spec, result_file, run_benchmarks, shard_of
+from launcher.benchmarks import collect as collect_benchmarks
 from launcher.data import Example, tokenize
-from launcher.decoding import decode
+from launcher.decoding import clean_prediction, decode, generated_length
 from launcher.errors import UserError
 from launcher.recipe import Recipe, validate_recipe
 from launcher.runs import (
@@ -97,6 +100,8 @@ def plan_evaluation(
     A finished or different evaluation in `out` is replaced only with overwrite=True (or, for the
     run's own final evaluation, set_aside_other=True when it is a different one), and then moved
     aside, never deleted; a folder the launcher did not write is never used."""
+    e = recipe.eval
+    benchmarks = benchmark_spec(e.benchmarks, e.benchmark_tasks_dir, e.benchmark_limit)  # a bad task name: before any work
     examples = eval_examples(recipe, data)
     lines = [json.dumps(asdict(e), ensure_ascii=False) for e in examples]
     plan = {
@@ -108,7 +113,7 @@ def plan_evaluation(
         "examples_sha256": hashlib.sha256("\n".join(lines).encode()).hexdigest(),
         "decoding": {key: getattr(recipe.eval, key) for key in DECODING_KEYS},
         "runs": [str(run.root.resolve()) for run in runs],  # their training curves go in the report
-    }
+    } | ({"benchmarks": benchmarks} if benchmarks else {})
     old = read_plan(out)
     same = old is not None and {k: v for k, v in old.items() if k != "recipe"} == {k: v for k, v in plan.items() if k != "recipe"}
     if same and not overwrite:
@@ -151,11 +156,24 @@ def marker_of(path: Path) -> Path:
 
 
 def unfinished(out: Path, plan: dict) -> list[tuple[int, str]]:
-    return [
+    """(shard, work) not done yet: a system's answers on a shard, or its benchmarks."""
+    answers = [
         (k, s["name"])
         for k in range(plan["shards"])
         for s in plan["systems"]
         if not marker_of(shard_file(out, s["name"], k, plan["shards"])).exists()
+    ]
+    return answers + [(shard_of(plan, s.name), f"{s.name} benchmarks") for s in benchmarks_left(out, plan, shard=None)]
+
+
+def benchmarks_left(out: Path, plan: dict, shard: int | None) -> list[System]:
+    """The systems whose benchmarks are not done (those of one shard, or of every shard with None)."""
+    if not plan.get("benchmarks"):
+        return []
+    return [
+        System(**s)
+        for s in plan["systems"]
+        if (shard is None or shard_of(plan, s["name"]) == shard) and not marker_of(result_file(out, s["name"])).exists()
     ]
 
 
@@ -163,32 +181,105 @@ def unfinished(out: Path, plan: dict) -> list[tuple[int, str]]:
 
 
 def run_shard(out: Path, shard: int, device: str | None = None, started: float | None = None) -> None:
-    """Evaluate every unfinished system on shard `shard`'s examples (every K-th, from `shard`);
-    `started` is when this shard's process began (its markers record it)."""
-    import torch
-
+    """Evaluate every unfinished system on shard `shard`'s examples (every K-th, from `shard`), and
+    run the benchmarks of the systems that fall to this shard; `started` is when this shard's
+    process began (its markers record it)."""
     from launcher.hardware import resolve_device
-    from launcher.models import load_base_model, load_tokenizer, quiet_libraries
+    from launcher.models import quiet_libraries
 
     plan = read_plan(out)
     recipe = validate_recipe(plan["recipe"], source=str(Path(out) / PLAN))
     shards, systems = plan["shards"], [System(**s) for s in plan["systems"]]
     pending = [s for s in systems if not marker_of(shard_file(out, s.name, shard, shards)).exists()]
-    if pending:
-        device = device or shard_device(resolve_device(recipe.distributed.device), shard)
-        quiet_libraries(device.split(":")[0])
-        examples = [Example(**json.loads(line)) for line in (Path(out) / EXAMPLES).read_text().splitlines()]
-        indices = list(range(shard, len(examples), shards))
-        tokenizer = load_tokenizer(recipe, padding_side="left")
-        model = with_adapters(load_base_model(recipe).to(device).eval(), [s for s in pending if s.adapter])
-        for system in pending:
-            torch.manual_seed(recipe.eval.seed + shard)
-            began = time.time()
-            with torch.no_grad(), selected(model, system):
-                rows, failure = evaluate_examples(model, tokenizer, [examples[i] for i in indices], recipe)
-            for index, row in zip(indices, rows):
-                row["index"] = index
-            save_shard(shard_file(out, system.name, shard, shards), rows, time.time() - began, started or began, failure)
+    benchmarking = benchmarks_left(out, plan, shard)
+    if not (pending or benchmarking):
+        return
+    device = device or shard_device(resolve_device(recipe.distributed.device), shard)
+    quiet_libraries(device.split(":")[0])
+    examples = [Example(**json.loads(line)) for line in (Path(out) / EXAMPLES).read_text().splitlines()]
+    indices = list(range(shard, len(examples), shards))
+    served = []
+    if recipe.eval.backend == "vllm" and pending and all(examples[i].prompt for i in indices):
+        from launcher.vllm_backend import split_systems
+
+        served, lines = split_systems(recipe, pending, device)
+        for line in lines:
+            print(line, flush=True)
+    work = Work(out, plan, recipe, [examples[i] for i in indices], indices, shard, started)
+    waiting = with_hf(work, device, pending, benchmarking, served)
+    if waiting:
+        answer_with_vllm(work, waiting)
+
+
+@dataclass
+class Work:
+    """One shard's evaluation: where it goes, what it evaluates, on which examples."""
+
+    out: Path
+    plan: dict
+    recipe: Recipe
+    examples: list[Example]
+    indices: list[int]
+    shard: int
+    started: float | None
+
+    def save(self, system: System, rows: list[dict], seconds: float, failure: str | None, backend: str = "hf") -> None:
+        for index, row in zip(self.indices, rows):
+            row["index"] = index
+        path = shard_file(self.out, system.name, self.shard, self.plan["shards"])
+        save_shard(path, rows, seconds, self.started or time.time() - seconds, failure, backend)
+
+
+def with_hf(work: Work, device: str, pending: list[System], benchmarking: list[System], served: list[System]) -> dict:
+    """The HF model's part: benchmarks, reference losses, and answers for the systems vLLM does not
+    serve (saved); returns the rows and seconds of those it does, waiting for their answers."""
+    import torch
+
+    from launcher.models import load_base_model, load_tokenizer
+
+    recipe, tokenizer = work.recipe, load_tokenizer(work.recipe, padding_side="left")
+    adapted = {s.name: s for s in pending + benchmarking if s.adapter}  # each adapter loaded once
+    model = with_adapters(load_base_model(recipe).to(device).eval(), list(adapted.values()))
+    for system in benchmarking:
+        began = time.time()
+        with selected(model, system):
+            record = benchmark_record(model, tokenizer, work.plan["benchmarks"], recipe)
+        save_benchmarks(work.out, system.name, record, time.time() - began)
+    waiting = {}
+    for system in pending:
+        torch.manual_seed(recipe.eval.seed + work.shard)
+        began = time.time()
+        with torch.no_grad(), selected(model, system):
+            rows, failure = evaluate_examples(model, tokenizer, work.examples, recipe, answer=system not in served)
+        if system in served:
+            waiting[system] = (rows, time.time() - began)
+        else:
+            work.save(system, rows, time.time() - began, failure)
+    return waiting
+
+
+def answer_with_vllm(work: Work, waiting: dict) -> None:
+    """Answers from one vLLM engine for the systems it serves (the HF model is gone by now)."""
+    import gc
+
+    import torch
+
+    from launcher.models import load_tokenizer
+    from launcher.vllm_backend import answers, start_engine
+
+    gc.collect()
+    torch.cuda.empty_cache()
+    tokenizer = load_tokenizer(work.recipe, padding_side="left")
+    engine = start_engine(work.recipe, [system.adapter for system in waiting if system.adapter])
+    for number, (system, (rows, seconds)) in enumerate(waiting.items(), start=1):
+        began, failure = time.time(), None
+        try:
+            replies = answers(engine, tokenizer, work.examples, work.recipe, system.adapter, number)
+        except Exception as err:  # the losses stand, as with HF generation
+            replies, failure = [("", 0)] * len(rows), failure_text(err)
+        for row, (text, count) in zip(rows, replies):
+            row.update(prediction=text, new_tokens=count)
+        work.save(system, rows, seconds + time.time() - began, failure, backend="vllm")
 
 
 def shard_device(device: str, shard: int) -> str:
@@ -225,9 +316,27 @@ def selected(model, system: System):
     return nullcontext()
 
 
-def save_shard(path: Path, rows: list[dict], seconds: float, started: float, failure: str | None = None) -> None:
-    """The rows, then the marker (last): generation time, this process's start and peaks, and why
-    generation failed (when it did)."""
+def benchmark_record(model, tokenizer, spec: dict, recipe: Recipe) -> dict:
+    """lm-eval's results for the selected system, or why there are none (the rest of the
+    evaluation keeps its results: a benchmark's dataset missing offline is no reason to lose them)."""
+    try:
+        return {"results": run_benchmarks(model, tokenizer, spec, recipe.eval.batch_size, recipe.eval.seed)}
+    except Exception as err:
+        return {"failed": f"{type(err).__name__}: {str(err).splitlines()[0][:300] if str(err) else ''}"}
+
+
+def save_benchmarks(out: Path, system: str, record: dict, seconds: float) -> None:
+    path = result_file(out, system)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_atomic(path, json.dumps(record | {"seconds": round(seconds, 2)}, indent=2) + "\n")
+    write_atomic(marker_of(path), json.dumps({"finished": time.time()}) + "\n")  # last: the results stand
+
+
+def save_shard(
+    path: Path, rows: list[dict], seconds: float, started: float, failure: str | None = None, backend: str = "hf"
+) -> None:
+    """The rows, then the marker (last): generation time and backend, this process's start and
+    peaks, and why generation failed (when it did)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     write_atomic(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
     generated = sum(r["new_tokens"] for r in rows)
@@ -238,6 +347,7 @@ def save_shard(path: Path, rows: list[dict], seconds: float, started: float, fai
                 "examples": len(rows),
                 "new_tokens": generated,
                 "seconds": round(seconds, 3),
+                "backend": backend,
                 "node": os.environ.get("SLURMD_NODENAME", os.uname().nodename),
                 "started": started,
                 "finished": time.time(),
@@ -260,20 +370,26 @@ def shard_markers(out: Path) -> list[dict]:
     ]
 
 
-def evaluate_examples(model, tokenizer, examples: list[Example], recipe: Recipe) -> tuple[list[dict], str | None]:
+def evaluate_examples(
+    model, tokenizer, examples: list[Example], recipe: Recipe, answer: bool = True
+) -> tuple[list[dict], str | None]:
     """Per example: the reference's summed loss and token count, and (when there is a prompt to
-    answer) the generated text and how many tokens it took. Generation that fails leaves the losses
-    standing: the second value says why there are no answers (None when there are)."""
+    answer, and `answer`) the generated text and how many tokens it took. Generation that fails
+    leaves the losses standing: the second value says why there are no answers (None when there are)."""
     rows = [dict(zip(("loss_sum", "loss_tokens"), pair)) for pair in reference_losses(model, tokenizer, examples, recipe)]
     answers, failure = [("", 0)] * len(rows), None
-    if all(e.prompt for e in examples):
+    if answer and all(e.prompt for e in examples):
         try:
             answers = generate(model, tokenizer, examples, recipe)
         except Exception as err:  # the model's own generation code: a good training keeps its losses
-            failure = f"generation failed ({type(err).__name__}: {str(err).splitlines()[0][:200] if str(err) else ''})"
+            failure = failure_text(err)
     for row, (text, count) in zip(rows, answers):
         row.update(prediction=text, new_tokens=count)
     return rows, failure
+
+
+def failure_text(err: BaseException) -> str:
+    return f"generation failed ({type(err).__name__}: {str(err).splitlines()[0][:200] if str(err) else ''})"
 
 
 def generate(model, tokenizer, examples: list[Example], recipe: Recipe) -> list[tuple[str, int]]:
@@ -309,18 +425,6 @@ def generate(model, tokenizer, examples: list[Example], recipe: Recipe) -> list[
             text = tokenizer.decode(known, skip_special_tokens=True)
             outputs[i] = (clean_prediction(text, examples[i].suffix), count)
     return [outputs[i] for i in range(len(examples))]
-
-
-def generated_length(tokens: list[int], eos: int) -> int:
-    """Tokens up to and with the first EOS (the rest of the row is padding)."""
-    return tokens.index(eos) + 1 if eos in tokens else len(tokens)
-
-
-def clean_prediction(text: str, suffix: str) -> str:
-    suffix = suffix.strip()
-    if suffix and suffix in text:
-        text = text[: text.index(suffix)]
-    return text.strip()
 
 
 def reference_losses(model, tokenizer, examples: list[Example], recipe: Recipe) -> list[tuple[float, int]]:
@@ -360,13 +464,14 @@ def finish_if_complete(out: Path) -> dict | None:
 
 def collect(out: Path, plan: dict, system: str) -> tuple[list[dict], dict]:
     """One system's rows of every shard, in input order, and its timing totals."""
-    rows, timing = [], {"new_tokens": 0, "seconds": 0.0, "generation_failed": None}
+    rows, timing = [], {"new_tokens": 0, "seconds": 0.0, "generation_failed": None, "backends": set()}
     for k in range(plan["shards"]):
         path = shard_file(out, system, k, plan["shards"])
         rows += [json.loads(line) for line in path.read_text().splitlines()]
         marker = json.loads(marker_of(path).read_text())
         timing["new_tokens"] += marker["new_tokens"]
         timing["seconds"] += marker["seconds"]
+        timing["backends"].add(marker.get("backend", "hf"))
         timing["generation_failed"] = timing["generation_failed"] or marker.get("generation_failed")
     return sorted(rows, key=lambda r: r["index"]), timing
 
@@ -374,6 +479,7 @@ def collect(out: Path, plan: dict, system: str) -> tuple[list[dict], dict]:
 def write_results(out: Path, plan: dict) -> dict:
     from launcher.report import write_report
     from launcher.scores import resolve_convention, text_scores
+    from launcher.tracking import log_evaluation
 
     examples = [Example(**json.loads(line)) for line in (out / EXAMPLES).read_text().splitlines()]
     references = [e.response for e in examples]
@@ -388,7 +494,11 @@ def write_results(out: Path, plan: dict) -> dict:
             failed[system] = timing["generation_failed"]
         elif all(e.prompt for e in examples):
             metrics[system] |= text_scores(predictions[system], references, convention)
-        speed[system] = {"generated_tokens": timing["new_tokens"], "shard_seconds": round(timing["seconds"], 2)}
+        speed[system] = {
+            "generated_tokens": timing["new_tokens"],
+            "shard_seconds": round(timing["seconds"], 2),
+            "backend": "+".join(sorted(timing["backends"])),  # hf, vllm, or hf+vllm across shards
+        }
     rows = [
         {"prompt": e.prompt, "reference": e.response} | {s: predictions[s][i] for s in predictions}
         for i, e in enumerate(examples)
@@ -404,6 +514,11 @@ def write_results(out: Path, plan: dict) -> dict:
     }
     if failed:
         result["generation_failed"] = failed
+    if plan.get("benchmarks"):
+        result["benchmarks"], benchmark_failures = collect_benchmarks(out, plan)
+        result |= {"benchmarks_failed": benchmark_failures} if benchmark_failures else {}
     write_report(out, plan, examples, predictions, result)
     write_atomic(out / "metrics.json", json.dumps(result, indent=2, ensure_ascii=False) + "\n")  # last: marks it done
+    for problem in log_evaluation(plan, result):  # into each evaluated run's trackers
+        print(f"warning: {problem}", file=sys.stderr)
     return result

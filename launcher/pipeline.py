@@ -24,6 +24,7 @@ from launcher.progress import StateWatcher, follow_training, report_failure
 from launcher.recipe import Recipe, minutes
 from launcher.render import keep_or_refuse, render_run, worker_command
 from launcher.runs import RunDir, State, claim_run_dir, in_use, make_run_root
+from launcher.tracking import dashboard_commands
 
 
 @contextmanager
@@ -200,7 +201,8 @@ def execute(recipe: Recipe, run: RunDir, console: Console, executor_name: str = 
     refuse_what_the_scheduler_would_not_run(executor, stages)
     jobs = submit(executor, stages, run, console)
     if jobs:
-        say(console, f"  follow: launch status {run.root}  |  launch logs {run.root} -f  |  end: launch cancel {run.root}")
+        watch = [f"launch status {run.root}", f"launch logs {run.root} -f"] + dashboard_commands(run)
+        say(console, "  follow: " + "  |  ".join(watch) + f"  |  end: launch cancel {run.root}")
     if detach and jobs:
         say(console, "detached: the jobs go on without this process")
         return True
@@ -427,7 +429,7 @@ def print_summary(run: RunDir, console: Console, wall_s: float) -> None:
 
 def next_commands(run: RunDir) -> list[str]:
     """What a user does after a run: look at it, read its logs, evaluate it further, load it."""
-    commands = [f"launch status {run.root}", f"launch logs {run.root}"]
+    commands = [f"launch status {run.root}", f"launch logs {run.root}"] + dashboard_commands(run)
     if run.checkpoints.exists():
         commands.append(f"launch eval {run.root} --checkpoints all (or --data FILE)")
     if (run.eval / "report.html").exists():

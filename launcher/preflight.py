@@ -341,6 +341,7 @@ def gpu_request_warning(recipe: Recipe, queued: bool) -> str | None:
 def run_preflight(recipe: Recipe, examples: int | None = None) -> Report:
     """Every check that needs no weights; `examples` is the training set size when known."""
     from launcher.render import render_deepspeed, zero_stage
+    from launcher.tracking import tracking_problems
 
     report = Report()
     ds_config = render_deepspeed(recipe)
@@ -358,6 +359,9 @@ def run_preflight(recipe: Recipe, examples: int | None = None) -> Report:
     report.errors += errors
     report.warnings += warnings
     speed_lines(recipe, model_type, report)
+    tracking_errors, tracking_line = tracking_problems(recipe)
+    report.errors += tracking_errors
+    report.lines.append(tracking_line)
     if examples is not None:
         batch_lines(recipe, examples, report)
     if model is None:

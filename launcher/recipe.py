@@ -230,8 +230,24 @@ class TrainSection(Section):
     """Liger's fused Triton kernels (RMSNorm, RoPE, SwiGLU, fused linear cross-entropy); CUDA only; unset: on with CUDA when liger-kernel is installed."""
     compile: bool = False
     """torch.compile the model (opt-in: the first steps pay for compilation)."""
+    report_to: list[Literal["tensorboard", "wandb", "mlflow", "trackio", "none"]] = ["tensorboard"]
+    """Experiment trackers (one name or a list): tensorboard (RUN/tensorboard/, offline), wandb, mlflow, trackio (in the run dir by default), or "none"."""
     seed: int = Field(42, ge=0, le=SEED_MAX)
     """Seed of model init, adapter init and data order."""
+
+    @field_validator("report_to", mode="before")
+    @classmethod
+    def _one_or_a_list(cls, value: Any) -> Any:
+        return [value] if isinstance(value, str) else value
+
+    @field_validator("report_to")
+    @classmethod
+    def _none_alone(cls, value: list[str]) -> list[str]:
+        if "none" in value and len(value) > 1:
+            raise ValueError(f"{value}: 'none' cannot be listed with trackers; give the trackers, or \"none\" alone")
+        if len(set(value)) != len(value):
+            raise ValueError(f"{value}: a tracker is listed twice")
+        return value
 
 
 class DistributedSection(Section):
@@ -274,6 +290,14 @@ class EvalSection(Section):
     """Sampling seed (each shard adds its index)."""
     checkpoints: Literal["final", "all"] = "final"
     """Evaluate the final adapter only, or every complete checkpoint too."""
+    backend: Literal["hf", "vllm"] = "hf"
+    """Generation backend: hf (transformers generate), or vllm on GPUs for the base and LoRA adapters (the [vllm] extra); HF stays where vLLM cannot serve."""
+    benchmarks: list[str] = []
+    """lm-evaluation-harness tasks run on every system too (e.g. ["ceval-valid", "cmmlu", "mmlu"]); needs the [benchmarks] extra."""
+    benchmark_tasks_dir: str | None = None
+    """A folder of your own lm-eval task YAML files (their names can then go in eval.benchmarks)."""
+    benchmark_limit: int | None = Field(None, gt=0)
+    """Run at most this many samples of each benchmark task (default: all)."""
     metrics_convention: Literal["auto", "chatglm", "sacrebleu"] = "auto"
     """How BLEU-4 and ROUGE are counted: chatglm (ChatGLM AdGen / LLaMA-Factory), sacrebleu (corpus BLEU); auto: chatglm for Chinese references."""
     shards: int = Field(1, gt=0)
@@ -446,7 +470,7 @@ def reference_markdown() -> str:
 
 # ---------------------------------------------------------------- loading and overrides
 
-PATH_KEYS = ("model.name_or_path", "data.train_file", "data.eval_file", "eval.data")
+PATH_KEYS = ("model.name_or_path", "data.train_file", "data.eval_file", "eval.data", "eval.benchmark_tasks_dir")
 
 
 def load_recipe(path: str | Path, overrides: list[str] = ()) -> Recipe:

@@ -23,8 +23,8 @@ def write_report(out: Path, plan: dict, examples: list[Example], predictions: di
     plots = [p for p in (loss_plot(out, plan), checkpoint_plot(out, result)) if p]
     title = f"Evaluation of {len(plan['systems'])} systems on {result['examples']} examples ({result['data']})"
     header = header_lines(plan)
-    write_atomic(out / "report.md", markdown(title, header, examples, predictions, result, plots))
-    write_atomic(out / "report.html", page(title, header, examples, predictions, result, plots))
+    write_atomic(out / "report.md", markdown(title, header, plan, examples, predictions, result, plots))
+    write_atomic(out / "report.html", page(title, header, plan, examples, predictions, result, plots))
 
 
 def header_lines(plan: dict) -> list[str]:
@@ -97,6 +97,12 @@ def metric_notes(result: dict) -> list[str]:
         notes.insert(0, f"metrics convention {convention['name']} ({convention['why']}): {text}; 0-100 scale")
     if any("exact_match" in v for v in result["systems"].values()):
         notes.append("exact match: share of answers equal to the reference (0-1), surrounding spaces ignored")
+    fast = [system for system, speed in result["speed"].items() if "vllm" in speed.get("backend", "hf")]
+    if fast:
+        slow = [system for system in result["speed"] if system not in fast]
+        notes.append(
+            f"answers generated with vLLM: {', '.join(fast)}" + (f"; with HF generate: {', '.join(slow)}" if slow else "")
+        )
     for name, label, size in (("bleu4", "BLEU-4", "4 tokens"), ("rouge2", "ROUGE-2", "2 words")):
         if any(name in v and v[name] is None for v in result["systems"].values()):
             notes.append(
@@ -107,10 +113,24 @@ def metric_notes(result: dict) -> list[str]:
 
 
 def failure_lines(result: dict) -> list[str]:
-    """Why a system has losses only (its generation failed)."""
+    """Why a system has losses only (its generation failed), or no benchmark results."""
     return [
         f"{system}: no answers, loss and perplexity only: {why}" for system, why in result.get("generation_failed", {}).items()
-    ]
+    ] + [f"{system}: no benchmark results: {why}" for system, why in result.get("benchmarks_failed", {}).items()]
+
+
+def benchmark_section(plan: dict, result: dict) -> tuple[list[list[str]], str] | None:
+    """The benchmark table (system x task metric, ± standard error) and what was run, or None."""
+    from launcher.benchmarks import table_rows as benchmark_rows
+
+    if not result.get("benchmarks"):
+        return None
+    spec = plan["benchmarks"]
+    versions = {task: r["version"] for tasks in result["benchmarks"].values() for task, r in tasks.items()}
+    samples = {task: r["samples"] for tasks in result["benchmarks"].values() for task, r in tasks.items()}
+    about = ", ".join(f"{task} (version {versions[task]}, {samples[task]} samples)" for task in sorted(versions))
+    where = f"; tasks from {spec['tasks_dir']}" if spec.get("tasks_dir") else ""
+    return benchmark_rows(result["benchmarks"]), f"lm-evaluation-harness: {about}{where}"
 
 
 def sample_rows(examples: list[Example], predictions: dict) -> list[list[str]]:
@@ -127,11 +147,14 @@ def checkpoint_step(system: str) -> int:
     return int(found.group(1)) if found else -1
 
 
-def markdown(title: str, header: list[str], examples, predictions, result, plots: list[Path]) -> str:
+def markdown(title: str, header: list[str], plan: dict, examples, predictions, result, plots: list[Path]) -> str:
     lines = [f"# {title}", ""] + [f"- {line}" for line in header] + [""]
     lines += md_table(table_rows(result))
     lines += [""] + [f"- {note}" for note in metric_notes(result)] + [""]
     lines += [f"- {line}" for line in failure_lines(result)] + ([""] if failure_lines(result) else [])
+    benchmarks = benchmark_section(plan, result)
+    if benchmarks:
+        lines += ["## Benchmarks", ""] + md_table(benchmarks[0]) + ["", benchmarks[1], ""]
     lines += [f"![{p.stem}]({p.name})" for p in plots] + [""]
     lines += ["## Sample predictions", ""] + md_table(sample_rows(examples, predictions))
     return "\n".join(lines) + "\n"
@@ -146,7 +169,7 @@ def md_table(rows: list[list[str]]) -> list[str]:
     ]
 
 
-def page(title: str, header: list[str], examples, predictions, result, plots: list[Path]) -> str:
+def page(title: str, header: list[str], plan: dict, examples, predictions, result, plots: list[Path]) -> str:
     def table(rows: list[list[str]]) -> str:
         head = "".join(f"<th>{html.escape(c)}</th>" for c in rows[0])
         body = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in row) + "</tr>" for row in rows[1:])
@@ -171,8 +194,14 @@ def page(title: str, header: list[str], examples, predictions, result, plots: li
         + "".join(f"<li>{html.escape(note)}</li>" for note in metric_notes(result))
         + "</ul>"
         + "".join(f"<p>{html.escape(line)}</p>" for line in failure_lines(result))
+        + benchmark_html(plan, result, table)
         + f"{images}<h2>Sample predictions</h2>{table(sample_rows(examples, predictions))}</body></html>\n"
     )
+
+
+def benchmark_html(plan: dict, result: dict, table) -> str:
+    benchmarks = benchmark_section(plan, result)
+    return f"<h2>Benchmarks</h2>{table(benchmarks[0])}<p>{html.escape(benchmarks[1])}</p>" if benchmarks else ""
 
 
 def loss_plot(out: Path, plan: dict) -> Path | None:

@@ -22,6 +22,7 @@ from launcher.methods import MOVES_THE_BASE
 from launcher.recipe import Recipe
 from launcher.rendezvous import check_in, smoke_all_reduce, topology_line, world_from_env
 from launcher.runs import RunDir, State, allocation, publish, stage_record, staging_for
+from launcher.tracking import recipe_logger, trackers, tracking_environment
 
 
 def main(argv: list[str] | None = None, last_stage: bool = False) -> int:
@@ -46,7 +47,7 @@ def main(argv: list[str] | None = None, last_stage: bool = False) -> int:
         fail_if_asked(rank)
         if run.adapter.exists():  # an earlier attempt trained and saved it
             print("the final adapter exists: training is done")
-        elif train(recipe, run, rank, records) and rank == 0:
+        elif with_trackers(recipe, run, rank, records) and rank == 0:
             with run.editing_manifest() as manifest:
                 manifest.train = stage_record(started)  # this attempt, in rank 0's process
                 manifest.state = State.COMPLETED if last_stage else State.TRAINED
@@ -114,7 +115,9 @@ def training_arguments(recipe: Recipe, run: RunDir, layout: str, knobs):
         use_cpu=device == "cpu",
         include_num_input_tokens_seen="non_padding",
         remove_unused_columns=False,
-        report_to="none",
+        report_to=trackers(recipe) or "none",
+        run_name=run.root.name,
+        project=recipe.name,  # Trackio's project (W&B's and MLflow's come from their environment: tracking.py)
         disable_tqdm=True,
     )
 
@@ -156,6 +159,12 @@ def metrics_logger(run: RunDir, attempt: int):
                 handle.write(json.dumps(row) + "\n")
 
     return MetricsLogger()
+
+
+def with_trackers(recipe: Recipe, run: RunDir, rank: int, records: list[dict]) -> bool:
+    """train() with the run's experiment trackers set up in this process's environment."""
+    with tracking_environment(recipe, run):
+        return train(recipe, run, rank, records)
 
 
 def train(recipe: Recipe, run: RunDir, rank: int, records: list[dict]) -> bool:
@@ -205,7 +214,7 @@ def train(recipe: Recipe, run: RunDir, rank: int, records: list[dict]) -> bool:
         args=args,
         train_dataset=dataset,
         data_collator=SampleLoggingCollator(tokenizer, run.logs / f"samples_rank{rank}.jsonl", attempt, layout),
-        callbacks=[metrics_logger(run, attempt), guard],
+        callbacks=[metrics_logger(run, attempt), guard, recipe_logger(recipe, run)],
     )
     if recipe.peft.method == "adalora":
         trainer.add_callback(adalora_allocator(trainer))

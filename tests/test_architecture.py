@@ -33,6 +33,9 @@ STAGES = {
     "launcher.hardware",
     "launcher.batching",
     "launcher.knobs",
+    "launcher.tracking",
+    "launcher.benchmarks",
+    "launcher.vllm_backend",
     "launcher.errors",
     "launcher.assets",
 }

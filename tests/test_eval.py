@@ -88,3 +88,69 @@ def test_adapter_folder_evaluates_with_its_runs_recipe(trained):
     result = run_launch("eval", run.checkpoints / "checkpoint-10", "--no-base", "--out", out)
     assert result.returncode == 0, result.stdout + result.stderr
     assert list(json.loads((out / "metrics.json").read_text())["systems"]) == ["checkpoint-10"]
+
+
+PARITY_TASK = """task: parity_local
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {data}
+test_split: test
+output_type: loglikelihood
+doc_to_text: "Is this number even or odd?\\n{{{{number}}}}\\n"
+target_delimiter: ""
+doc_to_target: "{{{{answer}}}}"
+metric_list:
+  - metric: perplexity
+    aggregation: perplexity
+    higher_is_better: false
+  - metric: acc
+    aggregation: mean
+    higher_is_better: true
+"""
+
+
+def test_benchmarks_score_base_and_adapter_as_lm_evals_own_cli_does(trained):
+    """A local lm-eval task (a YAML over a JSONL the test writes; no hub): `launch eval --benchmark`
+    scores the base and the adapter with the model it loaded, and lm-eval's own command line, loading
+    the adapter its way, gives the same accuracy."""
+    import subprocess
+    import sys
+
+    run, folder = trained
+    tasks = folder / "tasks"
+    tasks.mkdir()
+    rows = [{"number": str(n), "answer": "odd" if n % 2 else "even"} for n in range(1000, 1040)]
+    (tasks / "parity.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (tasks / "parity.yaml").write_text(PARITY_TASK.format(data=tasks / "parity.jsonl"))
+    out = folder / "eval-benchmark"
+    result = run_launch("eval", run.root, "--benchmark", "parity_local", "--benchmark-tasks", tasks, "--out", out)
+    assert result.returncode == 0, result.stdout + result.stderr
+    scores = json.loads((out / "metrics.json").read_text())["benchmarks"]
+    base, adapter = (scores[s]["parity_local"]["metrics"]["perplexity"] for s in ("base", "adapter"))
+    assert scores["adapter"]["parity_local"]["samples"] == 40
+    assert adapter < base / 10, (base, adapter)  # the answers' perplexity: trained on this question
+    report = (out / "report.md").read_text()
+    assert "## Benchmarks" in report and "| system | parity_local acc | parity_local perplexity |" in report
+    assert "lm-evaluation-harness: parity_local (version " in report
+
+    harness = subprocess.run(
+        [sys.executable, "-m", "lm_eval", "--model", "hf", "--tasks", "parity_local", "--include_path", str(tasks)]
+        + ["--model_args", f"pretrained={run.load_recipe().model.name_or_path},peft={run.adapter},dtype=float32"]
+        + ["--device", "cpu", "--batch_size", "8", "--output_path", str(folder / "harness")],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert harness.returncode == 0, harness.stderr[-3000:]
+    written = json.loads(next((folder / "harness").rglob("results_*.json")).read_text())
+    assert written["results"]["parity_local"]["perplexity,none"] == pytest.approx(adapter, rel=1e-4)
+    assert written["results"]["parity_local"]["acc,none"] == scores["adapter"]["parity_local"]["metrics"]["acc"]
+
+
+def test_an_unknown_benchmark_task_is_one_line_before_any_work(trained):
+    run, folder = trained
+    result = run_launch("eval", run.root, "--benchmark", "no_such_task_anywhere", "--out", folder / "eval-none")
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "eval.benchmarks: no_such_task_anywhere: no such lm-eval task" in result.stderr
+    assert not (folder / "eval-none").exists()

@@ -45,9 +45,12 @@ def losses(run_dir) -> list[float]:
     return [json.loads(line)["loss"] for line in RunDir(run_dir).metrics_log.read_text().splitlines()]
 
 
-def test_two_nodes_train_and_match_a_local_run(dev_cluster, tmp_path, tiny_assets):
+def test_two_nodes_train_and_match_a_local_run(dev_cluster, tmp_path, tiny_assets, monkeypatch):
     recipe = write_recipe(tmp_path, tiny_recipe_text(tiny_assets))
     zero3 = ["--set", "distributed.deepspeed=zero3"]
+    secrets = {"HF_TOKEN": "hf_slurmSECRET0123456789", "WANDB_API_KEY": "0123456789abcdef-slurm-secret-key"}
+    for key, value in secrets.items():  # the jobs inherit the environment; no file may hold it
+        monkeypatch.setenv(key, value)
     slurm = run_launch(
         recipe,
         "--run-dir",
@@ -82,8 +85,13 @@ def test_two_nodes_train_and_match_a_local_run(dev_cluster, tmp_path, tiny_asset
     assert json.loads(run.manifest_path.read_text())["jobs"][-1]["executor"] == "slurm"
     assert "job " in slurm.stdout and ": running" in slurm.stdout and ": completed" in slurm.stdout
     said = " ".join(slurm.stdout.split())
-    assert f"follow: launch status {run.root} | launch logs {run.root} -f | end: launch cancel {run.root}" in said
-    assert f"next: launch status {run.root} | launch logs {run.root} | launch eval {run.root} --checkpoints all" in said
+    board = f"tensorboard --logdir {run.root / 'tensorboard'}"
+    assert f"follow: launch status {run.root} | launch logs {run.root} -f | {board} | end: launch cancel {run.root}" in said
+    assert f"next: launch status {run.root} | launch logs {run.root} | {board} | launch eval {run.root} --checkpoints all" in said
+    # sbatch scripts, submitit's pickles, logs, event files: the secrets of the environment are in none.
+    for path in (p for p in run.root.rglob("*") if p.is_file()):
+        assert not any(secret.encode() in path.read_bytes() for secret in secrets.values()), path
+    assert list((run.logs / "slurm").glob("*.pkl")) and list((run.logs / "slurm").glob("*.sh"))
 
     local = run_launch(recipe, "--run-dir", tmp_path / "local", "--executor", "local", *zero3)
     assert local.returncode == 0, local.stdout + local.stderr
