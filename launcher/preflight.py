@@ -12,6 +12,7 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from launcher.errors import UserError
 from launcher.methods import MOVES_THE_BASE, variant_zero3_refusal
 from launcher.quirks import config_value, hidden_size, quirks_for
 from launcher.recipe import Recipe
@@ -323,6 +324,20 @@ def speed_lines(recipe: Recipe, model_type: str | None, report: Report) -> None:
         )
 
 
+def benchmark_problems(recipe: Recipe) -> list[str]:
+    """A benchmark task that does not exist, found before training rather than after it."""
+    from launcher.benchmarks import benchmark_spec
+
+    e = recipe.eval
+    if not (e.enabled and e.benchmarks):
+        return []
+    try:
+        benchmark_spec(e.benchmarks, e.benchmark_tasks_dir, e.benchmark_limit)
+    except UserError as err:
+        return err.lines
+    return []
+
+
 def gpu_request_warning(recipe: Recipe, queued: bool) -> str | None:
     """A GPU recipe bound for SLURM (`queued`, a profile or several nodes) whose job asks for no GPU:
     its ranks would get none."""
@@ -362,6 +377,7 @@ def run_preflight(recipe: Recipe, examples: int | None = None) -> Report:
     tracking_errors, tracking_line = tracking_problems(recipe)
     report.errors += tracking_errors
     report.lines.append(tracking_line)
+    report.errors += benchmark_problems(recipe)
     if examples is not None:
         batch_lines(recipe, examples, report)
     if model is None:

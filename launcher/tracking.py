@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -184,10 +185,19 @@ def log_recipe(recipe: Recipe, run: RunDir) -> None:
 # ---------------------------------------------------------------- evaluation
 
 
-def evaluation_points(run: RunDir, result: dict, prefix: str) -> list[tuple[str, int, dict]]:
+def series_name(run: RunDir, plan: dict) -> str:
+    """`eval` for the run's own evaluation data; `eval_<file>` for another (--data), so two data
+    sets never share a curve."""
+    own = run.load_recipe().eval.data
+    if plan["data"] == "held-out split" or (own and plan["data"] == own):
+        return "eval"
+    return "eval_" + re.sub(r"[^A-Za-z0-9_.-]", "_", Path(plan["data"]).stem)
+
+
+def evaluation_points(run: RunDir, result: dict, prefix: str, series: str = "eval") -> list[tuple[str, int, dict]]:
     """(series, step, metrics) of each evaluated system of this run (named `prefix`NAME, and the
-    base model), its benchmark scores as TASK/METRIC: the base at step 0 as `eval_base`,
-    checkpoints at their step and the final adapter at the last step as `eval`."""
+    base model), its benchmark scores as TASK/METRIC: the base at step 0 as `SERIES_base`,
+    checkpoints at their step and the final adapter at the last step as `SERIES`."""
     from launcher.report import checkpoint_step
 
     last = run.metrics.last()
@@ -198,11 +208,11 @@ def evaluation_points(run: RunDir, result: dict, prefix: str) -> list[tuple[str,
         for task, scores in result.get("benchmarks", {}).get(name, {}).items():
             numbers |= {f"{task}/{metric}": value for metric, value in scores["metrics"].items()}
         if name == "base":
-            points.append(("eval_base", 0, numbers))
+            points.append((f"{series}_base", 0, numbers))
         elif name.startswith(prefix) and checkpoint_step(short) >= 0:
-            points.append(("eval", checkpoint_step(short), numbers))
+            points.append((series, checkpoint_step(short), numbers))
         elif name.startswith(prefix) and short == "adapter":
-            points.append(("eval", last["step"] if last else 0, numbers))
+            points.append((series, last["step"] if last else 0, numbers))
     return sorted(points, key=lambda point: point[1])
 
 
@@ -213,7 +223,7 @@ def log_evaluation(plan: dict, result: dict) -> list[str]:
         run = RunDir(Path(root))
         recipe = run.load_recipe()
         named = any(s["name"].startswith(f"{run.root.name}/") for s in plan["systems"])  # several runs: RUN/adapter
-        points = evaluation_points(run, result, f"{run.root.name}/" if named else "")
+        points = evaluation_points(run, result, f"{run.root.name}/" if named else "", series_name(run, plan))
         with tracking_environment(recipe, run):
             for tracker in trackers(recipe):
                 try:

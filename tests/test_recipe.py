@@ -111,3 +111,33 @@ def test_profile_keys_override_the_recipe_and_flags_override_both(tmp_path, tiny
     flagged = load_recipe(path, ["slurm.partition=gpu", "slurm.time=00:05:00"])
     assert (flagged.slurm.partition, flagged.slurm.time) == ("gpu", "00:05:00")
     assert errors_of(path, ["slurm.profile=nope"])[0].startswith("slurm.profile: no profile 'nope'")
+
+
+def test_report_to_takes_one_tracker_or_a_list_and_none_only_alone(tmp_path, tiny_assets):
+    path = write_recipe(tmp_path, tiny_recipe_text(tiny_assets))
+    assert load_recipe(path).train.report_to == ["tensorboard"]  # the default: event files in the run dir
+    assert load_recipe(path, ["train.report_to=wandb"]).train.report_to == ["wandb"]
+    [line] = errors_of(path, ['train.report_to=["none", "wandb"]'])
+    assert line.startswith("train.report_to:") and "'none' cannot be listed with trackers" in line
+    [line] = errors_of(path, ['train.report_to=["neptune"]'])
+    assert line.startswith("train.report_to") and "neptune" in line
+
+
+def test_a_tracker_that_could_not_log_is_refused_before_anything_starts(tmp_path, tiny_assets, monkeypatch):
+    """W&B with no key, no `wandb login` and not offline would stop training at its first step; a
+    tracker whose library is missing too."""
+    from launcher import tracking
+
+    for key in ("WANDB_API_KEY", "WANDB_MODE"):
+        monkeypatch.delenv(key, raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path))  # no ~/.netrc with a W&B login
+    path = write_recipe(tmp_path, tiny_recipe_text(tiny_assets))
+    wandb = load_recipe(path, ['train.report_to=["tensorboard", "wandb"]'])
+    [error], where = tracking.tracking_problems(wandb)
+    assert error.startswith("train.report_to: wandb has no API key here") and "WANDB_MODE=offline" in error
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    assert tracking.tracking_problems(wandb) == ([], "tracking: tensorboard (RUN/tensorboard/), wandb (offline)")
+    monkeypatch.setitem(tracking.PACKAGES, "trackio", "trackio_is_not_installed_here")
+    [error], _ = tracking.tracking_problems(load_recipe(path, ["train.report_to=trackio"]))
+    assert error.startswith("train.report_to: trackio is not installed in this environment; pip install")
+    assert tracking.tracking_problems(load_recipe(path, ["train.report_to=none"])) == ([], "tracking: none (train.report_to)")
