@@ -100,8 +100,8 @@ def plan_evaluation(
     A finished or different evaluation in `out` is replaced only with overwrite=True (or, for the
     run's own final evaluation, set_aside_other=True when it is a different one), and then moved
     aside, never deleted; a folder the launcher did not write is never used."""
-    e = recipe.eval
-    benchmarks = benchmark_spec(e.benchmarks, e.benchmark_tasks_dir, e.benchmark_limit)  # a bad task name: before any work
+    settings = recipe.eval
+    benchmarks = benchmark_spec(settings.benchmarks, settings.benchmark_tasks_dir, settings.benchmark_limit)  # before any work
     examples = eval_examples(recipe, data)
     lines = [json.dumps(asdict(e), ensure_ascii=False) for e in examples]
     plan = {
@@ -240,11 +240,6 @@ def with_hf(work: Work, device: str, pending: list[System], benchmarking: list[S
     recipe, tokenizer = work.recipe, load_tokenizer(work.recipe, padding_side="left")
     adapted = {s.name: s for s in pending + benchmarking if s.adapter}  # each adapter loaded once
     model = with_adapters(load_base_model(recipe).to(device).eval(), list(adapted.values()))
-    for system in benchmarking:
-        began = time.time()
-        with selected(model, system):
-            record = benchmark_record(model, tokenizer, work.plan["benchmarks"], recipe)
-        save_benchmarks(work.out, system.name, record, time.time() - began)
     waiting = {}
     for system in pending:
         torch.manual_seed(recipe.eval.seed + work.shard)
@@ -255,6 +250,11 @@ def with_hf(work: Work, device: str, pending: list[System], benchmarking: list[S
             waiting[system] = (rows, time.time() - began)
         else:
             work.save(system, rows, time.time() - began, failure)
+    for system in benchmarking:  # after generation: the harness may leave the tokenizer or model changed
+        began = time.time()
+        with selected(model, system):
+            record = benchmark_record(model, tokenizer, work.plan["benchmarks"], recipe)
+        save_benchmarks(work.out, system.name, record, time.time() - began)
     return waiting
 
 

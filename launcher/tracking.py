@@ -20,6 +20,7 @@ import re
 from contextlib import contextmanager
 from pathlib import Path
 
+from launcher.errors import UserError
 from launcher.recipe import Recipe
 from launcher.runs import RunDir, write_atomic
 
@@ -286,11 +287,12 @@ LOGGERS = {"tensorboard": tensorboard_points, "wandb": wandb_points, "mlflow": m
 
 def dashboard_commands(run: RunDir) -> list[str]:
     """How to look at the run's tracked curves, one command per tracker."""
-    if not run.recipe.is_file():
+    try:
+        recipe, root, commands = run.load_recipe(), run.root, []
+    except UserError:  # no recipe (yet), or one of an older schema: no dashboard to name
         return []
-    recipe, root, commands = run.load_recipe(), run.root, []
     used = trackers(recipe)
-    if "tensorboard" in used:
+    if "tensorboard" in used and ((root / "tensorboard").exists() or not run.metrics_log.exists()):  # not a run from before
         commands.append(f"tensorboard --logdir {root / 'tensorboard'}")
     if "wandb" in used:
         offline = sorted((root / "wandb").glob("offline-run-*"))
