@@ -271,7 +271,8 @@ def mlflow_points(recipe: Recipe, run: RunDir, points) -> None:
 def trackio_points(recipe: Recipe, run: RunDir, points) -> None:
     import trackio
 
-    trackio.init(project=recipe.name, name=run.root.name, resume="allow")
+    # A resumed Trackio run takes the config it is given as its whole config: the recipe again.
+    trackio.init(project=recipe.name, name=run.root.name, resume="allow", config={"recipe": recipe.to_dict()})
     try:
         for series, step, numbers in points:
             trackio.log({f"{series}/{key}": value for key, value in numbers.items()}, step=step)

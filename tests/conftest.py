@@ -46,6 +46,7 @@ max_steps = 12
 micro_batch_size = 8
 save_steps = 5
 warmup_steps = 2
+report_to = "none"  # the trackers' own tests (test_tracking.py) and the quickstart's use them
 [distributed]
 procs_per_node = 2
 deepspeed = "zero2"

@@ -7,7 +7,7 @@ from conftest import run_launch, tiny_recipe_text, write_recipe
 
 from launcher.cli import main
 from launcher.errors import UserError
-from launcher.recipe import load_recipe
+from launcher.recipe import TrainSection, load_recipe
 
 
 def errors_of(path, overrides=()) -> list[str]:
@@ -115,7 +115,7 @@ def test_profile_keys_override_the_recipe_and_flags_override_both(tmp_path, tiny
 
 def test_report_to_takes_one_tracker_or_a_list_and_none_only_alone(tmp_path, tiny_assets):
     path = write_recipe(tmp_path, tiny_recipe_text(tiny_assets))
-    assert load_recipe(path).train.report_to == ["tensorboard"]  # the default: event files in the run dir
+    assert TrainSection().report_to == ["tensorboard"]  # the default: event files in the run dir
     assert load_recipe(path, ["train.report_to=wandb"]).train.report_to == ["wandb"]
     [line] = errors_of(path, ['train.report_to=["none", "wandb"]'])
     assert line.startswith("train.report_to:") and "'none' cannot be listed with trackers" in line

@@ -42,6 +42,8 @@ def tracked(tmp_path_factory, tiny_assets):
             'train.report_to=["tensorboard", "wandb", "mlflow", "trackio"]',
             "--set",
             "eval.checkpoints=all",
+            "--set",
+            "eval.max_examples=8",
         )
         assert result.returncode == 0, result.stdout + result.stderr
         status = run_launch("status", folder / "run")
@@ -141,6 +143,8 @@ def test_trackio_database_holds_losses_and_eval(tracked):
     run, losses, evaluated, _ = tracked
     with sqlite3.connect(run.root / "trackio" / "tiny.db") as db:
         rows = [(step, json.loads(metrics)) for step, metrics in db.execute("select step, metrics from metrics")]
+        [config] = [json.loads(text) for (text,) in db.execute("select config from configs")]
+    assert config["recipe"]["train"]["learning_rate"] == 0.003  # still there after the evaluation resumed the run
     trained = {m["train/global_step"]: m["train/loss"] for _, m in rows if "train/loss" in m}  # trackio counts its own steps
     assert trained.keys() == losses.keys() and all(trained[s] == pytest.approx(losses[s], rel=1e-5) for s in losses)
     assert {step: m["eval/loss"] for step, m in rows if "eval/loss" in m}[12] == pytest.approx(
