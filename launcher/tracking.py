@@ -24,7 +24,6 @@ from launcher.errors import UserError
 from launcher.recipe import Recipe
 from launcher.runs import RunDir, write_atomic
 
-TRACKERS = ("tensorboard", "wandb", "mlflow", "trackio")
 PACKAGES = {"tensorboard": "tensorboard", "wandb": "wandb", "mlflow": "mlflow", "trackio": "trackio"}
 OURS = ("TENSORBOARD_LOGGING_DIR", "WANDB_RUN_ID", "WANDB_RESUME", "MLFLOW_RUN_ID")  # the run's identity: always set
 
@@ -40,7 +39,7 @@ def missing_packages(recipe: Recipe) -> list[str]:
     return [name for name in trackers(recipe) if importlib.util.find_spec(PACKAGES[name]) is None]
 
 
-def tracking_problems(recipe: Recipe) -> tuple[list[str], str | None]:
+def tracking_problems(recipe: Recipe) -> tuple[list[str], str]:
     """(errors, the line saying where the run is tracked) for pre-flight: a tracker whose library is
     missing, or W&B with no way to log in, would stop training at its first step."""
     errors = [
