@@ -80,3 +80,11 @@ def clean_prediction(text: str, suffix: str) -> str:
     if suffix and suffix in text:
         text = text[: text.index(suffix)]
     return text.strip()
+
+
+def answer_of(tokenizer, tokens: list[int], suffix: str) -> tuple[str, int]:
+    """(cleaned text, generated tokens up to and with EOS) of one row of new tokens, whichever
+    backend generated it."""
+    count = generated_length(tokens, tokenizer.eos_token_id)
+    known = [t for t in tokens[:count] if t < len(tokenizer)]  # a padded vocabulary's extra rows are no text
+    return clean_prediction(tokenizer.decode(known, skip_special_tokens=True), suffix), count

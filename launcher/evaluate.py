@@ -24,7 +24,7 @@ from pathlib import Path
 from launcher.benchmarks import benchmark_spec, result_file, run_benchmarks, shard_of
 from launcher.benchmarks import collect as collect_benchmarks
 from launcher.data import Example, tokenize
-from launcher.decoding import clean_prediction, decode, generated_length
+from launcher.decoding import answer_of, decode
 from launcher.errors import UserError
 from launcher.recipe import Recipe, validate_recipe
 from launcher.runs import (
@@ -420,10 +420,7 @@ def generate(model, tokenizer, examples: list[Example], recipe: Recipe) -> list[
             generated = model.generate(**encoded, **ends, use_cache=quirks.generate_with_cache, **sampling)
             new_tokens = generated[:, encoded["input_ids"].shape[1] :].cpu()
         for i, tokens in zip(batch, new_tokens):
-            count = generated_length(tokens.tolist(), tokenizer.eos_token_id)
-            known = [t for t in tokens[:count].tolist() if t < len(tokenizer)]  # a padded vocabulary's extra rows are no text
-            text = tokenizer.decode(known, skip_special_tokens=True)
-            outputs[i] = (clean_prediction(text, examples[i].suffix), count)
+            outputs[i] = answer_of(tokenizer, tokens.tolist(), examples[i].suffix)
     return [outputs[i] for i in range(len(examples))]
 
 

@@ -21,7 +21,6 @@ import sys
 import warnings
 
 CJK = re.compile(r"[\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff]")
-CONVENTIONS = ("chatglm", "sacrebleu")
 ROUGE_NAMES = ("rouge1", "rouge2", "rougeL")
 
 

@@ -8,7 +8,7 @@ serve, each said in one line: a CPU, an adapter that is not plain LoRA (IA3, the
 DoRA), an architecture vLLM does not have.
 
 vllm 0.33 pins torch==2.14 and transformers<5.21: install it in its own environment on the GPU
-nodes (README, "Fast generation with vLLM").
+nodes (README, Evaluation: the commands).
 """
 
 from __future__ import annotations
@@ -78,13 +78,14 @@ def split_systems(recipe, systems: list, device: str) -> tuple[list, list[str]]:
 def start_engine(recipe, adapters: list[str]):
     from vllm import LLM
 
-    dtypes = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
+    from launcher.models import torch_dtype
+
     m = recipe.model
     return LLM(
         model=m.name_or_path,
         revision=m.revision,
         trust_remote_code=m.trust_remote_code,
-        dtype=dtypes[m.dtype],
+        dtype=torch_dtype(recipe),
         seed=recipe.eval.seed,
         enable_lora=bool(adapters),
         max_lora_rank=max_lora_rank(adapters),
@@ -98,7 +99,7 @@ def answers(engine, tokenizer, examples: list, recipe, adapter: str | None, numb
     from vllm import SamplingParams
     from vllm.lora.request import LoRARequest
 
-    from launcher.decoding import clean_prediction, generated_length
+    from launcher.decoding import answer_of
 
     e = recipe.eval
     special = all(x.special_tokens for x in examples)
@@ -112,10 +113,4 @@ def answers(engine, tokenizer, examples: list, recipe, adapter: str | None, numb
     )
     request = LoRARequest(f"adapter-{number}", number, adapter) if adapter else None
     outputs = engine.generate(prompts, sampling, lora_request=request, use_tqdm=False)
-    results = []
-    for example, output in zip(examples, outputs):
-        tokens = list(output.outputs[0].token_ids)
-        count = generated_length(tokens, tokenizer.eos_token_id)
-        known = [t for t in tokens[:count] if t < len(tokenizer)]
-        results.append((clean_prediction(tokenizer.decode(known, skip_special_tokens=True), example.suffix), count))
-    return results
+    return [answer_of(tokenizer, list(output.outputs[0].token_ids), x.suffix) for x, output in zip(examples, outputs)]

@@ -121,13 +121,11 @@ def test_wandb_offline_run_holds_losses_recipe_and_eval_under_one_id(tracked):
     assert checkpoints[10] == pytest.approx(evaluated["checkpoint-10"]["loss"], rel=1e-5)
 
 
-def test_mlflow_run_holds_losses_recipe_params_and_eval(tracked):
-    import os
-
+def test_mlflow_run_holds_losses_recipe_params_and_eval(tracked, monkeypatch):
     from mlflow.tracking import MlflowClient
 
     run, losses, evaluated, _ = tracked
-    os.environ["MLFLOW_ALLOW_FILE_STORE"] = "true"
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")  # the store the run wrote (MLflow 3 asks to allow it)
     client = MlflowClient(tracking_uri=(run.root / "mlruns").as_uri())
     run_id = json.loads((run.root / "tracking.json").read_text())["mlflow_run_id"]
     logged = {m.step: m.value for m in client.get_metric_history(run_id, "loss")}
