@@ -20,3 +20,25 @@ def test_ci_runs_exactly_the_readme_test_command():
     test_command = next(b for b in blocks if "pytest" in b)
     ci_lines = [line for line in (REPO / ".ci" / "run").read_text().splitlines() if line and not line.startswith("#")]
     assert ci_lines[-1] == test_command
+
+
+def test_the_lock_pins_every_dependency_within_pyprojects_bounds():
+    """requirements/test.lock is what CI installs: every runtime and test dependency of pyproject is
+    in it, at one exact version its lower bound admits (a lock left behind by a pyproject change
+    fails here, not on a fresh machine)."""
+    import tomllib
+
+    from packaging.requirements import Requirement
+    from packaging.utils import canonicalize_name
+
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    lock = (REPO / "requirements" / "test.lock").read_text()
+    pinned = {canonicalize_name(name): version for name, version in re.findall(r"(?m)^([A-Za-z0-9_.-]+)==(\S+)", lock)}
+    wanted = [Requirement(line) for line in project["dependencies"] + project["optional-dependencies"]["test"]]
+    for requirement in wanted:
+        if requirement.marker and not requirement.marker.evaluate():
+            continue
+        version = pinned.get(canonicalize_name(requirement.name))
+        assert version, f"{requirement.name} is not in requirements/test.lock: run requirements/lock"
+        assert requirement.specifier.contains(version, prereleases=True), f"{requirement.name}=={version} breaks {requirement}"
+    assert pinned["torch"] == "2.13.0+cpu"  # the CPU build on this project's machines, never a CUDA download
