@@ -6,8 +6,8 @@ transformers build a block-diagonal causal mask from the position ids (FlashAtte
 on GPUs): no token attends across an example boundary. The first label of each example is masked,
 so no token is trained to predict the next example. The row holds the same examples a padded
 micro-batch holds, so the token-weighted loss and the gradients are those of padded batches; only
-the padding's compute is gone. Only model types proven to keep packed examples apart pack
-(quirks.PACKS; tests/test_batching.py); others are refused with the registry's reason.
+the padding's compute is gone. Only models proven to keep packed examples apart pack: the probe
+in launcher.packing runs the recipe's own architecture on the installed stack and says why.
 
 grouped: the Trainer's length-grouped sampler (drawn from the seeded RNG, so a resume sees the same
 order) batches examples of similar length, which are then padded. padded: padded to the longest
@@ -20,31 +20,6 @@ import json
 from pathlib import Path
 
 from launcher.data import IGNORE_INDEX
-from launcher.quirks import PACKS, quirks_for
-from launcher.recipe import Recipe
-
-
-def packing_refusal(recipe: Recipe, model_type: str | None) -> tuple[str, str] | None:
-    """None when this model and method can pack; else ("refused" | "unverified", why)."""
-    if recipe.peft.spec.prompt_learning:
-        return "refused", f"{recipe.peft.method} puts its virtual tokens before each row, not each example"
-    reason = quirks_for(model_type).packing_refusal
-    if reason:
-        return "refused", f"{model_type}: {reason}"
-    if model_type not in PACKS:
-        return "unverified", f"packing is not verified for {model_type or 'this'} models"
-    return None
-
-
-def choose_batching(recipe: Recipe, model_type: str | None) -> tuple[str, str]:
-    """(layout, why): data.batching resolved for this model and method ("auto": packed where it can)."""
-    wanted = recipe.data.batching
-    refusal = packing_refusal(recipe, model_type)
-    if wanted != "auto":
-        return wanted, "data.batching"
-    if refusal is None:
-        return "packed", f"auto: {model_type} packs"
-    return "grouped", f"auto: {refusal[1]}"
 
 
 def packed_batch(features: list[dict]) -> dict:
@@ -59,17 +34,6 @@ def packed_batch(features: list[dict]) -> dict:
         positions += range(len(feature["input_ids"]))
     as_row = lambda values: torch.tensor([values], dtype=torch.long)  # noqa: E731
     return {"input_ids": as_row(ids), "labels": as_row(labels), "position_ids": as_row(positions), "use_cache": False}
-
-
-def batching_problems(recipe: Recipe, model_type: str | None) -> tuple[list[str], list[str]]:
-    """(errors, warnings) of data.batching for this model: packing asked where it cannot work."""
-    refusal = packing_refusal(recipe, model_type)
-    if recipe.data.batching != "packed" or refusal is None:
-        return [], []
-    kind, why = refusal
-    if kind == "refused":
-        return [f'data.batching: "packed" cannot work here ({why}); use "grouped" (or "auto")'], []
-    return [], [f'data.batching: "packed" is unproven here ({why}): its examples may attend to each other; "auto" uses "grouped"']
 
 
 class SampleLoggingCollator:

@@ -231,7 +231,7 @@ def memory_estimate(recipe: Recipe, model, adapter: int, stage: int, offload: bo
     plus the fp32 logits.
     """
 
-    from launcher.batching import choose_batching
+    from launcher.packing import choose_batching
 
     size = BYTES[recipe.model.dtype]
     world = recipe.world_size()
@@ -253,7 +253,7 @@ def memory_estimate(recipe: Recipe, model, adapter: int, stage: int, offload: bo
     heads = config_value(config, "num_attention_heads") or config_value(config, "decoder_attention_heads") or 1
     tokens = recipe.train.micro_batch_size * recipe.data.max_length
     kind = config_value(config, "model_type")
-    span = tokens if choose_batching(recipe, kind)[0] == "packed" else recipe.data.max_length  # what one token attends over
+    span = tokens if choose_batching(recipe)[0] == "packed" else recipe.data.max_length  # what one token attends over
     scale = 2 if recipe.model.dtype == "fp32" else 1
     if recipe.train.gradient_checkpointing and quirks_for(kind).gradient_checkpointing_works:
         per_layer = 2 * tokens * hidden * 2
@@ -303,18 +303,18 @@ def batch_lines(recipe: Recipe, examples: int, report: Report) -> None:
         )
 
 
-def speed_lines(recipe: Recipe, model_type: str | None, report: Report) -> None:
+def speed_lines(recipe: Recipe, report: Report) -> None:
     """What precision, batching and kernels the run will use, and why; what cannot be honoured."""
-    from launcher.batching import batching_problems, choose_batching
     from launcher.hardware import resolve_device
     from launcher.knobs import knob_problems, resolve_knobs
+    from launcher.packing import batching_problems, choose_batching
 
     device = resolve_device(recipe.distributed.device)
-    layout, why = choose_batching(recipe, model_type)
+    layout, why = choose_batching(recipe)
     precision = recipe._chosen.get("model.dtype", f"{recipe.model.dtype} (model.dtype)")
     report.lines.append(f"precision: {precision}")
     report.lines.append(f"batching: {layout} ({why}); {resolve_knobs(recipe, device).line()}")
-    errors, warnings = batching_problems(recipe, model_type)
+    errors, warnings = batching_problems(recipe)
     report.errors += errors + knob_problems(recipe, device)
     report.warnings += warnings
     if layout == "packed" and recipe.train.micro_batch_size == 1:
@@ -373,7 +373,7 @@ def run_preflight(recipe: Recipe, examples: int | None = None) -> Report:
         )
     report.errors += errors
     report.warnings += warnings
-    speed_lines(recipe, model_type, report)
+    speed_lines(recipe, report)
     tracking_errors, tracking_line = tracking_problems(recipe)
     report.errors += tracking_errors
     report.lines.append(tracking_line)

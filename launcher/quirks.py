@@ -63,13 +63,15 @@ class Quirks:
     """Its generate() cannot run on transformers 5 (tuple-cache code handed a DynamicCache): evaluation
     decodes with the launcher's own loop over the model's forward, feeding back the cache its forward
     returns (its own tuples) when generate_with_cache says the cache works."""
-    packing_refusal: str | None = None
-    """Why examples cannot share a row (data.batching = "packed"): its attention would cross example
-    boundaries. None: it packs when its type is in PACKS."""
+    packing_note: str | None = None
+    """Why its attention crossed packed examples where it was seen to (said next to the probe's verdict;
+    the probe, launcher.packing, decides on the installed code, not this note)."""
+    random_init: dict = field(default_factory=dict)
+    """Keywords its __init__ needs to initialise random weights (ChatGLM skips init by default,
+    expecting a checkpoint): used where a model is built without one (the packing probe)."""
     notes: str = ""
 
 
-NO_POSITION_PACKING = "its attention takes no packed position ids, so packed examples would attend to each other"
 REGISTRY: dict[str, Quirks] = {
     "transnormer": Quirks(
         hidden_size_key="decoder_embed_dim",
@@ -82,7 +84,7 @@ REGISTRY: dict[str, Quirks] = {
         rebuild_meta_slopes=True,
         remote_code=True,
         generation_mixin=True,
-        packing_refusal="its linear attention carries one decaying state along the row and takes no position ids",
+        packing_note="its linear attention carries one decaying state along the row and takes no position ids",
         notes="TransNormerLLM (OpenNLPLab, remote code): linear modules qkvu_proj, out_proj, l1, l2, l3; "
         "use_triton=False selects its PyTorch path on machines without triton kernels",
     ),
@@ -100,29 +102,22 @@ REGISTRY: dict[str, Quirks] = {
         role_tokens=("[gMASK]", "sop", "<|system|>", "<|user|>", "<|assistant|>", "<|observation|>"),
         own_generation_loop=True,
         init_takes_device=True,
-        packing_refusal="its code builds one causal mask over the whole row from attention_mask (position ids only rotate)",
+        random_init={"empty_init": False},
+        packing_note="its code builds one causal mask over the whole row from attention_mask (position ids only rotate)",
         notes="ChatGLM2/3 (THUDM, remote code): its tokenizer pads on the left only; linear modules "
         "query_key_value, dense, dense_h_to_4h, dense_4h_to_h",
     ),
 }
 
 REGISTRY |= {
-    "opt": Quirks(packing_refusal="its learned positions are counted from attention_mask, not position ids"),
-    "bloom": Quirks(packing_refusal="its ALiBi biases come from attention_mask, not position ids"),
-    "falcon": Quirks(packing_refusal=NO_POSITION_PACKING),
+    "opt": Quirks(packing_note="its learned positions are counted from attention_mask, not position ids"),
+    "bloom": Quirks(packing_note="its ALiBi biases come from attention_mask, not position ids"),
+    "falcon": Quirks(
+        packing_note="on transformers 5.23 and before, its attention took no packed position ids (5.24 keeps examples apart)"
+    ),
 }
 
 DEFAULT = Quirks()
-
-# Model types whose transformers code keeps packed examples apart (a block-diagonal causal mask from
-# position ids that restart, when there is no attention_mask and no cache): tests/test_batching.py
-# runs each one's packed row against its examples alone.
-PACKS = frozenset(
-    {
-        "llama", "mistral", "mixtral", "qwen2", "qwen2_moe", "qwen3", "gemma", "gemma2", "gemma3_text",
-        "phi", "phi3", "gpt2", "gpt_neox", "gptj", "starcoder2", "olmo", "granite", "cohere",
-    }
-)  # fmt: skip
 
 KNOWN_REVISIONS: dict[str, dict[str, str]] = {
     # model_type -> {first 16 hex digits of the sha256 of a remote code file: where it comes from};

@@ -172,16 +172,17 @@ def train(recipe: Recipe, run: RunDir, rank: int, records: list[dict]) -> bool:
     import torch
     from transformers import set_seed
 
-    from launcher.batching import SampleLoggingCollator, choose_batching
+    from launcher.batching import SampleLoggingCollator
     from launcher.data import build_train_dataset
     from launcher.hardware import resolve_device
     from launcher.knobs import resolve_knobs
-    from launcher.models import adalora_allocator, load_tokenizer, load_training_model, model_type, planned_steps
+    from launcher.models import adalora_allocator, load_tokenizer, load_training_model, planned_steps
+    from launcher.packing import choose_batching
 
     stop = stop_flag()  # a signal during start-up is acted on at the first step
     attempt = run.manifest().attempts + 1  # rank 0 records it below
     device = resolve_device(recipe.distributed.device)
-    layout, why = choose_batching(recipe, model_type(recipe))
+    layout, why = choose_batching(recipe)
     knobs = resolve_knobs(recipe, device)
     args = training_arguments(recipe, run, layout, knobs)  # before the model: it turns on ZeRO-3 sharded loading
     tokenizer = load_tokenizer(recipe)

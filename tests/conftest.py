@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -15,6 +17,18 @@ import submitit  # noqa: F401  (see below)
 # a library imported by an earlier test in the same worker bound to pytest's capture (jieba's).
 
 REPO = Path(__file__).resolve().parent.parent
+# The packing probe's verdicts (launcher.packing) go to a cache of this test process and its
+# children, not the user's ~/.cache: every suite probes its own stack afresh.
+os.environ.setdefault("LAUNCHER_CACHE_DIR", tempfile.mkdtemp(prefix="launcher-test-cache-"))
+
+
+def as_from_a_terminal() -> None:
+    """preexec_fn of every `launch` a test starts: SIGINT and SIGHUP at their default disposition,
+    as a shell in a terminal starts a command. The suite itself may run under nohup, in the
+    background or in a CI runner, where they arrive ignored, and a child keeps an inherited ignore
+    (rightly: the launcher honours it), so a test that sends them would test how pytest was started."""
+    for number in (signal.SIGINT, signal.SIGHUP):
+        signal.signal(number, signal.SIG_DFL)
 
 
 @pytest.fixture(scope="session")
@@ -67,6 +81,7 @@ def run_launch(*args: str, cwd: Path | None = None, timeout: int = 600) -> subpr
         text=True,
         timeout=timeout,
         env=env,
+        preexec_fn=as_from_a_terminal,
     )
 
 
@@ -78,4 +93,5 @@ def start_launch(*args) -> subprocess.Popen:
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
+        preexec_fn=as_from_a_terminal,
     )

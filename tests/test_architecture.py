@@ -32,6 +32,7 @@ STAGES = {
     "launcher.render",
     "launcher.hardware",
     "launcher.batching",
+    "launcher.packing",
     "launcher.knobs",
     "launcher.tracking",
     "launcher.benchmarks",

@@ -1,8 +1,9 @@
 """Packing without cross-contamination (data.batching = "packed"), proven on numbers:
 
-- the registry is right about every architecture: a type in quirks.PACKS gives each example of a
-  packed row the logits it has alone (fp32, <= 1e-5), and each refused type really does not
-  (its packed logits differ, or its forward cannot take the row);
+- the packing probe is right about every architecture on the installed transformers: where it
+  proves packing, each example of a packed row has the logits it has alone (fp32, <= 1e-5), and
+  where it refuses, they really differ (or the forward cannot take the row); its verdict is cached
+  per stack and said in one line;
 - the loss and the LoRA gradients of a packed micro-batch equal those of the same examples padded,
   token-weighted as the Trainer computes them, also over two accumulated micro-batches;
 - a 2-rank run with gradient accumulation trains step for step as the padded run does (e2e).
@@ -16,10 +17,9 @@ import pytest
 from conftest import run_launch, tiny_recipe_text, write_recipe
 from test_merge_matrix import SIZES
 
-from launcher.batching import choose_batching, packed_batch, packing_refusal
-from launcher.quirks import PACKS
+from launcher.batching import packed_batch
+from launcher.packing import TOLERANCE, cache_dir, choose_batching, packing_verdict
 
-TOLERANCE = 1e-5
 # model type -> (config class, extra config): one tiny model per type the registry speaks for
 CONFIGS = {
     "llama": ("LlamaConfig", dict(num_key_value_heads=2)),
@@ -79,18 +79,66 @@ def recipe_for(tmp_path, tiny_assets, *overrides):
     return load_recipe(write_recipe(tmp_path, tiny_recipe_text(tiny_assets)), list(overrides))
 
 
+@pytest.fixture
+def fresh_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("LAUNCHER_CACHE_DIR", str(tmp_path / "cache"))
+    return tmp_path / "cache"
+
+
 @pytest.mark.parametrize("model_type", sorted(CONFIGS))
-def test_the_registry_packs_exactly_the_architectures_that_keep_examples_apart(model_type, tmp_path, tiny_assets):
-    error = packed_error(tiny_model(model_type))
-    refusal = packing_refusal(recipe_for(tmp_path, tiny_assets), model_type)
-    if model_type in PACKS:
-        assert refusal is None and error <= TOLERANCE, f"{model_type} packs with error {error}"
+def test_the_probe_packs_exactly_the_architectures_that_keep_examples_apart(model_type, tmp_path, fresh_cache):
+    """The test's own tiny model (its sizes, its seed) measures the truth; the probe, given only the
+    architecture's config.json, must reach the same verdict on whatever transformers is installed."""
+    import transformers
+
+    model = tiny_model(model_type)
+    error = packed_error(model)
+    model.config.save_pretrained(tmp_path / model_type)
+    verdict = packing_verdict(str(tmp_path / model_type))
+    assert verdict.kind in ("proven", "crosses", "cannot"), verdict.why  # it could build and run the architecture
+    assert verdict.packs == (error <= TOLERANCE), f"{model_type}: probe says {verdict.why}; the real error is {error}"
+    assert error <= TOLERANCE or error > 100 * TOLERANCE, f"{model_type}: {error} is too close to call"
+    if verdict.packs:
+        assert verdict.why.startswith(f"proven on transformers {transformers.__version__} for {model_type} (max diff ")
     else:
-        assert refusal[0] == "refused" and error > 100 * TOLERANCE, f"{model_type} is refused yet packs ({error})"
+        assert f"transformers {transformers.__version__}" in verdict.why or "forward" in verdict.why, verdict.why
+
+
+def test_the_probe_remembers_its_verdict_per_stack(tmp_path, tiny_assets, fresh_cache):
+    """The second ask is read from the cache (well under a second); another transformers version or
+    another architecture is probed anew."""
+    import time
+    from unittest import mock
+
+    first = packing_verdict(str(tiny_assets["model"]))
+    assert first.packs and not first.cached and len(list((fresh_cache / "packing").iterdir())) == 1
+    started = time.perf_counter()
+    again = packing_verdict(str(tiny_assets["model"]))
+    assert again.cached and again.why == first.why and time.perf_counter() - started < 0.5
+    assert cache_dir() == fresh_cache
+    with mock.patch("transformers.__version__", "99.0.0"):  # a new release: proven again, on that release
+        upgraded = packing_verdict(str(tiny_assets["model"]))
+    assert not upgraded.cached and "transformers 99.0.0" in upgraded.why
+    assert len(list((fresh_cache / "packing").iterdir())) == 2
+
+
+def test_auto_packs_what_the_probe_proves_and_explicit_packing_of_a_crossing_model_is_refused(tmp_path, tiny_assets, fresh_cache):
+    from launcher.packing import batching_problems
+
+    layout, why = choose_batching(recipe_for(tmp_path, tiny_assets))
+    assert layout == "packed" and why.startswith("auto: proven on transformers ") and "for llama (max diff" in why
+    model = tiny_model("opt")
+    model.config.save_pretrained(tmp_path / "opt")
+    opt = [f'model.name_or_path="{tmp_path / "opt"}"']
+    layout, why = choose_batching(recipe_for(tmp_path, tiny_assets, *opt))
+    assert layout == "grouped" and "opt's attention crosses packed examples" in why and "learned positions" in why
+    errors, _ = batching_problems(recipe_for(tmp_path, tiny_assets, *opt, 'data.batching="packed"'))
+    assert len(errors) == 1 and errors[0].startswith('data.batching: "packed" cannot work here (opt')
 
 
 @pytest.mark.parametrize("seed", ["transnormer", "chatglm3"])
-def test_the_seed_models_really_cannot_pack_and_fall_back_to_grouped(seed, tmp_path, tiny_assets):
+def test_the_seed_models_really_cannot_pack_and_fall_back_to_grouped(seed, tmp_path, tiny_assets, fresh_cache):
+    """Their remote code, probed: TransNormer takes no position ids; ChatGLM's mask spans the row."""
     import torch
     from seed_models import build_seed_model, require_upstream
 
@@ -99,10 +147,12 @@ def test_the_seed_models_really_cannot_pack_and_fall_back_to_grouped(seed, tmp_p
     require_upstream()
     build_seed_model(seed, tmp_path / seed)
     model = load_pretrained(str(tmp_path / seed), torch.float32, trust_remote_code=True).eval()
-    assert packed_error(model) > 100 * TOLERANCE  # TransNormer takes no position ids; ChatGLM's mask spans the row
+    assert packed_error(model) > 100 * TOLERANCE
     kind = model_type_of(str(tmp_path / seed))
-    layout, why = choose_batching(recipe_for(tmp_path, tiny_assets), kind)
-    assert layout == "grouped" and kind in why
+    sets = [f'model.name_or_path="{tmp_path / seed}"', "model.trust_remote_code=true"]
+    layout, why = choose_batching(recipe_for(tmp_path, tiny_assets, *sets))
+    expected = {"transnormer": "transnormer's forward takes no position ids", "chatglm": "chatglm's attention crosses packed"}
+    assert layout == "grouped" and why.startswith(f"auto: {expected[kind]}"), why
 
 
 def tokenized_examples(tmp_path, tiny_assets, count: int) -> tuple[list[dict], object]:

@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import REPO, run_launch, tiny_recipe_text, write_recipe
+from conftest import REPO, as_from_a_terminal, run_launch, tiny_recipe_text, write_recipe
 from safetensors.torch import load_file
 
 from launcher.runs import RunDir
@@ -50,6 +50,7 @@ def start_launch(recipe: Path, run_dir: Path, extra: list[str] = (), steps: int 
         stderr=subprocess.STDOUT,
         text=True,
         start_new_session=True,
+        preexec_fn=as_from_a_terminal,
     )
 
 

@@ -511,6 +511,22 @@ def test_a_job_that_waits_says_why_and_ctrl_c_says_what_stays_queued(dev_cluster
         subprocess.run(["scancel", blocker.stdout.strip()], timeout=60)
 
 
+def wait_until_running(job_id: str, limit_s: float = 900) -> None:
+    """Until the controller itself says the job runs. Each question is retried while the controller is
+    slow to answer (launcher.executors.slurm.scheduler), so a loaded machine makes the wait longer,
+    not the test red; the limit is only there for a job that would never start."""
+    from launcher.executors.slurm import job_state
+
+    deadline, state = time.time() + limit_s, "PENDING"
+    while time.time() < deadline:
+        state = job_state(job_id).split()[0]
+        if state == "RUNNING":
+            return
+        assert state in ("PENDING", "CONFIGURING"), f"job {job_id} is {state}, not started"
+        time.sleep(1)
+    raise AssertionError(f"job {job_id} still {state} after {limit_s:g} s")
+
+
 def test_dev_cluster_down_ends_its_jobs_processes_too(dev_cluster, tmp_path):
     """`down` used to stop the daemons only: a running job's tasks trained on, headless, for an hour.
     (Last in this file: it takes the cluster down, then brings it back for the fixture to end.)"""
@@ -531,12 +547,11 @@ def test_dev_cluster_down_ends_its_jobs_processes_too(dev_cluster, tmp_path):
         timeout=60,
     )
     assert submitted.returncode == 0, submitted.stderr
-    from launcher.executors.slurm import job_state
-
-    deadline = time.time() + 60
+    wait_until_running(submitted.stdout.strip())
+    deadline = time.time() + 60  # once SLURM says RUNNING, its task is a fork away
     while time.time() < deadline and not subprocess.run(["pgrep", "-f", marker], capture_output=True).stdout:
         time.sleep(0.5)
-    assert subprocess.run(["pgrep", "-f", marker], capture_output=True).stdout, job_state(submitted.stdout.strip())
+    assert subprocess.run(["pgrep", "-f", marker], capture_output=True).stdout, "the job runs but its task is not found"
     down = subprocess.run([REPO / "slurm" / "dev-cluster", "down"], capture_output=True, text=True, timeout=120)
     assert down.returncode == 0, down.stderr
     assert not subprocess.run(["pgrep", "-f", marker], capture_output=True).stdout  # nothing of the job is left
