@@ -7,7 +7,7 @@ Builds a random Llama and prompts of mixed length (log-uniform, 4 to 256 words).
 decode greedily with the same model, prompts, batch size and max_new_tokens, and count
 generated tokens the same way (up to EOS); they alternate, twice each, in one process:
   naive:  fixed batches in input order, left padding to the longest prompt of the batch;
-  launch: launcher.evaluate.generate (batches of length-sorted prompts).
+  launch: launcher.evaluate.shards.generate (batches of length-sorted prompts).
 Then the whole `launch eval` path (plan, shards, reference loss, metrics, report) on the base
 model with eval.shards = 1 and 2, each in fresh processes; with --vllm, once more with
 eval.backend = vllm (tok/s against HF's 1 shard, and the share of prompts where the greedy answers
@@ -19,7 +19,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from launcher.recipe import Recipe
+    from launcher.config.recipe import Recipe
 
 import argparse
 import json
@@ -57,7 +57,7 @@ def build(out: Path, hidden: int, layers: int, examples: int, seed: int = 0) -> 
 
 
 def recipe_for(model: Path, data: Path, args) -> Recipe:
-    from launcher.recipe import validate_recipe
+    from launcher.config.recipe import validate_recipe
 
     return validate_recipe(
         {
@@ -78,7 +78,7 @@ def recipe_for(model: Path, data: Path, args) -> Recipe:
 
 def naive_generate(model, tokenizer, prompts: list[str], batch_size: int, max_new_tokens: int) -> int:
     """The seed's shape: fixed batches in input order, padding="longest", left padded."""
-    from launcher.decoding import generated_length
+    from launcher.evaluate.decoding import generated_length
 
     tokens = 0
     for start in range(0, len(prompts), batch_size):
@@ -98,8 +98,8 @@ def naive_generate(model, tokenizer, prompts: list[str], batch_size: int, max_ne
 def loops(recipe, repeats: int = 2) -> list[dict]:
     import torch
 
-    from launcher.evaluate import eval_examples, generate
-    from launcher.models import load_base_model, load_tokenizer
+    from launcher.evaluate.shards import eval_examples, generate
+    from launcher.models.loading import load_base_model, load_tokenizer
 
     device = "cuda" if recipe.distributed.device == "cuda" else "cpu"
     tokenizer = load_tokenizer(recipe, padding_side="left")
@@ -142,8 +142,8 @@ def sync(device: str) -> None:
 def sharded(recipe, out: Path, shards: int, backend: str = "hf") -> dict:
     from rich.console import Console
 
-    from launcher.evaluate import System, plan_evaluation
-    from launcher.pipeline import run_evaluation
+    from launcher.evaluate.shards import System, plan_evaluation
+    from launcher.launch.pipeline import run_evaluation
 
     folder = out / f"eval-{shards}-shards-{backend}"
     shutil.rmtree(folder, ignore_errors=True)
@@ -201,7 +201,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("/tmp/eval-bench"))
     parser.add_argument("--vllm", action="store_true", help="also `launch eval` with eval.backend = vllm (a GPU and vllm)")
     args = parser.parse_args()
-    from launcher.models import quiet_libraries
+    from launcher.models.loading import quiet_libraries
 
     quiet_libraries(args.device)
     shutil.rmtree(args.out, ignore_errors=True)

@@ -57,7 +57,7 @@ def written(run_dir: Path) -> list[dict]:
 
 
 def losses(run_dir: Path) -> dict[int, float]:
-    from launcher.runs import RunDir
+    from launcher.rundir.runs import RunDir
 
     return {row["step"]: row["loss"] for row in RunDir(run_dir).metrics.rows()}
 

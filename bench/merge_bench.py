@@ -44,7 +44,7 @@ def build(out: Path, hidden: int, layers: int) -> tuple[Path, Path]:
 
 
 def contender(kind: str, base: Path, adapter: Path, out: Path) -> dict:
-    from launcher.runs import peak_rss_mib
+    from launcher.rundir.runs import peak_rss_mib
 
     started = time.perf_counter()
     if kind == "copy":
@@ -52,7 +52,7 @@ def contender(kind: str, base: Path, adapter: Path, out: Path) -> dict:
         for path in base.iterdir():
             shutil.copy(path, out / path.name)
     elif kind == "streaming":
-        from launcher.streaming_merge import stream_merge
+        from launcher.adapters.streaming_merge import stream_merge
 
         stream_merge(str(base), adapter, out)
     else:

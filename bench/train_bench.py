@@ -205,8 +205,8 @@ def hand_tuned_rank(target: Path, args) -> None:
     import torch.distributed as dist
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from launcher.batching import packed_batch
-    from launcher.data import IGNORE_INDEX
+    from launcher.data.examples import IGNORE_INDEX
+    from launcher.train.batching import packed_batch
 
     cuda = args.device == "cuda"
     dist.init_process_group("nccl" if cuda else "gloo")

@@ -17,7 +17,7 @@ import submitit  # noqa: F401  (see below)
 # a library imported by an earlier test in the same worker bound to pytest's capture (jieba's).
 
 REPO = Path(__file__).resolve().parent.parent
-# The packing probe's verdicts (launcher.packing) go to a cache of this test process and its
+# The packing probe's verdicts (launcher.train.packing) go to a cache of this test process and its
 # children, not the user's ~/.cache: every suite probes its own stack afresh.
 os.environ.setdefault("LAUNCHER_CACHE_DIR", tempfile.mkdtemp(prefix="launcher-test-cache-"))
 

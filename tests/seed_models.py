@@ -129,7 +129,7 @@ def write_files(seed: str, out: Path) -> None:
 
 def seed_recipe(seed: str, model_dir: Path, **model):
     """A minimal validated recipe for a tiny seed model (trust_remote_code, as the seed recipes say)."""
-    from launcher.recipe import validate_recipe
+    from launcher.config.recipe import validate_recipe
 
     return validate_recipe(
         {
@@ -146,7 +146,7 @@ def build_seed_model(seed: str, out: Path) -> Path:
     """A complete tiny model dir: files, then random weights written through the launcher's loader."""
     import torch
 
-    from launcher.models import construct_model
+    from launcher.models.loading import construct_model
 
     write_files(seed, out)
     torch.manual_seed(0)

@@ -10,7 +10,7 @@ import torch
 from conftest import run_launch, tiny_recipe_text, write_recipe
 from safetensors.torch import save_file
 
-from launcher.merge import AdapterError, validate_adapter
+from launcher.adapters.merge import AdapterError, validate_adapter
 
 KEY = "base_model.model.model.layers.0.self_attn.q_proj"
 

@@ -9,39 +9,33 @@ from pathlib import Path
 from conftest import REPO
 
 PACKAGE = REPO / "launcher"
-# Stages: they read and write a run dir, and never know who runs them or what comes next.
-STAGES = {
-    "launcher.worker",
-    "launcher.merge",
-    "launcher.streaming_merge",
-    "launcher.evaluate",
-    "launcher.report",
-    "launcher.combine",
-    "launcher.data",
-    "launcher.models",
-    "launcher.preflight",
-    "launcher.checkpoints",
-    "launcher.scores",
-    "launcher.rendezvous",
-    "launcher.quirks",
-    "launcher.remote_code",
-    "launcher.decoding",
-    "launcher.methods",
-    "launcher.recipe",
-    "launcher.runs",
-    "launcher.render",
-    "launcher.hardware",
-    "launcher.batching",
-    "launcher.packing",
-    "launcher.knobs",
-    "launcher.tracking",
-    "launcher.benchmarks",
-    "launcher.vllm_backend",
-    "launcher.errors",
-    "launcher.assets",
-}
-# Executors know the run dir's records, the recipe's [slurm] section and the user-error type: no stage.
-EXECUTOR_MAY_IMPORT = {"launcher.errors", "launcher.recipe", "launcher.runs", "launcher.methods"}
+# The layering, bottom to top: a module imports only from its own folder and the folders below it;
+# folders on one row are peers and never import each other. `assets` (the quickstart's tiny model, a
+# dev tool) imports nothing of the launcher. docs/architecture.md says the same in words.
+LAYERS = [
+    {"errors", "assets"},
+    {"config"},
+    {"rundir"},
+    {"models"},
+    {"data", "tracking"},
+    {"adapters"},
+    {"train", "evaluate"},
+    {"launch"},
+    {"cli"},
+]
+# Executors know the run dir's records, the recipe and the user-error type: no stage, no model.
+EXECUTORS = "launcher.launch.executors"
+EXECUTORS_MAY_IMPORT = {"errors", "config", "rundir"}
+
+
+def part_of(module: str) -> str:
+    """The folder (or top-level module) a launcher module belongs to: launcher.train.worker -> train."""
+    return module.split(".")[1] if module.count(".") else module
+
+
+def layer_of(module: str) -> int:
+    part = part_of(module)
+    return next(index for index, row in enumerate(LAYERS) if part in row)
 
 
 def module_name(path: Path) -> str:
@@ -105,7 +99,7 @@ def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
 
 def test_the_import_graph_has_no_cycle():
     graph = import_graph()
-    assert len(graph) > 20 and graph["launcher.pipeline"] >= {"launcher.jobs", "launcher.executors.factory"}
+    assert len(graph) > 20 and graph["launcher.launch.pipeline"] >= {"launcher.launch.jobs", "launcher.launch.executors.factory"}
     assert find_cycle(graph) is None, " -> ".join(find_cycle(graph))
 
 
@@ -119,18 +113,30 @@ def test_nothing_imports_the_cli():
     assert importers == []
 
 
-def test_stages_never_import_an_executor_the_jobs_or_the_pipeline():
-    graph = import_graph()
-    for stage in sorted(STAGES):
-        forbidden = {m for m in graph[stage] if m.startswith(("launcher.executors", "launcher.pipeline", "launcher.jobs"))}
-        assert not forbidden, f"{stage} imports {forbidden}"
+def test_every_module_sits_in_a_layer():
+    missing = {part_of(name) for name in import_graph() if name != "launcher"} - set().union(*LAYERS)
+    assert not missing, f"folders in no layer: {missing}; add them to LAYERS (and to docs/architecture.md)"
+
+
+def test_a_module_imports_only_its_own_folder_and_the_layers_below():
+    for name, imports in import_graph().items():
+        if name == "launcher":
+            continue
+        upward = {m for m in imports if part_of(m) != part_of(name) and layer_of(m) >= layer_of(name)}
+        assert not upward, f"{name} (layer {part_of(name)}) imports {upward}: a layer above it or a peer"
+
+
+def test_the_layer_rule_has_teeth():  # it would catch a stage that imports the pipeline, or a peer
+    assert layer_of("launcher.launch.pipeline") > layer_of("launcher.train.worker")
+    assert layer_of("launcher.evaluate.shards") == layer_of("launcher.train.worker")
+    assert part_of("launcher.cli") == "cli" and layer_of("launcher.errors") == 0
 
 
 def test_executors_never_import_a_stage():
-    graph = import_graph()
-    for name, imports in graph.items():
-        if name.startswith("launcher.executors"):
-            outside = {m for m in imports if not m.startswith("launcher.executors")} - EXECUTOR_MAY_IMPORT
+    for name, imports in import_graph().items():
+        if name.startswith(EXECUTORS):
+            outside = {m for m in imports if not m.startswith(EXECUTORS) and part_of(m) not in EXECUTORS_MAY_IMPORT}
+            outside -= {"launcher.launch"}  # the package its own folder sits in
             assert not outside, f"{name} imports {outside}"
 
 

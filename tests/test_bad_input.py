@@ -121,8 +121,8 @@ def test_a_data_file_that_cannot_be_read_is_one_line(name, tmp_path, tiny_assets
 def test_rows_are_read_strictly(tmp_path, tiny_assets):
     """A number where text belongs is a bad row (not its repr, trained on); a BOM is read, so the
     first row is not lost."""
-    from launcher.data import load_examples
-    from launcher.recipe import load_recipe
+    from launcher.config.recipe import load_recipe
+    from launcher.data.examples import load_examples
 
     rows = [{"instruction": f"is {n} even?", "output": "yes" if n % 2 == 0 else "no"} for n in range(4)]
     data = tmp_path / "rows.jsonl"

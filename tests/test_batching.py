@@ -17,8 +17,8 @@ import pytest
 from conftest import run_launch, tiny_recipe_text, write_recipe
 from test_merge_matrix import SIZES
 
-from launcher.batching import packed_batch
-from launcher.packing import TOLERANCE, cache_dir, choose_batching, packing_verdict
+from launcher.train.batching import packed_batch
+from launcher.train.packing import TOLERANCE, cache_dir, choose_batching, packing_verdict
 
 # model type -> (config class, extra config): one tiny model per type the registry speaks for
 CONFIGS = {
@@ -74,7 +74,7 @@ def packed_error(model, vocab: int = 250) -> float:
 
 
 def recipe_for(tmp_path, tiny_assets, *overrides):
-    from launcher.recipe import load_recipe
+    from launcher.config.recipe import load_recipe
 
     return load_recipe(write_recipe(tmp_path, tiny_recipe_text(tiny_assets)), list(overrides))
 
@@ -123,7 +123,7 @@ def test_the_probe_remembers_its_verdict_per_stack(tmp_path, tiny_assets, fresh_
 
 
 def test_auto_packs_what_the_probe_proves_and_explicit_packing_of_a_crossing_model_is_refused(tmp_path, tiny_assets, fresh_cache):
-    from launcher.packing import batching_problems
+    from launcher.train.packing import batching_problems
 
     layout, why = choose_batching(recipe_for(tmp_path, tiny_assets))
     assert layout == "packed" and why.startswith("auto: proven on transformers ") and "for llama (max diff" in why
@@ -142,7 +142,7 @@ def test_the_seed_models_really_cannot_pack_and_fall_back_to_grouped(seed, tmp_p
     import torch
     from seed_models import build_seed_model, require_upstream
 
-    from launcher.models import load_pretrained, model_type_of
+    from launcher.models.loading import load_pretrained, model_type_of
 
     require_upstream()
     build_seed_model(seed, tmp_path / seed)
@@ -157,8 +157,8 @@ def test_the_seed_models_really_cannot_pack_and_fall_back_to_grouped(seed, tmp_p
 
 def tokenized_examples(tmp_path, tiny_assets, count: int) -> tuple[list[dict], object]:
     """The first `count` training examples of the tiny recipe, tokenized (numbers of 1-4 digits: lengths differ)."""
-    from launcher.data import to_example, tokenize
-    from launcher.models import load_tokenizer
+    from launcher.data.examples import to_example, tokenize
+    from launcher.models.loading import load_tokenizer
 
     recipe = recipe_for(tmp_path, tiny_assets)
     tokenizer = load_tokenizer(recipe)

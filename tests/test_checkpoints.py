@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from launcher.checkpoints import (
+from launcher.rundir.checkpoints import (
     MARKER,
     checkpoints_in,
     is_complete,

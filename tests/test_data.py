@@ -7,9 +7,9 @@ import json
 import pytest
 from conftest import run_launch, tiny_recipe_text, write_recipe
 
-from launcher.data import IGNORE_INDEX, render, split_examples, tokenize
+from launcher.config.recipe import load_recipe
+from launcher.data.examples import IGNORE_INDEX, render, split_examples, tokenize
 from launcher.errors import UserError
-from launcher.recipe import load_recipe
 
 pytestmark = pytest.mark.e2e  # real processes end to end: the full tier
 
@@ -102,7 +102,7 @@ def test_every_seed_format_from_every_file_type(tmp_path, tiny_assets):
 
 
 def test_labels_mask_the_prompt_and_text_is_learned_whole(tiny_assets, tmp_path):
-    from launcher.models import load_tokenizer
+    from launcher.models.loading import load_tokenizer
 
     recipe = load_recipe(write_recipe(tmp_path, tiny_recipe_text(tiny_assets)))
     tokenizer = load_tokenizer(recipe)
@@ -156,7 +156,7 @@ def test_an_unreachable_hub_dataset_is_one_line(tmp_path, tiny_assets):
 
 
 def test_examples_cut_before_their_response_are_an_error_before_the_queue(tmp_path, tiny_assets):
-    from launcher.data import read_training_set
+    from launcher.data.examples import read_training_set
 
     recipe = load_recipe(write_recipe(tmp_path, tiny_recipe_text(tiny_assets)), ["data.max_length=6"])
     report = read_training_set(recipe)

@@ -6,12 +6,12 @@ import re
 
 from conftest import REPO
 
-from launcher.recipe import reference_markdown
+from launcher.config.recipe import reference_markdown
 
 
 def test_readme_recipe_reference_matches_the_schema():
     assert reference_markdown() in (REPO / "README.md").read_text(), (
-        "README's recipe reference is stale: paste launcher.recipe.reference_markdown() into it"
+        "README's recipe reference is stale: paste launcher.config.recipe.reference_markdown() into it"
     )
 
 

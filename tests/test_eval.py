@@ -8,7 +8,7 @@ import json
 import pytest
 from conftest import run_launch, tiny_recipe_text, write_recipe
 
-from launcher.runs import RunDir
+from launcher.rundir.runs import RunDir
 
 pytestmark = [pytest.mark.xdist_group("eval"), pytest.mark.e2e]  # one trained run for the module, on one worker
 

@@ -11,8 +11,9 @@ import subprocess
 import pytest
 from conftest import tiny_recipe_text, write_recipe
 
+from launcher.config.recipe import load_recipe
 from launcher.errors import UserError
-from launcher.evaluate import (
+from launcher.evaluate.shards import (
     EXAMPLES,
     System,
     finish_if_complete,
@@ -23,8 +24,7 @@ from launcher.evaluate import (
     shard_file,
     unfinished,
 )
-from launcher.recipe import load_recipe
-from launcher.runs import this_process
+from launcher.rundir.runs import this_process
 
 SHARDS = 2
 

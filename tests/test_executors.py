@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 from conftest import REPO, tiny_recipe_text, write_recipe
 
-from launcher.executors.base import CANCELLED, COMPLETED, FAILED, STOP_SIGNAL, Resources
-from launcher.executors.local import LocalExecutor, processes_running
+from launcher.launch.executors.base import CANCELLED, COMPLETED, FAILED, STOP_SIGNAL, Resources
+from launcher.launch.executors.local import LocalExecutor, processes_running
 
 
 class WriteRank:
@@ -127,7 +127,7 @@ def test_tasks_whose_launcher_was_killed_save_and_end(tmp_path):
         [
             sys.executable,
             "-c",
-            "import sys, time; from launcher.executors.local import LocalExecutor; from launcher.executors.base import Resources;"
+            "import sys, time; from launcher.launch.executors.local import LocalExecutor; from launcher.launch.executors.base import Resources;"
             "from test_executors import SaveOnStop;"
             "job = LocalExecutor(sys.argv[1]).submit(SaveOnStop(sys.argv[2]), Resources(name='t', stage='train', tasks_per_node=2));"
             "print(job.body_file, flush=True); time.sleep(600)",
@@ -154,8 +154,8 @@ def test_tasks_whose_launcher_was_killed_save_and_end(tmp_path):
 
 def test_submitits_private_script_renderer_still_works(tmp_path, tiny_assets):
     """The one private submitit call (executors/slurm.rendered_script), against the installed submitit."""
-    from launcher.executors.slurm import SlurmExecutor
-    from launcher.recipe import load_recipe
+    from launcher.config.recipe import load_recipe
+    from launcher.launch.executors.slurm import SlurmExecutor
 
     recipe = load_recipe(write_recipe(tmp_path, tiny_recipe_text(tiny_assets)), ['slurm.partition="gpu"'])
     script = SlurmExecutor(recipe.slurm, tmp_path / "slurm").submission_script(
@@ -165,7 +165,7 @@ def test_submitits_private_script_renderer_still_works(tmp_path, tiny_assets):
     )
     assert script.startswith("#!/bin/bash") and "#SBATCH --nodes=2" in script and "#SBATCH --ntasks-per-node=4" in script
     assert "#SBATCH --partition=gpu" in script and "#SBATCH --requeue" in script and "--kill-on-bad-exit=1" in script
-    assert "-m launcher.executors.requeue /runs/x" in script and "submitit.core._submit" in script
+    assert "-m launcher.launch.executors.requeue /runs/x" in script and "submitit.core._submit" in script
 
 
 class IgnoreStop:
@@ -210,7 +210,7 @@ def test_a_slow_scheduler_is_asked_again_with_back_off_and_never_a_traceback(tmp
     """A real controller that takes longer than the timeout (here a script on PATH, as no cluster here can
     be made slow on purpose): asked again after 2 s; when it never answers, one line and the job untouched."""
     from launcher.errors import UserError
-    from launcher.executors import slurm
+    from launcher.launch.executors import slurm
 
     monkeypatch.setattr(slurm, "SCHEDULER_TIMEOUT_S", 0.5)
     monkeypatch.setenv("PATH", f"{tmp_path}:{os.environ['PATH']}")
@@ -227,7 +227,7 @@ def test_a_slow_scheduler_is_asked_again_with_back_off_and_never_a_traceback(tmp
 
 
 def test_a_pending_jobs_reason_reads_in_words_with_its_expected_start():
-    from launcher.executors.slurm import waiting_reason
+    from launcher.launch.executors.slurm import waiting_reason
 
     assert waiting_reason({"JobState": "PENDING", "Reason": "Resources", "StartTime": "2026-11-24T03:00:00"}) == (
         "Resources: waiting for nodes to free up; expected start 2026-11-24T03:00:00"
@@ -240,8 +240,8 @@ def test_a_pending_jobs_reason_reads_in_words_with_its_expected_start():
 
 
 def test_a_gpu_recipe_bound_for_slurm_without_a_gpu_request_is_warned(tmp_path, tiny_assets):
-    from launcher.preflight import gpu_request_warning
-    from launcher.recipe import load_recipe
+    from launcher.config.recipe import load_recipe
+    from launcher.launch.preflight import gpu_request_warning
 
     path = write_recipe(tmp_path, tiny_recipe_text(tiny_assets))
     gpu = ['distributed.device="cuda"', "distributed.nodes=2"]

@@ -18,7 +18,7 @@ import pytest
 from conftest import REPO, as_from_a_terminal, run_launch, tiny_recipe_text, write_recipe
 from safetensors.torch import load_file
 
-from launcher.runs import RunDir
+from launcher.rundir.runs import RunDir
 
 pytestmark = pytest.mark.e2e  # real processes end to end: the full tier
 

@@ -76,7 +76,7 @@ def base_for(family: str, bases: dict, tmp_path_factory):
 def load(path, **extra):
     import torch
 
-    from launcher.models import load_pretrained
+    from launcher.models.loading import load_pretrained
 
     return load_pretrained(str(path), torch.float32, trust_remote_code=True, **extra).eval()
 
@@ -111,7 +111,7 @@ def randomise(model) -> None:
 def merged_logits(base_dir, adapter_dir, out_dir, tokens):
     import torch
 
-    from launcher.streaming_merge import stream_merge
+    from launcher.adapters.streaming_merge import stream_merge
 
     done = stream_merge(str(base_dir), adapter_dir, out_dir, trust_remote_code=True)
     assert done["merged_weights"] > 0

@@ -13,9 +13,9 @@ from pathlib import Path
 import pytest
 from conftest import REPO, run_launch, tiny_recipe_text, write_recipe
 
-from launcher.methods import names_where
-from launcher.recipe import load_recipe
-from launcher.runs import RunDir
+from launcher.config.methods import names_where
+from launcher.config.recipe import load_recipe
+from launcher.rundir.runs import RunDir
 
 PROMPT_FAMILY = names_where(lambda m: m.prompt_learning)
 
@@ -51,7 +51,7 @@ def reload_logits(recipe, adapter_dir, probe, quantized: bool):
     import torch
     from peft import PeftModel
 
-    from launcher.models import load_base_model, quantization_config
+    from launcher.models.loading import load_base_model, quantization_config
 
     base = load_base_model(recipe, quantization=quantization_config(recipe) if quantized else None)
     model = PeftModel.from_pretrained(base, str(adapter_dir)).eval()
@@ -76,7 +76,7 @@ def test_each_method_trains_from_its_seed_recipe_and_its_adapter_reloads_to_the_
     from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM
 
-    from launcher.merge import PROBE_FILE
+    from launcher.adapters.merge import PROBE_FILE
 
     result = launch_seed(seed, tmp_path, tiny_assets)
     assert result.returncode == 0, result.stdout + result.stderr

@@ -13,12 +13,12 @@ from pathlib import Path
 import pytest
 from conftest import tiny_recipe_text, write_recipe
 
+from launcher.config.recipe import load_recipe, minutes
 from launcher.errors import UserError
-from launcher.executors import requeue
-from launcher.models import planned_steps
-from launcher.recipe import load_recipe, minutes
-from launcher.render import render_run
-from launcher.runs import Manifest, RunDir, State, exclusive, in_use, process_start, reconcile, this_process
+from launcher.launch.executors import requeue
+from launcher.launch.render import render_run
+from launcher.models.loading import planned_steps
+from launcher.rundir.runs import Manifest, RunDir, State, exclusive, in_use, process_start, reconcile, this_process
 
 
 @pytest.fixture
@@ -79,7 +79,7 @@ def test_a_stop_signal_requeues_even_after_a_clean_exit_and_a_cancelled_run_is_n
 
 
 def test_memory_estimates_match_the_documented_arithmetic(tmp_path, tiny_assets):
-    from launcher.preflight import run_preflight
+    from launcher.launch.preflight import run_preflight
 
     path = write_recipe(tmp_path, tiny_recipe_text(tiny_assets))
     estimate = lambda *flags: run_preflight(load_recipe(path, list(flags)), examples=1000).memory_bytes  # noqa: E731
@@ -236,7 +236,7 @@ def test_a_build_lock_left_by_a_killed_build_is_said_and_cleared(tmp_path, capsy
 
     from torch.utils.file_baton import FileBaton
 
-    from launcher.buildlocks import check_build_locks, watch_build_locks
+    from launcher.train.buildlocks import check_build_locks, watch_build_locks
 
     build = tmp_path / "deepspeed_shm_comm"
     build.mkdir()
@@ -258,7 +258,7 @@ def test_a_build_lock_left_by_a_killed_build_is_said_and_cleared(tmp_path, capsy
 
 
 def test_publish_replaces_only_the_launchers_own_output_and_keeps_the_old_one(tmp_path, capsys):
-    from launcher.runs import publish
+    from launcher.rundir.runs import publish
 
     def staged(text: str):
         staging = tmp_path / f"staging-{text}"
@@ -283,7 +283,7 @@ def test_publish_replaces_only_the_launchers_own_output_and_keeps_the_old_one(tm
 
 
 def test_two_archives_in_one_second_keep_both(run):
-    from launcher.runs import archive
+    from launcher.rundir.runs import archive
 
     for text in ("first", "second"):
         (run.root / "sbatch.sh").write_text(text)
@@ -296,7 +296,7 @@ def test_compiled_extensions_are_cached_per_python_environment(tmp_path, monkeyp
     folder, keyed by its sys.prefix; a TORCH_EXTENSIONS_DIR the user set is kept."""
     import sys
 
-    from launcher import buildlocks
+    from launcher.train import buildlocks
 
     folders = []
     for prefix in ("/opt/venv-a", "/opt/venv-b", "/opt/venv-a"):

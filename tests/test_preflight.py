@@ -8,10 +8,10 @@ import json
 import pytest
 from conftest import run_launch, tiny_recipe_text, write_recipe
 
+from launcher.config.quirks import apply_quirks, hidden_size, quirks_for, rebuild_meta_slopes
+from launcher.config.recipe import load_recipe
 from launcher.errors import UserError
-from launcher.preflight import run_preflight
-from launcher.quirks import apply_quirks, hidden_size, quirks_for, rebuild_meta_slopes
-from launcher.recipe import load_recipe
+from launcher.launch.preflight import run_preflight
 
 pytestmark = pytest.mark.e2e  # real processes end to end: the full tier
 

@@ -6,8 +6,8 @@ import pytest
 from conftest import run_launch, tiny_recipe_text, write_recipe
 
 from launcher.cli import main
+from launcher.config.recipe import TrainSection, load_recipe
 from launcher.errors import UserError
-from launcher.recipe import TrainSection, load_recipe
 
 
 def errors_of(path, overrides=()) -> list[str]:
@@ -126,7 +126,7 @@ def test_report_to_takes_one_tracker_or_a_list_and_none_only_alone(tmp_path, tin
 def test_a_tracker_that_could_not_log_is_refused_before_anything_starts(tmp_path, tiny_assets, monkeypatch):
     """W&B with no key, no `wandb login` and not offline would stop training at its first step; a
     tracker whose library is missing too."""
-    from launcher import tracking
+    from launcher.tracking import trackers as tracking
 
     for key in ("WANDB_API_KEY", "WANDB_MODE"):
         monkeypatch.delenv(key, raising=False)

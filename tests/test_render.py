@@ -10,10 +10,10 @@ from pathlib import Path
 import pytest
 from conftest import REPO, run_launch, tiny_recipe_text, write_recipe
 
+from launcher.config.recipe import load_recipe
 from launcher.errors import UserError
-from launcher.recipe import load_recipe
-from launcher.render import DS_CONFIG_DIR, render_run
-from launcher.runs import RunDir, claim_run_dir
+from launcher.launch.render import DS_CONFIG_DIR, render_run
+from launcher.rundir.runs import RunDir, claim_run_dir
 
 GOLDEN = Path(__file__).parent / "golden"
 FIXED = [

@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from launcher.rendezvous import RendezvousError, check_in, check_master_address
+from launcher.train.rendezvous import RendezvousError, check_in, check_master_address
 
 
 def free_port() -> int:

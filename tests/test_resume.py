@@ -12,8 +12,8 @@ import time
 import pytest
 from conftest import run_launch, start_launch, tiny_recipe_text, write_recipe
 
-from launcher.checkpoints import is_complete
-from launcher.runs import RunDir
+from launcher.rundir.checkpoints import is_complete
+from launcher.rundir.runs import RunDir
 
 pytestmark = pytest.mark.e2e  # real processes end to end: the full tier
 

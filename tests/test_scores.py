@@ -10,8 +10,8 @@ import sacrebleu
 from nltk.translate.bleu_score import SmoothingFunction, sentence_bleu
 from rouge_chinese import Rouge
 
-from launcher.report import metric_notes, table_rows
-from launcher.scores import bleu4, resolve_convention, rouge, text_scores
+from launcher.evaluate.report import metric_notes, table_rows
+from launcher.evaluate.scores import bleu4, resolve_convention, rouge, text_scores
 
 # AdGen-style pairs (advertising copy from product tags): punctuation, shared phrases, a rewrite.
 PREDICTIONS = [

@@ -26,9 +26,9 @@ def seed_dirs(tmp_path_factory):
 def test_seed_model_loads_trains_a_step_and_generates(seed, dtype, seed_dirs):
     import torch
 
-    from launcher.data import Example
-    from launcher.evaluate import evaluate_examples
-    from launcher.models import load_base_model, load_tokenizer
+    from launcher.data.examples import Example
+    from launcher.evaluate.shards import evaluate_examples
+    from launcher.models.loading import load_base_model, load_tokenizer
 
     recipe = seed_recipe(seed, seed_dirs[seed], dtype=dtype)
     recipe = recipe.model_copy(update={"eval": recipe.eval.model_copy(update={"max_new_tokens": 5, "batch_size": 2})})
@@ -51,9 +51,9 @@ def test_transnormer_template_is_its_fine_tune_script_token_for_token(seed_dirs)
     """OpenNLPLab/TransnormerLLM fine-tune/train.py: source = "{instruction}\\nHuman:\\n{input}\\nAssistant:\\n"
     (or "Human:\\n{the one that is set}\\nAssistant:\\n"), target = output + eos text; source + target tokenized
     as one text, the first len(tokenize(source)) labels masked; pad id 0, right padding."""
-    from launcher.data import IGNORE_INDEX, to_example, tokenize
-    from launcher.models import load_tokenizer
-    from launcher.recipe import DataSection
+    from launcher.config.recipe import DataSection
+    from launcher.data.examples import IGNORE_INDEX, to_example, tokenize
+    from launcher.models.loading import load_tokenizer
 
     recipe = seed_recipe("transnormer", seed_dirs["transnormer"])
     tokenizer = load_tokenizer(recipe)
@@ -77,9 +77,9 @@ def test_transnormer_template_is_its_fine_tune_script_token_for_token(seed_dirs)
 
 
 def test_chatglm_template_is_chatglm2s_build_prompt(seed_dirs):
-    from launcher.data import to_example, tokenize
-    from launcher.models import load_tokenizer
-    from launcher.recipe import DataSection
+    from launcher.config.recipe import DataSection
+    from launcher.data.examples import to_example, tokenize
+    from launcher.models.loading import load_tokenizer
 
     tokenizer = load_tokenizer(seed_recipe("chatglm2", seed_dirs["chatglm2"]))
     data = DataSection(train_file="x.jsonl", format="prompt-response", template="chatglm", history_column="history")
@@ -92,8 +92,8 @@ def test_chatglm_template_is_chatglm2s_build_prompt(seed_dirs):
 
 
 def test_chatglm3_roles_are_single_special_tokens_as_build_chat_input_makes_them(seed_dirs):
-    from launcher.data import Example, render, tokenize
-    from launcher.models import load_tokenizer
+    from launcher.data.examples import Example, render, tokenize
+    from launcher.models.loading import load_tokenizer
 
     tokenizer = load_tokenizer(seed_recipe("chatglm3", seed_dirs["chatglm3"]))
     history = [("我想入门深度学习", "很好的选择！")]
@@ -140,7 +140,7 @@ def test_own_decoding_loop_equals_generate_where_both_run(tiny_assets):
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from launcher.decoding import decode
+    from launcher.evaluate.decoding import decode
 
     model = AutoModelForCausalLM.from_pretrained(tiny_assets["model"], dtype=torch.float32).eval()
     tokenizer = AutoTokenizer.from_pretrained(tiny_assets["model"], padding_side="left")
@@ -159,8 +159,8 @@ def test_own_loop_with_chatglms_own_cache_equals_the_loop_without(seed, seed_dir
     """ChatGLM's forward returns its own tuple cache: fed back, each step runs one token (O(n), not O(n^2))."""
     import torch
 
-    from launcher.decoding import decode
-    from launcher.models import load_base_model, load_tokenizer
+    from launcher.evaluate.decoding import decode
+    from launcher.models.loading import load_base_model, load_tokenizer
 
     recipe = seed_recipe(seed, seed_dirs[seed])
     model, tokenizer = load_base_model(recipe).eval(), load_tokenizer(recipe, padding_side="left")
@@ -180,10 +180,10 @@ def test_generation_that_cannot_run_keeps_the_losses_and_says_why(seed_dirs, mon
 
     import torch
 
-    from launcher import quirks
-    from launcher.data import Example
-    from launcher.evaluate import evaluate_examples
-    from launcher.models import load_base_model, load_tokenizer
+    from launcher.config import quirks
+    from launcher.data.examples import Example
+    from launcher.evaluate.shards import evaluate_examples
+    from launcher.models.loading import load_base_model, load_tokenizer
 
     recipe = seed_recipe("chatglm2", seed_dirs["chatglm2"])
     model, tokenizer = load_base_model(recipe).eval(), load_tokenizer(recipe, padding_side="left")
@@ -194,8 +194,8 @@ def test_generation_that_cannot_run_keeps_the_losses_and_says_why(seed_dirs, mon
 
 
 def test_preflight_refuses_what_could_not_start(seed_dirs, tmp_path):
-    from launcher.data import read_training_set
-    from launcher.preflight import run_preflight
+    from launcher.data.examples import read_training_set
+    from launcher.launch.preflight import run_preflight
 
     broken = shutil.copytree(seed_dirs["chatglm2"], tmp_path / "no-package")
     (broken / "modeling_chatglm.py").write_text("import not_a_real_package_xyz\n" + (broken / "modeling_chatglm.py").read_text())
@@ -244,8 +244,8 @@ def test_preflight_names_triton_when_transnormers_code_cannot_import_it(seed_dir
 def test_preflight_names_the_adaptable_modules_when_a_method_has_no_targets(family, tmp_path):
     import transformers
 
-    from launcher.preflight import run_preflight
-    from launcher.recipe import validate_recipe
+    from launcher.config.recipe import validate_recipe
+    from launcher.launch.preflight import run_preflight
 
     sizes = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128, vocab_size=256)
     config = (
@@ -283,7 +283,7 @@ def test_each_seed_recipe_says_how_to_run_the_real_thing():
 def test_the_real_6b_model_is_built_on_meta_without_its_memory(seed, tmp_path):
     """Pre-flight and the merge build the real model (its real config.json) on the meta device: ChatGLM's
     own skip_init would place all 6.2B weights in the login node's memory (it was killed for it)."""
-    from launcher.models import meta_model
+    from launcher.models.loading import meta_model
 
     real = shutil.copytree(require_upstream() / seed, tmp_path / seed)
     model = meta_model(str(real))
@@ -293,7 +293,7 @@ def test_the_real_6b_model_is_built_on_meta_without_its_memory(seed, tmp_path):
 def test_own_loop_samples_from_the_top_p_nucleus_at_the_temperature():
     import torch
 
-    from launcher.decoding import next_token
+    from launcher.evaluate.decoding import next_token
 
     torch.manual_seed(0)
     logits = torch.log(torch.tensor([[0.40, 0.35, 0.25]])).repeat(4000, 1)

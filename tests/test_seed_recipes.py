@@ -13,9 +13,9 @@ from conftest import REPO, run_launch
 from seed_models import build_seed_model, require_upstream
 from test_resume import batches, launch_then_kill_a_rank
 
-from launcher.checkpoints import is_complete
-from launcher.recipe import load_recipe
-from launcher.runs import RunDir
+from launcher.config.recipe import load_recipe
+from launcher.rundir.checkpoints import is_complete
+from launcher.rundir.runs import RunDir
 
 pytestmark = pytest.mark.e2e  # real processes end to end: the full tier
 
@@ -51,8 +51,8 @@ def fp32_logits(model_dir, adapter_dir, merged_dir, probe):
     import torch
     from peft import PeftModel
 
-    from launcher.models import load_pretrained
-    from launcher.streaming_merge import stream_merge
+    from launcher.adapters.streaming_merge import stream_merge
+    from launcher.models.loading import load_pretrained
 
     stream_merge(str(model_dir), adapter_dir, merged_dir, "fp32", trust_remote_code=True)
     inputs = {"input_ids": probe["input_ids"], "attention_mask": probe["attention_mask"]}
@@ -71,8 +71,8 @@ def test_seed_recipe_end_to_end_with_its_real_model_code(seed, tmp_path):
     from peft import PeftModel
     from safetensors.torch import load_file
 
-    from launcher.merge import PROBE_FILE
-    from launcher.models import load_base_model, quantization_config
+    from launcher.adapters.merge import PROBE_FILE
+    from launcher.models.loading import load_base_model, quantization_config
 
     require_upstream()
     model_dir = build_seed_model(seed, tmp_path / "model")

@@ -14,9 +14,9 @@ import time
 import pytest
 from conftest import REPO, run_launch, start_launch, tiny_recipe_text, write_recipe
 
-from launcher.merge import validate_adapter
-from launcher.recipe import load_recipe
-from launcher.runs import RunDir
+from launcher.adapters.merge import validate_adapter
+from launcher.config.recipe import load_recipe
+from launcher.rundir.runs import RunDir
 
 # One dev cluster, one test at a time: under `-n 2 --dist loadgroup` these run in order on one
 # worker (mostly waiting on SLURM) while the other worker runs the rest of the suite.
@@ -217,8 +217,8 @@ def test_every_sbatch_directive_is_one_option_and_hostile_values_never_get_there
     from test_render import GOLDEN, assert_matches_golden
 
     from launcher.errors import UserError
-    from launcher.executors.factory import make_executor
-    from launcher.pipeline import stage_resources
+    from launcher.launch.executors.factory import make_executor
+    from launcher.launch.pipeline import stage_resources
 
     slurm = "".join(f"{key} = {json.dumps(value)}\n" for key, value in EDGE.items())
     text = (
@@ -392,7 +392,7 @@ def test_killed_ranks_are_requeued_and_resume_from_the_newest_complete_checkpoin
         time.sleep(rng.uniform(0.0, 1.5))  # save_steps=3: some kills land inside a checkpoint write
         rank = rng.choice([0, 1])
         os.kill(int(re.findall(r"pid (\d+)", run.rank_log(rank).read_text())[-1]), signal.SIGKILL)
-    from launcher.executors.slurm import job_state
+    from launcher.launch.executors.slurm import job_state
 
     deadline = time.time() + 400
     while time.time() < deadline and job_state(job).split()[0] != "COMPLETED":
@@ -513,9 +513,9 @@ def test_a_job_that_waits_says_why_and_ctrl_c_says_what_stays_queued(dev_cluster
 
 def wait_until_running(job_id: str, limit_s: float = 900) -> None:
     """Until the controller itself says the job runs. Each question is retried while the controller is
-    slow to answer (launcher.executors.slurm.scheduler), so a loaded machine makes the wait longer,
+    slow to answer (launcher.launch.executors.slurm.scheduler), so a loaded machine makes the wait longer,
     not the test red; the limit is only there for a job that would never start."""
-    from launcher.executors.slurm import job_state
+    from launcher.launch.executors.slurm import job_state
 
     deadline, state = time.time() + limit_s, "PENDING"
     while time.time() < deadline:

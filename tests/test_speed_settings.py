@@ -9,10 +9,10 @@ import re
 import pytest
 from conftest import run_launch, tiny_recipe_text, write_recipe
 
-from launcher import hardware
+from launcher.config import hardware
+from launcher.config.recipe import load_recipe
 from launcher.errors import UserError
-from launcher.preflight import run_preflight
-from launcher.recipe import load_recipe
+from launcher.launch.preflight import run_preflight
 
 
 @pytest.fixture
@@ -125,8 +125,8 @@ def test_the_cli_refuses_a_gpu_only_kernel_on_cpu_with_exit_2(tmp_path, tiny_ass
 def test_lora_plus_gives_b_its_ratio_of_the_learning_rate(tmp_path, tiny_assets):
     from transformers import TrainingArguments
 
-    from launcher.models import load_training_model
-    from launcher.worker import trainer_class
+    from launcher.models.loading import load_training_model
+    from launcher.train.worker import trainer_class
 
     recipe = load_recipe(write_recipe(tmp_path, tiny_recipe_text(tiny_assets)), ["peft.lora_plus_ratio=16.0"])
     model = load_training_model(recipe, 12, "cpu")

@@ -45,7 +45,7 @@ def test_streaming_merge_equals_merge_and_unload(kind, sharded_base, tmp_path):
     import torch
     from transformers import AutoModelForCausalLM
 
-    from launcher.streaming_merge import shard_names, stream_merge
+    from launcher.adapters.streaming_merge import shard_names, stream_merge
 
     torch.manual_seed(0)
     model = peft.get_peft_model(AutoModelForCausalLM.from_pretrained(sharded_base, dtype=torch.float32), adapter_configs()[kind])
@@ -69,8 +69,8 @@ def test_an_adapter_of_another_base_is_refused(sharded_base, tmp_path):
     import torch
     from safetensors.torch import save_file
 
+    from launcher.adapters.streaming_merge import stream_merge
     from launcher.errors import UserError
-    from launcher.streaming_merge import stream_merge
 
     adapter = tmp_path / "adapter"
     adapter.mkdir()

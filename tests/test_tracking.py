@@ -13,7 +13,7 @@ import struct
 import pytest
 from conftest import run_launch, tiny_recipe_text, write_recipe
 
-from launcher.runs import RunDir
+from launcher.rundir.runs import RunDir
 
 pytestmark = [pytest.mark.xdist_group("tracking"), pytest.mark.e2e]
 

@@ -8,8 +8,8 @@ import pytest
 import torch
 from conftest import run_launch, tiny_recipe_text, write_recipe
 
-from launcher.merge import validate_adapter
-from launcher.runs import RunDir
+from launcher.adapters.merge import validate_adapter
+from launcher.rundir.runs import RunDir
 
 pytestmark = pytest.mark.e2e  # real processes end to end: the full tier
 

@@ -16,7 +16,7 @@ import json
 import pytest
 from conftest import run_launch, tiny_recipe_text, write_recipe
 
-from launcher.vllm_backend import adapter_refusal, max_lora_rank
+from launcher.evaluate.vllm import adapter_refusal, max_lora_rank
 
 
 def has_cuda() -> bool:

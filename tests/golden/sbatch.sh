@@ -29,5 +29,5 @@ srun --unbuffered --output {RUN_DIR}/logs/slurm/%j_%t_log.out --kill-on-bad-exit
 
 # teardown
 launcher_rc=$?
-{PYTHON} -m launcher.executors.requeue {RUN_DIR} "$launcher_rc"
+{PYTHON} -m launcher.launch.executors.requeue {RUN_DIR} "$launcher_rc"
 exit "$launcher_rc"

@@ -1,0 +1,1 @@
+"""After training: validating an adapter, merging it into the base (streaming), combining adapters."""

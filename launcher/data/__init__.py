@@ -1,0 +1,1 @@
+"""Training and evaluation examples: row formats, prompt templates, tokenization, the tokenized cache."""

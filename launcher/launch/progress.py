@@ -1,0 +1,94 @@
+"""Following a training job from the outside: rank 0's metrics log -> a progress bar; failures -> log tails."""
+
+from __future__ import annotations
+
+import re
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from rich.console import Console
+from rich.markup import escape
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+from launcher.launch.executors.base import PENDING, TERMINAL_STATES
+from launcher.rundir.runs import RunDir
+
+
+class StateWatcher:
+    """Polls a job's state; prints each change (pending, running, requeued, ...)."""
+
+    def __init__(self, job, console: Console):
+        self.job, self.console, self.every_s = job, console, job.poll_interval_s
+        self.state, self.checked, self.why = "SUBMITTED", 0.0, None
+
+    def poll(self) -> str | None:
+        """The state in a word while the job lasts; None once it ended."""
+        if time.time() - self.checked >= self.every_s or self.state == "SUBMITTED":
+            self.checked = time.time()
+            state = self.job.state()
+            why = self.job.waiting() if state == PENDING else None
+            if state != self.state or why != self.why:  # a pending job says why it waits, and again when that changes
+                self.console.print(f"job {self.job.id}: {state.lower()}{f' ({why})' if why else ''}", highlight=False)
+                self.state, self.why = state, why
+        return None if self.state in TERMINAL_STATES else self.state.lower()
+
+
+def follow_training(run: RunDir, job_state: Callable[[], str | None], console: Console, poll_s: float = 0.5) -> dict | None:
+    """Show steps, loss, tokens/s and ETA until the job ends; return the last metrics row.
+
+    `job_state` answers the job's state in a word ("pending", "running"), or None once it ended.
+    """
+    tail, last = run.metrics, None
+    columns = [
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("loss {task.fields[loss]}"),
+        TextColumn("{task.fields[speed]} tok/s"),
+        TextColumn("ETA"),
+        TimeRemainingColumn(),
+    ]
+    with Progress(*columns, console=console, transient=False) as bar:
+        task = bar.add_task("starting", total=None, loss="-", speed="-")
+        while True:
+            state = job_state()
+            bar.update(task, description="training" if last and state == "running" else state or "ended")
+            for row in tail.new_rows():
+                last = row
+                bar.update(
+                    task,
+                    description="training",
+                    completed=row["step"],
+                    total=row["max_steps"],
+                    loss=f"{row['loss']:.4f}",
+                    speed=f"{row['tokens_per_second']:.0f}",
+                )
+            if state is None:
+                return last
+            time.sleep(poll_s)
+
+
+def failed_rank_logs(run: RunDir, lines: int = 25) -> list[tuple[Path, list[str]]]:
+    """The last lines of every rank log that ends in a traceback (the ranks that failed)."""
+    failures = []
+    for log in sorted(run.logs.glob("rank*.log"), key=lambda p: int(re.sub(r"\D", "", p.stem) or 0)):
+        text = log.read_text(errors="replace").splitlines()
+        if any(line.startswith("Traceback") for line in text):
+            failures.append((log, text[-lines:]))
+    return failures
+
+
+def report_failure(run: RunDir, console: Console, fallback_log: Path | None = None) -> str | None:
+    """Print the last lines of each failed rank's log; return the first one's last line (the error)."""
+    failures = failed_rank_logs(run)
+    if not failures and fallback_log and fallback_log.exists():
+        failures = [(fallback_log, fallback_log.read_text(errors="replace").splitlines()[-25:])]
+    headlines = []
+    for log, lines in failures:
+        headline = next((line for line in reversed(lines) if line.strip()), "")
+        headlines.append(f"{log.stem}: {headline}")
+        console.print(f"[red]{log.stem} failed[/red]: {escape(headline)}", highlight=False)
+        console.print(f"last lines of {log}:", highlight=False)
+        console.print("\n".join("    " + line for line in lines), markup=False, highlight=False)
+    return headlines[0] if headlines else None

@@ -1,0 +1,1 @@
+"""Experiment trackers (TensorBoard, W&B, MLflow, trackio): one run per run dir."""

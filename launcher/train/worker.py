@@ -1,0 +1,367 @@
+"""The training stage, on one rank: `jobs.TrainJob` calls it in every task of the training job
+(and by hand: `accelerate launch --config_file RUN/accelerate.yaml -m launcher.train.worker RUN`).
+
+Each rank writes its own log under RUN/logs/; rank 0 also writes logs/train_metrics.jsonl.
+The worker trains with HF Trainer and the run's rendered deepspeed.json, then gathers and
+validates the final adapter into RUN/adapter/. It never merges or evaluates: those are stages
+of their own.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+import traceback
+from pathlib import Path
+
+from launcher.config.methods import MOVES_THE_BASE
+from launcher.config.recipe import Recipe
+from launcher.rundir.checkpoints import PlanComplete, checkpoint_guard, stop_flag
+from launcher.rundir.runs import RunDir, State, allocation, publish, stage_record, staging_for
+from launcher.tracking.trackers import recipe_logger, trackers, tracking_environment
+from launcher.train.buildlocks import use_environment_extension_cache, watch_build_locks
+from launcher.train.rendezvous import check_in, smoke_all_reduce, topology_line, world_from_env
+
+
+def main(argv: list[str] | None = None, last_stage: bool = False) -> int:
+    started = time.time()
+    argv = sys.argv[1:] if argv is None else argv
+    run = RunDir(Path(argv[0]))
+    rank = int(os.environ.get("RANK", "0"))
+    redirect_output(run.rank_log(rank))
+    use_environment_extension_cache()  # one build per environment, not one folder per user that venvs fight over
+    watching = watch_build_locks()  # DeepSpeed may build an op: a lock left by a killed build is said and cleared
+    try:
+        recipe = run.load_recipe()
+        from launcher.models.loading import quiet_libraries_for
+
+        quiet_libraries_for(recipe)  # this node's device, before DeepSpeed loads
+        world = world_from_env()
+        print(
+            f"rank {rank} of {world['world_size']} on node {world['node']} (local rank {world['local_rank']}, "
+            f"pid {os.getpid()}), master {world['master_addr']}:{world['master_port']}"
+        )
+        records = check_in(world, recipe.world_size())
+        fail_if_asked(rank)
+        if run.adapter.exists():  # an earlier attempt trained and saved it
+            print("the final adapter exists: training is done")
+        elif with_trackers(recipe, run, rank, records) and rank == 0:
+            with run.editing_manifest() as manifest:
+                manifest.train = stage_record(started)  # this attempt, in rank 0's process
+                manifest.state = State.COMPLETED if last_stage else State.TRAINED
+    except BaseException:
+        traceback.print_exc()
+        sys.stderr.flush()
+        return 1
+    finally:
+        watching.set()
+    return 0
+
+
+def fail_if_asked(rank: int) -> None:
+    """Fault injection for tests of failure reporting: LAUNCHER_FAIL_RANK=N makes rank N fail here."""
+    if os.environ.get("LAUNCHER_FAIL_RANK") == str(rank):
+        raise RuntimeError(f"injected failure on rank {rank} (LAUNCHER_FAIL_RANK={rank})")
+
+
+def redirect_output(log_path: Path) -> None:
+    """Send this process's stdout and stderr (C level too) to its own log file."""
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.dup2(fd, 1)
+    os.dup2(fd, 2)
+    os.close(fd)
+    sys.stdout = os.fdopen(1, "w", buffering=1)
+    sys.stderr = os.fdopen(2, "w", buffering=1)
+
+
+def training_arguments(recipe: Recipe, run: RunDir, layout: str, knobs):
+    """The Trainer's arguments: the recipe's [train], the batching layout and the device's knobs."""
+    from transformers import TrainingArguments
+
+    from launcher.config.hardware import resolve_device
+
+    t, device = recipe.train, resolve_device(recipe.distributed.device)
+    return TrainingArguments(
+        output_dir=str(run.checkpoints),
+        deepspeed=str(run.deepspeed_config),
+        per_device_train_batch_size=t.micro_batch_size,
+        gradient_accumulation_steps=t.gradient_accumulation_steps,
+        learning_rate=t.learning_rate,
+        num_train_epochs=t.epochs,
+        max_steps=t.max_steps,
+        warmup_steps=t.warmup_steps,
+        lr_scheduler_type=t.lr_scheduler,
+        weight_decay=t.weight_decay,
+        max_grad_norm=t.max_grad_norm,
+        logging_steps=t.logging_steps,
+        save_strategy="steps",
+        save_steps=t.save_steps,
+        save_total_limit=None,  # rotation is checkpoints.tidy's: it counts complete checkpoints only
+        gradient_checkpointing=t.gradient_checkpointing,
+        gradient_checkpointing_kwargs={"use_reentrant": False},  # re-entrant recompute breaks with frozen inputs
+        train_sampling_strategy="group_by_length" if layout == "grouped" else "random",
+        length_column_name="length",
+        optim=knobs.optimizer,
+        use_liger_kernel=knobs.liger,
+        torch_compile=knobs.compile,
+        seed=t.seed,
+        bf16=recipe.model.dtype == "bf16",
+        fp16=recipe.model.dtype == "fp16",
+        use_cpu=device == "cpu",
+        include_num_input_tokens_seen="non_padding",
+        remove_unused_columns=False,
+        report_to=trackers(recipe) or "none",
+        run_name=run.root.name,
+        project=recipe.name,  # Trackio's project (W&B's and MLflow's come from their environment: tracking.py)
+        disable_tqdm=True,
+    )
+
+
+def metrics_logger(run: RunDir, attempt: int):
+    """A Trainer callback writing one JSON row per logged step to logs/train_metrics.jsonl (rank 0)."""
+    from transformers import TrainerCallback
+
+    class MetricsLogger(TrainerCallback):
+        last = (0.0, 0)  # (time, tokens seen) at the previous row
+
+        def on_train_begin(self, args, state, control, **kwargs):
+            self.last = (time.time(), state.num_input_tokens_seen)
+            log = run.metrics_log
+            if state.is_world_process_zero and log.exists() and log.stat().st_size:
+                with open(log, "rb+") as handle:  # a row torn by a kill stays on its own line
+                    handle.seek(-1, os.SEEK_END)
+                    if handle.read(1) != b"\n":
+                        handle.write(b"\n")
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if not state.is_world_process_zero or not logs or "loss" not in logs:
+                return
+            clock, tokens = time.time(), state.num_input_tokens_seen
+            previous, self.last = self.last, (clock, tokens)
+            row = {
+                "step": state.global_step,
+                "max_steps": state.max_steps,
+                "epoch": logs.get("epoch"),
+                "loss": logs["loss"],
+                "learning_rate": logs.get("learning_rate"),
+                "grad_norm": logs.get("grad_norm"),
+                "tokens_seen": tokens,
+                "tokens_per_second": (tokens - previous[1]) / max(clock - previous[0], 1e-9),
+                "time": clock,
+                "attempt": attempt,
+            }
+            with open(run.metrics_log, "a") as handle:
+                handle.write(json.dumps(row) + "\n")
+
+    return MetricsLogger()
+
+
+def with_trackers(recipe: Recipe, run: RunDir, rank: int, records: list[dict]) -> bool:
+    """train() with the run's experiment trackers set up in this process's environment."""
+    with tracking_environment(recipe, run):
+        return train(recipe, run, rank, records)
+
+
+def train(recipe: Recipe, run: RunDir, rank: int, records: list[dict]) -> bool:
+    """Train to the end (True: the final adapter is saved), or to a stop signal's checkpoint (False)."""
+    import torch
+    from transformers import set_seed
+
+    from launcher.config.hardware import resolve_device
+    from launcher.config.knobs import resolve_knobs
+    from launcher.data.examples import build_train_dataset
+    from launcher.models.loading import adalora_allocator, load_tokenizer, load_training_model, planned_steps
+    from launcher.train.batching import SampleLoggingCollator
+    from launcher.train.packing import choose_batching
+
+    stop = stop_flag()  # a signal during start-up is acted on at the first step
+    attempt = run.manifest().attempts + 1  # rank 0 records it below
+    device = resolve_device(recipe.distributed.device)
+    layout, why = choose_batching(recipe)
+    knobs = resolve_knobs(recipe, device)
+    args = training_arguments(recipe, run, layout, knobs)  # before the model: it turns on ZeRO-3 sharded loading
+    tokenizer = load_tokenizer(recipe)
+    with args.main_process_first(local=False, desc="tokenize"):
+        dataset, stats = build_train_dataset(recipe, tokenizer, run.cache)
+    smoke_all_reduce()
+    if rank == 0:
+        backend = torch.distributed.get_backend() if torch.distributed.is_initialized() else "none"
+        print(topology_line(records, backend))
+        print(
+            f"data: {stats['examples']} examples, {stats['tokens']} tokens, "
+            f"{stats['truncated']} truncated to data.max_length={recipe.data.max_length}, "
+            f"{stats.get('skipped_rows', 0)} bad rows skipped"
+        )
+        print(f"batching: {layout} ({why}); precision {recipe.model.dtype}; {knobs.line()}")
+        run.update_manifest(data=stats, attempts=attempt)
+    init_deepspeed_comm(recipe)  # before loading: ZeRO-3 shards the weights as they load
+    set_seed(recipe.train.seed)
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    place = f"cuda:{local}" if device == "cuda" else "cpu"
+    model = load_training_model(recipe, planned_steps(recipe, len(dataset)), place, knobs.attention)
+    if rank == 0:
+        trainable, total = model.get_nb_trainable_parameters()
+        print(f"trainable parameters {trainable} of {total}")
+        if recipe.peft.lora_init in MOVES_THE_BASE and not run.initial_adapter.exists():
+            save_initial_adapter(model, run)
+    guard = checkpoint_guard(run.checkpoints, recipe.train.save_total_limit, stop)
+    trainer = trainer_class(recipe)(
+        model=model,
+        args=args,
+        train_dataset=dataset,
+        data_collator=SampleLoggingCollator(tokenizer, run.logs / f"samples_rank{rank}.jsonl", attempt, layout),
+        callbacks=[metrics_logger(run, attempt), guard, recipe_logger(recipe, run)],
+    )
+    if recipe.peft.method == "adalora":
+        trainer.add_callback(adalora_allocator(trainer))
+    resume = resume_point(run, rank)
+    try:
+        trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+    except PlanComplete as done:  # killed after the last checkpoint, before the adapter was published
+        print(f"{resume.name} is the plan's last step ({done.step}): nothing left to train; publishing its adapter")
+    if guard.stopped_at is not None:
+        stopped(run, rank, guard.stopped_at)
+        return False
+    save_final_adapter(trainer, run, rank, probe=trained_probe(trainer, dataset, tokenizer))
+    return True
+
+
+def trainer_class(recipe: Recipe):
+    """HF Trainer; with LoRA+ (peft.lora_plus_ratio), one whose optimizer gives B that multiple of A's
+    learning rate (peft's create_loraplus_optimizer; DeepSpeed then wraps it)."""
+    import torch
+    from transformers import Trainer
+
+    ratio = recipe.peft.lora_plus_ratio
+    if not ratio:
+        return Trainer
+
+    class LoraPlusTrainer(Trainer):
+        def create_optimizer(self, model=None):
+            from peft.optimizers import create_loraplus_optimizer
+
+            if self.optimizer is None:
+                self.optimizer = create_loraplus_optimizer(
+                    self.model,
+                    optimizer_cls=torch.optim.AdamW,
+                    lr=self.args.learning_rate,
+                    loraplus_lr_ratio=ratio,
+                    weight_decay=self.args.weight_decay,
+                    fused=self.args.optim == "adamw_torch_fused",
+                )
+            return self.optimizer
+
+    return LoraPlusTrainer
+
+
+def save_initial_adapter(model, run: RunDir) -> None:
+    """PiSSA / OLoRA moved part of each base weight into the adapter's start: saved once (rank 0,
+    first attempt), so the final adapter can be converted to one for the original base."""
+    config = model.peft_config["default"]
+    init, config.init_lora_weights = config.init_lora_weights, True  # reloading it must not decompose again
+    staging = staging_for(run.initial_adapter)
+    model.save_pretrained(str(staging))
+    config.init_lora_weights = init
+    publish(staging, run.initial_adapter)
+
+
+def trained_probe(trainer, dataset, tokenizer) -> dict:
+    """Logits of the trained model (eval mode) on the first two training examples, saved with the
+    adapter so that anyone can check a reloaded adapter reproduces the model that was trained.
+    A forward of every rank: under ZeRO-3 it gathers the weights."""
+    import torch
+    from transformers import DataCollatorForSeq2Seq
+
+    rows = [{k: dataset[i][k] for k in ("input_ids", "labels")} for i in range(min(2, len(dataset)))]
+    batch = DataCollatorForSeq2Seq(tokenizer, padding=True)(rows)
+    model = trainer.model
+    model.eval()
+    with torch.no_grad():
+        device = next(p.device for p in model.parameters())
+        logits = model(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device)).logits
+    width = batch["input_ids"].shape[1]
+    return {
+        "input_ids": batch["input_ids"].contiguous(),
+        "attention_mask": batch["attention_mask"].contiguous(),
+        "logits": logits[:, -width:].float().cpu().contiguous(),
+    }
+
+
+def init_deepspeed_comm(recipe: Recipe) -> None:
+    """Hand the process group TrainingArguments made to DeepSpeed's comm layer.
+
+    With use_cpu, accelerate opens a plain gloo group and DeepSpeed's own comm layer stays
+    uninitialised; ZeRO-3's sharded loading (zero.Init) then sees a world of one and
+    rejects the batch sizes. Initialising it here wraps the existing group.
+    """
+    import deepspeed
+
+    from launcher.config.hardware import resolve_device
+
+    deepspeed.init_distributed(dist_backend="gloo" if resolve_device(recipe.distributed.device) == "cpu" else "nccl")
+
+
+def resume_point(run: RunDir, rank: int) -> Path | None:
+    """The newest complete checkpoint; incomplete newer ones are set aside (kept) first."""
+    import torch.distributed as dist
+
+    from launcher.rundir.checkpoints import latest_complete_checkpoint, set_aside_incomplete, step_of
+
+    latest = latest_complete_checkpoint(run.checkpoints)
+    if rank == 0:
+        for path in set_aside_incomplete(run.checkpoints, after_step=step_of(latest) if latest else 0):
+            print(
+                f"warning: {path.name.split('-incomplete-')[0]} was not complete (killed while saving?); "
+                f"ignored and kept as {path.name} until a newer checkpoint completes"
+            )
+        print(f"resuming from {latest} (step {step_of(latest)})" if latest else "starting at step 0")
+    if dist.is_initialized():
+        dist.barrier()
+    return latest
+
+
+def stopped(run: RunDir, rank: int, step: int) -> None:
+    """After a stop signal: the checkpoint of `step` is complete. The job ends; on SLURM its
+    teardown requeues it (manifest.stopped_in names this allocation)."""
+    if rank == 0:
+        with run.editing_manifest() as manifest:
+            manifest.state, manifest.requeues, manifest.stopped_in = State.PREEMPTED, manifest.requeues + 1, allocation()
+        print(f"stop signal: saved a complete checkpoint at step {step}; this job ends (on SLURM it is requeued)")
+
+
+def save_final_adapter(trainer, run: RunDir, rank: int, probe: dict) -> None:
+    """Gather the adapter (a collective under ZeRO-3), validate it, then publish it with a rename."""
+    import torch.distributed as dist
+    from safetensors.torch import save_file
+
+    from launcher.adapters.merge import PROBE_FILE, validate_adapter
+
+    staging = run.root / "adapter.partial"
+    if rank == 0:
+        staging = staging_for(run.adapter)
+    if dist.is_initialized():
+        dist.barrier()  # the staging folder is cleared before any rank writes into it
+    if run.initial_adapter.exists():  # PiSSA / OLoRA (ZeRO <= 2: rank 0 holds every weight)
+        if rank == 0:  # B·A - B0·A0 as a rank-2r LoRA of the original base
+            trainer.model.save_pretrained(str(staging), path_initial_model_for_weight_conversion=str(run.initial_adapter))
+    else:
+        trainer.save_model(str(staging))  # every rank takes part in the ZeRO-3 gather
+    if dist.is_initialized():
+        dist.barrier()
+    if rank == 0:
+        save_file(probe, str(staging / PROBE_FILE))
+        summary = validate_adapter(staging, trained=True)
+        publish(staging, run.adapter)
+        print(f"adapter: {summary}")
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
