@@ -24,10 +24,20 @@ from pathlib import Path
 from rich.console import Console
 from rich.markup import escape
 
-from launcher.adapters.combine import METHODS
+from launcher.adapters.combine import METHODS, combine_adapters
+from launcher.adapters.merge import merge_into_base, merge_run
 from launcher.config.recipe import Recipe, load_recipe
+from launcher.data.examples import read_training_set
 from launcher.errors import Interrupted, UserError
+from launcher.evaluate.shards import plan_evaluation, systems_of
+from launcher.launch.executors.factory import choose_executor, job_of, make_executor, queues_jobs
+from launcher.launch.pipeline import describe_dry_run, execute, metrics_table, prepare, run_dir_in_use, run_evaluation
+from launcher.launch.preflight import gpu_request_warning, run_preflight
+from launcher.launch.render import render_deepspeed, zero_stage
 from launcher.models.loading import quiet_libraries_for
+from launcher.rundir.checkpoints import latest_complete_checkpoint
+from launcher.rundir.runs import RunDir, State, default_run_dir, unused_name
+from launcher.tracking.trackers import dashboard_commands
 
 COMMANDS = ("run", "check", "merge", "eval", "status", "logs", "cancel")
 
@@ -282,10 +292,6 @@ def recipe_from(args: argparse.Namespace) -> Recipe:
 
 
 def command_run(args: argparse.Namespace, console: Console) -> int:
-    from launcher.launch.executors.factory import choose_executor, make_executor, queues_jobs
-    from launcher.launch.pipeline import describe_dry_run, execute, prepare, run_dir_in_use
-    from launcher.launch.preflight import gpu_request_warning
-    from launcher.rundir.runs import RunDir, default_run_dir
 
     recipe = recipe_from(args)
     executor = choose_executor(args.executor, recipe, rendering_only=args.dry_run)
@@ -304,7 +310,6 @@ def command_run(args: argparse.Namespace, console: Console) -> int:
 
 
 def command_check(args: argparse.Namespace, console: Console) -> int:
-    from launcher.launch.render import render_deepspeed, zero_stage
 
     recipe = recipe_from(args)
     ds_config = render_deepspeed(recipe)
@@ -325,8 +330,6 @@ def command_check(args: argparse.Namespace, console: Console) -> int:
 
 def preflight(recipe: Recipe, console: Console, samples: int = 0, queued: bool = False):
     """Run the pre-flight checks and print them; errors are printed as the recipe errors they are."""
-    from launcher.data.examples import read_training_set
-    from launcher.launch.preflight import gpu_request_warning, run_preflight
 
     if not hub_reachable(recipe):
         os.environ.setdefault("HF_HUB_OFFLINE", "1")  # fail fast on hub ids instead of retrying for a minute
@@ -365,9 +368,6 @@ def hub_reachable(recipe: Recipe, timeout_s: float = 3.0) -> bool:
 
 
 def command_merge(args: argparse.Namespace, console: Console) -> int:
-    from launcher.adapters.merge import merge_run
-    from launcher.launch.pipeline import run_dir_in_use
-    from launcher.rundir.runs import RunDir
 
     if args.adapters:
         return command_combine(args, console)
@@ -382,8 +382,6 @@ def command_merge(args: argparse.Namespace, console: Console) -> int:
 
 
 def command_combine(args: argparse.Namespace, console: Console) -> int:
-    from launcher.adapters.combine import combine_adapters
-    from launcher.rundir.runs import RunDir
 
     if args.out is None or args.weights is None:
         raise UserError(["launch merge --adapters: give --weights (one per adapter) and --out DIR for the combination"])
@@ -394,8 +392,6 @@ def command_combine(args: argparse.Namespace, console: Console) -> int:
     out = combine_adapters(recipe, adapters, args.weights, args.method, args.out, args.density, args.overwrite)
     console.print(f"combined adapter ({args.method}, weights {args.weights}): {out}", highlight=False)
     if args.into_base:
-        from launcher.adapters.merge import merge_into_base
-
         merged = out.with_name(out.name + "-merged")
         merge_into_base(recipe, out, merged, args.overwrite)
         console.print(f"merged into the base: {merged}", highlight=False)
@@ -403,8 +399,6 @@ def command_combine(args: argparse.Namespace, console: Console) -> int:
 
 
 def command_eval(args: argparse.Namespace, console: Console) -> int:
-    from launcher.evaluate.shards import plan_evaluation, systems_of
-    from launcher.launch.pipeline import metrics_table, run_evaluation
 
     runs, adapters, recipe_path = eval_targets(args.targets, args.recipe)
     overrides = list(args.overrides) + [
@@ -445,8 +439,6 @@ def eval_folder(runs: list, adapters: list[Path], held: ExitStack, console: Cons
     """Where `launch eval` writes without --out. RUN/eval belongs to the run's final evaluation: it
     is used (and the run held meanwhile) only when the run is trained and no command or job works
     in it; otherwise the evaluation goes to a folder of its own, RUN/eval-<time>."""
-    from launcher.launch.pipeline import run_dir_in_use
-    from launcher.rundir.runs import unused_name
 
     if not runs:
         return adapters[0].with_name(adapters[0].name + "-eval")
@@ -464,7 +456,6 @@ def eval_folder(runs: list, adapters: list[Path], held: ExitStack, console: Cons
 
 def eval_targets(targets: list[Path], recipe: Path | None):
     """Run dirs and adapter folders; the recipe is --recipe, or the first target's run's."""
-    from launcher.rundir.runs import RunDir
 
     runs, adapters, found = [], [], recipe
     for target in targets:
@@ -483,7 +474,6 @@ def eval_targets(targets: list[Path], recipe: Path | None):
 
 
 def command_status(args: argparse.Namespace, console: Console) -> int:
-    from launcher.rundir.runs import RunDir
 
     if args.run_dir:
         console.print(describe_run(RunDir(args.run_dir)), highlight=False)
@@ -503,9 +493,6 @@ def command_status(args: argparse.Namespace, console: Console) -> int:
 
 
 def describe_run(run) -> str:
-    from launcher.launch.executors.factory import job_of
-    from launcher.rundir.checkpoints import latest_complete_checkpoint
-    from launcher.tracking.trackers import dashboard_commands
 
     manifest = run.manifest()
     step = run.metrics.last()
@@ -532,8 +519,6 @@ def describe_run(run) -> str:
 
 
 def command_logs(args: argparse.Namespace, console: Console) -> int:
-    from launcher.launch.executors.factory import job_of
-    from launcher.rundir.runs import RunDir
 
     run = RunDir(args.run_dir)
     manifest = run.manifest()
@@ -556,8 +541,6 @@ def command_logs(args: argparse.Namespace, console: Console) -> int:
 
 
 def command_cancel(args: argparse.Namespace, console: Console) -> int:
-    from launcher.launch.executors.factory import job_of
-    from launcher.rundir.runs import RunDir, State
 
     run = RunDir(args.run_dir)
     manifest = run.manifest()

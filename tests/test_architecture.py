@@ -149,3 +149,17 @@ def test_only_the_factory_picks_an_executor_by_name():
             if isinstance(node, ast.Compare):
                 constants = [c.value for c in ast.walk(node) if isinstance(c, ast.Constant)]
                 assert not {"local", "slurm"} & set(constants), f"{path.name}:{node.lineno} branches on an executor name"
+
+
+def test_the_launchers_own_modules_are_imported_at_the_top():
+    """The graph is acyclic, so an import inside a function would only hide a dependency; heavy
+    libraries are the ones kept inside functions (ruff's TID253, pyproject.toml)."""
+    for path in sorted(PACKAGE.rglob("*.py")):
+        tree = ast.parse(path.read_text())
+        top = {id(node) for node in tree.body}
+        for node in ast.walk(tree):
+            if isinstance(node, (ast.Import, ast.ImportFrom)) and id(node) not in top:
+                names = [a.name for a in node.names] if isinstance(node, ast.Import) else [node.module or ""]
+                assert not any(n.startswith("launcher") for n in names), (
+                    f"{path.relative_to(REPO)}:{node.lineno} imports {names} in a body"
+                )

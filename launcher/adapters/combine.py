@@ -9,6 +9,7 @@ from launcher.adapters.merge import validate_adapter
 from launcher.config import methods
 from launcher.config.recipe import Recipe
 from launcher.errors import UserError
+from launcher.models.loading import load_base_model
 from launcher.rundir.runs import check_replaceable, publish, staging_for
 
 # cat and svd are exact (cat: rank = the sum of ranks); linear, ties and dare_* approximate.
@@ -49,8 +50,6 @@ def combine_adapters(
 ) -> Path:
     """Write the weighted combination of `adapters` to `out` (a PEFT adapter folder), validated."""
     from peft import PeftModel
-
-    from launcher.models.loading import load_base_model
 
     check_combination(adapters, weights, method, density)
     for adapter in adapters:

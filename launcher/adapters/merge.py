@@ -7,9 +7,12 @@ import shutil
 import time
 from pathlib import Path
 
+from launcher.adapters.streaming_merge import stream_merge
 from launcher.config import methods
 from launcher.config.recipe import Recipe
 from launcher.errors import UserError
+from launcher.models.loading import load_tokenizer
+from launcher.rundir.checkpoints import is_complete
 from launcher.rundir.runs import RunDir, check_replaceable, publish, stage_record, staging_for
 
 PROBE_FILE = "launcher-probe.safetensors"  # the trained model's logits on two examples (worker.trained_probe)
@@ -77,7 +80,6 @@ def merge_run(recipe: Recipe, run: RunDir, overwrite: bool = False, checkpoint: 
     this process's wall time and peak memory.
 
     qlora and lora-8bit adapters merge into the unquantized base in model.dtype."""
-    from launcher.rundir.checkpoints import is_complete
 
     started = time.time()
     source, target = run.adapter, run.merged
@@ -111,8 +113,6 @@ def merge_run(recipe: Recipe, run: RunDir, overwrite: bool = False, checkpoint: 
 
 def merge_into_base(recipe: Recipe, adapter: Path, target: Path, overwrite: bool = False) -> dict:
     """Stream-merge a validated adapter into the recipe's base model, published at `target` with a rename."""
-    from launcher.adapters.streaming_merge import stream_merge
-    from launcher.models.loading import load_tokenizer
 
     validate_adapter(adapter)
     check_replaceable(target, overwrite)

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from launcher.config import methods
 from launcher.errors import UserError
-from launcher.models.loading import TORCH_DTYPES
+from launcher.models.loading import TORCH_DTYPES, meta_model
 from launcher.rundir.runs import peak_rss_mib
 
 PREFIX = "base_model.model."
@@ -53,8 +53,6 @@ def transposed_modules(base_dir: Path, trust_remote_code: bool = False) -> set[s
     while the unquantized base they merge into keeps (in, out). The model is built on the meta
     device from its config, which allocates nothing."""
     from transformers.pytorch_utils import Conv1D
-
-    from launcher.models.loading import meta_model
 
     model = meta_model(str(base_dir), trust_remote_code=trust_remote_code)
     return {name for name, module in model.named_modules() if isinstance(module, Conv1D)}

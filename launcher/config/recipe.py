@@ -18,6 +18,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
 
 from launcher.config import methods
+from launcher.config.hardware import resolve_device, resolve_dtype
 from launcher.errors import UserError
 
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]*$"
@@ -492,7 +493,6 @@ def load_recipe(path: str | Path, overrides: list[str] = ()) -> Recipe:
 def resolve_automatic(recipe: Recipe) -> Recipe:
     """model.dtype = "auto" becomes this machine's choice (the run dir then records the concrete
     value, so every stage and a resume use the same); why is kept for pre-flight to say."""
-    from launcher.config.hardware import resolve_device, resolve_dtype
 
     if recipe.model.dtype == "auto":
         dtype, why = resolve_dtype(resolve_device(recipe.distributed.device))

@@ -17,6 +17,7 @@ from typing import Any
 
 from launcher.config.recipe import DataSection, Recipe
 from launcher.errors import UserError
+from launcher.models.loading import load_tokenizer
 from launcher.rundir.runs import publish, staging_for
 
 IGNORE_INDEX = -100
@@ -339,7 +340,6 @@ class TrainingSetReport:
 
 def read_training_set(recipe: Recipe, samples: int = 5) -> TrainingSetReport:
     """Pre-flight view of the data: counts, truncation, skipped rows, and the first tokenized samples."""
-    from launcher.models.loading import load_tokenizer
 
     report = TrainingSetReport()
     try:

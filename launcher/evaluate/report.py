@@ -11,14 +11,15 @@ import time
 from pathlib import Path
 
 from launcher.data.examples import Example
+from launcher.evaluate.benchmarks import table_rows as benchmark_rows
 from launcher.rundir.checkpoints import checkpoint_step
+from launcher.rundir.runs import RunDir, write_atomic
 
 SAMPLES = 10
 LOSS_PLOT, CHECKPOINT_PLOT = "loss_curve.png", "checkpoint_metrics.png"
 
 
 def write_report(out: Path, plan: dict, examples: list[Example], predictions: dict, result: dict) -> None:
-    from launcher.rundir.runs import write_atomic
 
     plots = [p for p in (loss_plot(out, plan), checkpoint_plot(out, result)) if p]
     title = f"Evaluation of {len(plan['systems'])} systems on {result['examples']} examples ({result['data']})"
@@ -30,7 +31,6 @@ def write_report(out: Path, plan: dict, examples: list[Example], predictions: di
 def header_lines(plan: dict) -> list[str]:
     """What was trained and how: model, method, hyper-parameters, data, wall time and peak memory of
     each stage, the date, the code (git SHA); one line each."""
-    from launcher.rundir.runs import RunDir
 
     r = plan["recipe"]
     m, p, t, d, dist = r["model"], r["peft"], r["train"], r["data"], r["distributed"]
@@ -121,7 +121,6 @@ def failure_lines(result: dict) -> list[str]:
 
 def benchmark_section(plan: dict, result: dict) -> tuple[list[list[str]], str] | None:
     """The benchmark table (system x task metric, ± standard error) and what was run, or None."""
-    from launcher.evaluate.benchmarks import table_rows as benchmark_rows
 
     if not result.get("benchmarks"):
         return None
@@ -201,7 +200,6 @@ def benchmark_html(plan: dict, result: dict, table) -> str:
 def loss_plot(out: Path, plan: dict) -> Path | None:
     """Training loss (log scale when it spans more than a decade), learning rate and grad norm per
     step of each evaluated run (from its logs/train_metrics.jsonl)."""
-    from launcher.rundir.runs import RunDir
 
     curves = {Path(root).name: RunDir(Path(root)).metrics.rows() for root in plan.get("runs", [])}
     curves = {name: rows for name, rows in curves.items() if rows}

@@ -21,12 +21,19 @@ from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from launcher.config.hardware import resolve_device
+from launcher.config.quirks import quirks_for
 from launcher.config.recipe import Recipe, validate_recipe
-from launcher.data.examples import Example, tokenize
+from launcher.data.examples import Example, load_examples, split_examples, tokenize
 from launcher.errors import UserError
 from launcher.evaluate.benchmarks import benchmark_spec, result_file, run_benchmarks, shard_of
 from launcher.evaluate.benchmarks import collect as collect_benchmarks
 from launcher.evaluate.decoding import answer_of, decode
+from launcher.evaluate.report import write_report
+from launcher.evaluate.scores import resolve_convention, text_scores
+from launcher.evaluate.vllm import answers, split_systems, start_engine
+from launcher.models.loading import load_base_model, load_tokenizer, quiet_libraries
+from launcher.rundir.checkpoints import checkpoints_in, is_complete
 from launcher.rundir.runs import (
     RunDir,
     accelerator_peak_mib,
@@ -37,6 +44,7 @@ from launcher.rundir.runs import (
     set_aside,
     write_atomic,
 )
+from launcher.tracking.trackers import log_evaluation
 
 PLAN, EXAMPLES = "plan.json", "examples.jsonl"
 DECODING_KEYS = ("max_new_tokens", "do_sample", "temperature", "top_p", "seed", "batch_size")
@@ -54,7 +62,6 @@ class System:
 def systems_of(runs: list[RunDir], adapters: list[Path], checkpoints: str, base: bool = True) -> list[System]:
     """base, then each run's final adapter (and complete checkpoints with checkpoints="all"),
     then adapter folders given directly."""
-    from launcher.rundir.checkpoints import checkpoints_in, is_complete
 
     several = len(runs) + len(adapters) > 1
     found = [System("base", None)] if base else []
@@ -73,8 +80,6 @@ def systems_of(runs: list[RunDir], adapters: list[Path], checkpoints: str, base:
 
 
 def eval_examples(recipe: Recipe, data: str | None) -> list[Example]:
-    from launcher.data.examples import load_examples, split_examples
-    from launcher.models.loading import load_tokenizer
 
     tokenizer = load_tokenizer(recipe) if recipe.data.template == "tokenizer" else None
     if data or recipe.eval.data:
@@ -184,8 +189,6 @@ def run_shard(out: Path, shard: int, device: str | None = None, started: float |
     """Evaluate every unfinished system on shard `shard`'s examples (every K-th, from `shard`), and
     run the benchmarks of the systems that fall to this shard; `started` is when this shard's
     process began (its markers record it)."""
-    from launcher.config.hardware import resolve_device
-    from launcher.models.loading import quiet_libraries
 
     plan = read_plan(out)
     recipe = validate_recipe(plan["recipe"], source=str(Path(out) / PLAN))
@@ -200,8 +203,6 @@ def run_shard(out: Path, shard: int, device: str | None = None, started: float |
     indices = list(range(shard, len(examples), shards))
     served = []
     if recipe.eval.backend == "vllm" and pending and all(examples[i].prompt for i in indices):
-        from launcher.evaluate.vllm import split_systems
-
         served, lines = split_systems(recipe, pending, device)
         for line in lines:
             print(line, flush=True)
@@ -235,8 +236,6 @@ def with_hf(work: Work, device: str, pending: list[System], benchmarking: list[S
     serve (saved); returns the rows and seconds of those it does, waiting for their answers."""
     import torch
 
-    from launcher.models.loading import load_base_model, load_tokenizer
-
     recipe, tokenizer = work.recipe, load_tokenizer(work.recipe, padding_side="left")
     adapted = {s.name: s for s in pending + benchmarking if s.adapter}  # each adapter loaded once
     model = with_adapters(load_base_model(recipe).to(device).eval(), list(adapted.values()))
@@ -263,9 +262,6 @@ def answer_with_vllm(work: Work, waiting: dict) -> None:
     import gc
 
     import torch
-
-    from launcher.evaluate.vllm import answers, start_engine
-    from launcher.models.loading import load_tokenizer
 
     gc.collect()
     torch.cuda.empty_cache()
@@ -395,7 +391,6 @@ def failure_text(err: BaseException) -> str:
 def generate(model, tokenizer, examples: list[Example], recipe: Recipe) -> list[tuple[str, int]]:
     """Batched generation, left padded; batches are built from length-sorted prompts so they pad
     little. Returns (cleaned text, generated tokens up to EOS) per example, in input order."""
-    from launcher.config.quirks import quirks_for
 
     e = recipe.eval
     quirks = quirks_for(model.config.model_type)
@@ -474,9 +469,6 @@ def collect(out: Path, plan: dict, system: str) -> tuple[list[dict], dict]:
 
 
 def write_results(out: Path, plan: dict) -> dict:
-    from launcher.evaluate.report import write_report
-    from launcher.evaluate.scores import resolve_convention, text_scores
-    from launcher.tracking.trackers import log_evaluation
 
     examples = [Example(**json.loads(line)) for line in (out / EXAMPLES).read_text().splitlines()]
     references = [e.response for e in examples]

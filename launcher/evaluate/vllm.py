@@ -17,6 +17,9 @@ import importlib.util
 import json
 from pathlib import Path
 
+from launcher.evaluate.decoding import answer_of
+from launcher.models.loading import torch_dtype
+
 VLLM_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)  # the max_lora_rank values vLLM accepts
 INSTALL = "pip install 'peft-launcher[vllm]' (in its own environment: vllm pins its torch and transformers)"
 
@@ -78,8 +81,6 @@ def split_systems(recipe, systems: list, device: str) -> tuple[list, list[str]]:
 def start_engine(recipe, adapters: list[str]):
     from vllm import LLM
 
-    from launcher.models.loading import torch_dtype
-
     m = recipe.model
     return LLM(
         model=m.name_or_path,
@@ -98,8 +99,6 @@ def answers(engine, tokenizer, examples: list, recipe, adapter: str | None, numb
     prompts go in as the token ids HF generation would use."""
     from vllm import SamplingParams
     from vllm.lora.request import LoRARequest
-
-    from launcher.evaluate.decoding import answer_of
 
     e = recipe.eval
     special = all(x.special_tokens for x in examples)

@@ -11,8 +11,13 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+from launcher.adapters.merge import merge_run, validate_adapter
+from launcher.evaluate.shards import finish_if_complete, plan_evaluation, run_shard, shard_markers, systems_of
 from launcher.launch.executors.base import STOP_SIGNAL, task_index
-from launcher.rundir.runs import RunDir, State, exclusive
+from launcher.models.loading import quiet_libraries_for
+from launcher.rundir.checkpoints import stop_flag
+from launcher.rundir.runs import RunDir, StageRecord, State, exclusive
+from launcher.train.worker import main
 
 
 class TrainJob:
@@ -24,10 +29,7 @@ class TrainJob:
     def __call__(self) -> int:
         import signal
 
-        from launcher.rundir.checkpoints import stop_flag
-
         stop_flag()  # first thing: a stop signal during start-up is acted on at the first step
-        from launcher.train.worker import main
 
         code = main([self.run_dir], last_stage=self.last_stage)
         # A stop signal after the last step has nothing left to save. Python resets its own handlers
@@ -47,8 +49,6 @@ class MergeJob:
         self.run_dir, self.last_stage = run_dir, last_stage
 
     def __call__(self) -> int:
-        from launcher.adapters.merge import merge_run
-        from launcher.models.loading import quiet_libraries_for
 
         run = RunDir(Path(self.run_dir))
         recipe = run.load_recipe()
@@ -73,7 +73,6 @@ class EvalJob:
         self.out, self.shards, self.run_dir, self.last_stage = out, shards, run_dir, last_stage
 
     def __call__(self) -> int:
-        from launcher.evaluate.shards import finish_if_complete, run_shard
 
         started, out = time.time(), Path(self.out)
         if self.run_dir:
@@ -91,9 +90,6 @@ class EvalJob:
         return 0
 
     def plan_run_evaluation(self) -> None:
-        from launcher.adapters.merge import validate_adapter
-        from launcher.evaluate.shards import plan_evaluation, systems_of
-        from launcher.models.loading import quiet_libraries_for
 
         run = RunDir(Path(self.run_dir))
         recipe = run.load_recipe()
@@ -109,8 +105,6 @@ class EvalJob:
 def result_record(out: Path):
     """The evaluation's cost: from the first shard's start to the last shard's end, and the largest
     peak of any shard's process."""
-    from launcher.evaluate.shards import shard_markers
-    from launcher.rundir.runs import StageRecord
 
     markers = shard_markers(out)
     accelerator = [m["peak_accelerator_mib"] for m in markers if m.get("peak_accelerator_mib") is not None]

@@ -18,12 +18,15 @@ from rich.table import Table
 
 from launcher.config.recipe import Recipe, minutes
 from launcher.errors import UserError
+from launcher.evaluate.report import failure_lines, metric_notes, table_rows
+from launcher.evaluate.shards import finish_if_complete, read_plan, unfinished
 from launcher.launch.executors.base import CANCELLED, COMPLETED, Executor, Job, Resources
-from launcher.launch.executors.factory import make_executor
+from launcher.launch.executors.factory import job_of, make_executor
 from launcher.launch.jobs import EvalJob, MergeJob, TrainJob
 from launcher.launch.progress import StateWatcher, follow_training, report_failure
 from launcher.launch.render import keep_or_refuse, render_run, worker_command
-from launcher.rundir.runs import RunDir, State, claim_run_dir, in_use, make_run_root
+from launcher.rundir.checkpoints import is_complete, latest_complete_checkpoint, rewind_to, step_of
+from launcher.rundir.runs import RunDir, State, archive, claim_run_dir, in_use, make_run_root, now, write_atomic
 from launcher.tracking.trackers import dashboard_commands
 
 
@@ -31,7 +34,6 @@ from launcher.tracking.trackers import dashboard_commands
 def run_dir_in_use(root: Path, command: str, create: bool = True):
     """The run dir for `command` alone: refused at once while another command works in it (its lock)
     or a job recorded in its manifest still runs (a detached SLURM chain, ranks still saving)."""
-    from launcher.launch.executors.factory import job_of
 
     root = Path(root)
     if create:
@@ -87,8 +89,6 @@ def prepare(recipe: Recipe, run_dir: Path, console: Console, executor: Executor,
 
 def rewind(run: RunDir, checkpoint: Path, console: Console) -> None:
     """--resume PATH: resume from an older complete checkpoint; newer results are kept, renamed."""
-    from launcher.rundir.checkpoints import is_complete, rewind_to, step_of
-    from launcher.rundir.runs import archive
 
     checkpoint = checkpoint.resolve()
     if checkpoint.parent != run.checkpoints.resolve() or not is_complete(checkpoint):
@@ -165,7 +165,6 @@ def stage_resources(recipe: Recipe, stage: str, run: RunDir | None = None) -> Re
 
 def write_submission_script(recipe: Recipe, run: RunDir, executor: Executor) -> Path | None:
     """sbatch.sh: the training job's script, when the executor submits one; never replaced by another."""
-    from launcher.rundir.runs import write_atomic
 
     text = executor.submission_script(stage_resources(recipe, "train", run))
     if text is None:
@@ -247,7 +246,6 @@ def stop_jobs(executor: Executor, jobs: list[tuple[str, Job]], run: RunDir | Non
     """`launch` was interrupted (Ctrl-C, SIGTERM, SIGHUP). Local jobs end with it, none left behind:
     training first saves a checkpoint at its next step (a second interrupt ends it at once).
     SLURM jobs go on without this process."""
-    from launcher.rundir.checkpoints import latest_complete_checkpoint
 
     if executor.detachable:
         left = ", ".join(f"{stage} {job.kind} job {job.id} ({job.state().lower()})" for stage, job in jobs if job.active())
@@ -286,8 +284,6 @@ def record_failure(run: RunDir, reason: str, console: Console) -> None:
     old one's blocks do: then the manifest is rewritten in place."""
     import json
     import shutil
-
-    from launcher.rundir.runs import now
 
     free = shutil.disk_usage(run.root).free
     if free < LOW_DISK_BYTES:
@@ -376,7 +372,6 @@ def follow(run: RunDir, jobs: list[tuple[str, Job]], console: Console) -> bool:
 def run_evaluation(recipe: Recipe, out: Path, executor_name: str, console: Console) -> dict:
     """`launch eval`: the unfinished shards of the evaluation planned in `out`, one task each, as one
     job; then its metrics."""
-    from launcher.evaluate.shards import finish_if_complete, read_plan, unfinished
 
     plan = read_plan(out)
     todo = sorted({k for k, _ in unfinished(out, plan)})
@@ -415,7 +410,6 @@ def print_summary(run: RunDir, console: Console, wall_s: float) -> None:
     metrics_path = run.eval / "metrics.json"
     if metrics_path.exists():
         console.print(f"  report:  {run.eval / 'report.html'}", highlight=False)
-        from launcher.evaluate.report import failure_lines, metric_notes
 
         result = json.loads(metrics_path.read_text())
         console.print(metrics_table(result))
@@ -438,7 +432,6 @@ def next_commands(run: RunDir) -> list[str]:
 
 
 def metrics_table(result: dict) -> Table:
-    from launcher.evaluate.report import table_rows
 
     rows = table_rows(result)
     table = Table(title=f"evaluation on {result['examples']} examples ({result['data']})")

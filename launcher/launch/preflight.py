@@ -12,10 +12,19 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from launcher.config.hardware import resolve_device
+from launcher.config.knobs import knob_problems, resolve_knobs
 from launcher.config.methods import MOVES_THE_BASE, variant_zero3_refusal
 from launcher.config.quirks import config_value, hidden_size, quirks_for
 from launcher.config.recipe import Recipe
 from launcher.errors import UserError
+from launcher.evaluate.benchmarks import benchmark_spec
+from launcher.launch.render import render_deepspeed, zero_stage
+from launcher.models.loading import meta_model as build_on_meta
+from launcher.models.loading import model_type, planned_steps
+from launcher.models.remote_code import load_config, tokenizer_class, unknown_revision
+from launcher.tracking.trackers import tracking_problems
+from launcher.train.packing import batching_problems, choose_batching
 
 # (what, rule) rows of README's compatibility table; `compatibility_problems` enforces them.
 COMPATIBILITY = [
@@ -81,12 +90,9 @@ def meta_model(recipe: Recipe, report: Report):
     """The model built on the meta device from its config (no weights), or None with a one-line
     error: its config cannot be had (not local, not cached, hub unreachable: the ranks would fail
     the same way, minutes later), or its code cannot be imported or constructed."""
-    from launcher.models.loading import meta_model as build_on_meta
 
     m = recipe.model
     try:
-        from launcher.models.remote_code import load_config
-
         load_config(m.name_or_path, m.revision, m.trust_remote_code)
     except Exception as err:  # offline hub, unknown id, remote code refused: the ranks could not load it either
         report.errors.append(unreachable_model(m.name_or_path, m.revision, err))
@@ -122,7 +128,6 @@ def unreachable_model(name: str, revision: str | None, err: BaseException) -> st
 
 def revision_warnings(recipe: Recipe, model, model_type: str | None) -> list[str]:
     """A warning when the model's remote code is not a revision the quirks registry was tested with."""
-    from launcher.models.remote_code import tokenizer_class, unknown_revision
 
     m = recipe.model
     classes = [type(model)]
@@ -140,7 +145,6 @@ def first_line(err: BaseException) -> str:
 
 def known_model_type(recipe: Recipe) -> str | None:
     """The model type when its config cannot be loaded as a model (e.g. remote code not available)."""
-    from launcher.models.loading import model_type
 
     try:
         return model_type(recipe)
@@ -231,8 +235,6 @@ def memory_estimate(recipe: Recipe, model, adapter: int, stage: int, offload: bo
     plus the fp32 logits.
     """
 
-    from launcher.train.packing import choose_batching
-
     size = BYTES[recipe.model.dtype]
     world = recipe.world_size()
     linear = sum(m.weight.numel() for _, m in adaptable_modules(model))
@@ -274,7 +276,6 @@ def memory_estimate(recipe: Recipe, model, adapter: int, stage: int, offload: bo
 
 
 def batch_lines(recipe: Recipe, examples: int, report: Report) -> None:
-    from launcher.models.loading import planned_steps
 
     t = recipe.train
     per_step = t.micro_batch_size * t.gradient_accumulation_steps * recipe.world_size()
@@ -305,9 +306,6 @@ def batch_lines(recipe: Recipe, examples: int, report: Report) -> None:
 
 def speed_lines(recipe: Recipe, report: Report) -> None:
     """What precision, batching and kernels the run will use, and why; what cannot be honoured."""
-    from launcher.config.hardware import resolve_device
-    from launcher.config.knobs import knob_problems, resolve_knobs
-    from launcher.train.packing import batching_problems, choose_batching
 
     device = resolve_device(recipe.distributed.device)
     layout, why = choose_batching(recipe)
@@ -326,7 +324,6 @@ def speed_lines(recipe: Recipe, report: Report) -> None:
 
 def benchmark_problems(recipe: Recipe) -> list[str]:
     """A benchmark task that does not exist, found before training rather than after it."""
-    from launcher.evaluate.benchmarks import benchmark_spec
 
     e = recipe.eval
     if not (e.enabled and e.benchmarks):
@@ -355,8 +352,6 @@ def gpu_request_warning(recipe: Recipe, queued: bool) -> str | None:
 
 def run_preflight(recipe: Recipe, examples: int | None = None) -> Report:
     """Every check that needs no weights; `examples` is the training set size when known."""
-    from launcher.launch.render import render_deepspeed, zero_stage
-    from launcher.tracking.trackers import tracking_problems
 
     report = Report()
     ds_config = render_deepspeed(recipe)

@@ -6,6 +6,7 @@ import math
 import os
 import warnings
 
+from launcher.config.hardware import resolve_device
 from launcher.config.quirks import apply_quirks, quirks_for, set_environment
 from launcher.config.recipe import Recipe
 from launcher.models.remote_code import config_json, load_config, model_class, require_config, tokenizer_class
@@ -31,7 +32,6 @@ def quiet_libraries(device: str) -> None:
 
 def quiet_libraries_for(recipe: Recipe) -> None:
     """quiet_libraries for the device this recipe runs on here (this node's, on a cluster)."""
-    from launcher.config.hardware import resolve_device
 
     quiet_libraries(resolve_device(recipe.distributed.device))
 

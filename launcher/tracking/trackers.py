@@ -22,6 +22,7 @@ from pathlib import Path
 
 from launcher.config.recipe import Recipe
 from launcher.errors import UserError
+from launcher.rundir.checkpoints import checkpoint_step
 from launcher.rundir.runs import RunDir, write_atomic
 
 PACKAGES = {"tensorboard": "tensorboard", "wandb": "wandb", "mlflow": "mlflow", "trackio": "trackio"}
@@ -198,7 +199,6 @@ def evaluation_points(run: RunDir, result: dict, prefix: str, series: str = "eva
     """(series, step, metrics) of each evaluated system of this run (named `prefix`NAME, and the
     base model), its benchmark scores as TASK/METRIC: the base at step 0 as `SERIES_base`,
     checkpoints at their step and the final adapter at the last step as `SERIES`."""
-    from launcher.rundir.checkpoints import checkpoint_step
 
     last = run.metrics.last()
     points = []

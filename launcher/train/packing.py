@@ -25,8 +25,9 @@ from dataclasses import asdict, dataclass
 from functools import cache
 from pathlib import Path
 
-from launcher.config.quirks import quirks_for
+from launcher.config.quirks import apply_quirks, quirks_for, set_environment
 from launcher.config.recipe import Recipe
+from launcher.models.remote_code import config_json, load_config, model_class
 from launcher.train.batching import packed_batch
 
 TOLERANCE = 1e-5  # fp32 logits of a packed example vs the same example alone (tests/test_batching.py)
@@ -110,7 +111,6 @@ def cache_dir() -> Path:
 
 def packing_verdict(name_or_path: str, revision: str | None = None, trust_remote_code: bool = False, attention=None) -> Verdict:
     """The probe's verdict for this model, from the cache when the same stack answered before."""
-    from launcher.models.remote_code import config_json, load_config
 
     try:
         config = tiny_config(load_config(name_or_path, revision, trust_remote_code))
@@ -251,9 +251,6 @@ def tiny_instance(config, name_or_path: str, revision, trust_remote_code: bool, 
     """The architecture with random fp32 weights on the CPU, its remote code repaired as for loading."""
     import torch
     from transformers import AutoModelForCausalLM
-
-    from launcher.config.quirks import apply_quirks, set_environment
-    from launcher.models.remote_code import model_class
 
     set_environment(config.model_type)
     if attention:

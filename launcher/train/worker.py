@@ -16,12 +16,26 @@ import time
 import traceback
 from pathlib import Path
 
+from launcher.adapters.merge import PROBE_FILE, validate_adapter
+from launcher.config.hardware import resolve_device
+from launcher.config.knobs import resolve_knobs
 from launcher.config.methods import MOVES_THE_BASE
 from launcher.config.recipe import Recipe
-from launcher.rundir.checkpoints import PlanComplete, checkpoint_guard, stop_flag
+from launcher.data.examples import build_train_dataset
+from launcher.models.loading import adalora_allocator, load_tokenizer, load_training_model, planned_steps, quiet_libraries_for
+from launcher.rundir.checkpoints import (
+    PlanComplete,
+    checkpoint_guard,
+    latest_complete_checkpoint,
+    set_aside_incomplete,
+    step_of,
+    stop_flag,
+)
 from launcher.rundir.runs import RunDir, State, allocation, publish, stage_record, staging_for
 from launcher.tracking.trackers import recipe_logger, trackers, tracking_environment
+from launcher.train.batching import SampleLoggingCollator
 from launcher.train.buildlocks import use_environment_extension_cache, watch_build_locks
+from launcher.train.packing import choose_batching
 from launcher.train.rendezvous import check_in, smoke_all_reduce, topology_line, world_from_env
 
 
@@ -35,7 +49,6 @@ def main(argv: list[str] | None = None, last_stage: bool = False) -> int:
     watching = watch_build_locks()  # DeepSpeed may build an op: a lock left by a killed build is said and cleared
     try:
         recipe = run.load_recipe()
-        from launcher.models.loading import quiet_libraries_for
 
         quiet_libraries_for(recipe)  # this node's device, before DeepSpeed loads
         world = world_from_env()
@@ -82,8 +95,6 @@ def redirect_output(log_path: Path) -> None:
 def training_arguments(recipe: Recipe, run: RunDir, layout: str, knobs):
     """The Trainer's arguments: the recipe's [train], the batching layout and the device's knobs."""
     from transformers import TrainingArguments
-
-    from launcher.config.hardware import resolve_device
 
     t, device = recipe.train, resolve_device(recipe.distributed.device)
     return TrainingArguments(
@@ -171,13 +182,6 @@ def train(recipe: Recipe, run: RunDir, rank: int, records: list[dict]) -> bool:
     """Train to the end (True: the final adapter is saved), or to a stop signal's checkpoint (False)."""
     import torch
     from transformers import set_seed
-
-    from launcher.config.hardware import resolve_device
-    from launcher.config.knobs import resolve_knobs
-    from launcher.data.examples import build_train_dataset
-    from launcher.models.loading import adalora_allocator, load_tokenizer, load_training_model, planned_steps
-    from launcher.train.batching import SampleLoggingCollator
-    from launcher.train.packing import choose_batching
 
     stop = stop_flag()  # a signal during start-up is acted on at the first step
     attempt = run.manifest().attempts + 1  # rank 0 records it below
@@ -301,16 +305,12 @@ def init_deepspeed_comm(recipe: Recipe) -> None:
     """
     import deepspeed
 
-    from launcher.config.hardware import resolve_device
-
     deepspeed.init_distributed(dist_backend="gloo" if resolve_device(recipe.distributed.device) == "cpu" else "nccl")
 
 
 def resume_point(run: RunDir, rank: int) -> Path | None:
     """The newest complete checkpoint; incomplete newer ones are set aside (kept) first."""
     import torch.distributed as dist
-
-    from launcher.rundir.checkpoints import latest_complete_checkpoint, set_aside_incomplete, step_of
 
     latest = latest_complete_checkpoint(run.checkpoints)
     if rank == 0:
@@ -338,8 +338,6 @@ def save_final_adapter(trainer, run: RunDir, rank: int, probe: dict) -> None:
     """Gather the adapter (a collective under ZeRO-3), validate it, then publish it with a rename."""
     import torch.distributed as dist
     from safetensors.torch import save_file
-
-    from launcher.adapters.merge import PROBE_FILE, validate_adapter
 
     staging = run.root / "adapter.partial"
     if rank == 0:

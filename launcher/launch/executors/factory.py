@@ -7,6 +7,8 @@ from pathlib import Path
 from launcher.config.recipe import Recipe
 from launcher.errors import UserError
 from launcher.launch.executors.base import Executor, Job
+from launcher.launch.executors.local import LocalExecutor, LocalJob
+from launcher.launch.executors.slurm import SlurmExecutor, SlurmJob, default_partition, require_slurm, slurm_available
 from launcher.rundir.runs import JobRecord
 
 NAMES = ("local", "slurm")
@@ -15,10 +17,7 @@ NAMES = ("local", "slurm")
 def make_executor(name: str, recipe: Recipe, logs: Path) -> Executor:
     """The executor `name`, writing its job files and task logs under logs/<name>/."""
     if name == "slurm":
-        from launcher.launch.executors.slurm import SlurmExecutor
-
         return SlurmExecutor(recipe.slurm, Path(logs) / "slurm")
-    from launcher.launch.executors.local import LocalExecutor
 
     return LocalExecutor(Path(logs) / "local")
 
@@ -31,17 +30,13 @@ def queues_jobs(name: str) -> bool:
 def job_of(record: JobRecord, logs: Path) -> Job:
     """The handle of a job recorded in a manifest, whichever executor ran it."""
     if record.executor == "slurm":
-        from launcher.launch.executors.slurm import SlurmJob
-
         return SlurmJob(record, Path(logs) / "slurm")
-    from launcher.launch.executors.local import LocalJob
 
     return LocalJob(record, Path(logs) / "local")
 
 
 def choose_executor(asked: str, recipe: Recipe, rendering_only: bool = False) -> str:
     """local or slurm for `--executor asked` (auto: SLURM when sbatch answers and a partition is known)."""
-    from launcher.launch.executors.slurm import default_partition, require_slurm, slurm_available
 
     nodes = recipe.distributed.nodes
     if asked == "local":

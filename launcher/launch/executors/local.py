@@ -26,6 +26,7 @@ import time
 from contextlib import suppress
 from pathlib import Path
 
+from launcher.errors import UserError
 from launcher.launch.executors.base import (
     CANCELLED,
     COMPLETED,
@@ -249,7 +250,6 @@ def watch_parent(parent: int) -> None:
 
 def run_task(body_file: str) -> int:
     """One task: unpickle the body and call it; a user error is one line and exit code 2."""
-    from launcher.errors import UserError
 
     if os.environ.get(PARENT_VARIABLE):
         watch_parent(int(os.environ[PARENT_VARIABLE]))
