@@ -30,6 +30,7 @@ from launcher.config.recipe import Recipe, load_recipe
 from launcher.data.examples import read_training_set
 from launcher.errors import Interrupted, UserError
 from launcher.evaluate.shards import plan_evaluation, systems_of
+from launcher.launch.executors.factory import NAMES as EXECUTOR_NAMES
 from launcher.launch.executors.factory import choose_executor, job_of, make_executor, queues_jobs
 from launcher.launch.pipeline import describe_dry_run, execute, metrics_table, prepare, run_dir_in_use, run_evaluation
 from launcher.launch.preflight import gpu_request_warning, run_preflight
@@ -108,7 +109,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--dry-run", action="store_true", help="write the rendered files, print where, and stop")
     run.add_argument(
         "--executor",
-        choices=["auto", "local", "slurm"],
+        choices=["auto", *EXECUTOR_NAMES],
         default="auto",
         help="where the ranks run (auto: SLURM when sbatch answers and a partition is known, else local)",
     )
@@ -202,7 +203,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="evaluate on this file (in the recipe's data.format) instead of eval.data or the held-out split",
     )
     evaluation.add_argument("--shards", type=int, metavar="K", help="split the examples over K processes or SLURM tasks")
-    evaluation.add_argument("--executor", choices=["local", "slurm"], default="local", help="where the shards run")
+    evaluation.add_argument("--executor", choices=EXECUTOR_NAMES, default="local", help="where the shards run")
     evaluation.add_argument(
         "--checkpoints", choices=["final", "all"], help="all: every complete checkpoint of each run too (eval.checkpoints)"
     )

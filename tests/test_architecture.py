@@ -163,3 +163,18 @@ def test_the_launchers_own_modules_are_imported_at_the_top():
                 assert not any(n.startswith("launcher") for n in names), (
                     f"{path.relative_to(REPO)}:{node.lineno} imports {names} in a body"
                 )
+
+
+def test_only_the_method_registry_branches_on_a_peft_method():
+    """A method is one entry of launcher/config/methods.py: no module outside it compares anything with a
+    method's name or its peft_type (the registry's properties say what a method implies)."""
+    from launcher.config.methods import REGISTRY
+
+    names = set(REGISTRY) | {m.peft_type for m in REGISTRY.values()}
+    for path in PACKAGE.rglob("*.py"):
+        if path == PACKAGE / "config" / "methods.py":
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Compare):
+                constants = {c.value for c in ast.walk(node) if isinstance(c, ast.Constant) and isinstance(c.value, str)}
+                assert not names & constants, f"{path.relative_to(REPO)}:{node.lineno} branches on {names & constants}"

@@ -27,8 +27,9 @@ def check_combination(adapters: list[Path], weights: list[float], method: str, d
         problems.append(f"--density: {method} keeps this fraction of each delta's entries; give a value in (0, 1], e.g. 0.5")
     configs = [json.loads((a / "adapter_config.json").read_text()) for a in adapters if (a / "adapter_config.json").is_file()]
     types = {c.get("peft_type") for c in configs}
-    if types - {methods.method("lora").peft_type}:
-        problems.append(f"--adapters: only LoRA adapters (lora, qlora, lora-8bit) combine; these are {sorted(map(str, types))}")
+    if not all((spec := methods.of_peft_type(t)) and spec.combines for t in types):
+        combining = ", ".join(methods.names_where(lambda m: m.combines))
+        problems.append(f"--adapters: only LoRA adapters ({combining}) combine; these are {sorted(map(str, types))}")
     bases = {c.get("base_model_name_or_path") for c in configs}
     if len(bases) > 1:
         problems.append(

@@ -35,8 +35,8 @@ def validate_adapter(adapter_dir: Path, trained: bool = True) -> str:
         if not path.is_file():
             raise AdapterError(f"{path}: missing; the adapter was not saved")
     config = json.loads(config_path.read_text())
-    rank = config.get("r") if config.get("peft_type") == "LORA" else None  # AdaLoRA's ranks vary by layer
     spec = methods.of_peft_type(config.get("peft_type"))
+    rank = config.get("r") if spec and spec.fixed_rank else None  # AdaLoRA's ranks vary by layer
     identity = spec.identity if spec else None
     moved, count, params = False, 0, 0
     with safe_open(str(weights), framework="pt") as tensors:
@@ -45,7 +45,7 @@ def validate_adapter(adapter_dir: Path, trained: bool = True) -> str:
             raise AdapterError(f"{weights}: holds no tensors (the ZeRO-3 empty-adapter failure); nothing to save")
         for name in names:
             tensor = tensors.get_tensor(name)
-            if tensor.numel() == 0 and not pruned_away(config, name):
+            if tensor.numel() == 0 and not (spec and spec.prunes_ranks and pruned_away(config, name)):
                 raise AdapterError(
                     f"{weights}: tensor {name} is empty {tuple(tensor.shape)} "
                     "(ZeRO-3 saved a shard placeholder; set stage3_gather_16bit_weights_on_model_save)"
@@ -60,11 +60,9 @@ def validate_adapter(adapter_dir: Path, trained: bool = True) -> str:
 
 
 def pruned_away(config: dict, name: str) -> bool:
-    """AdaLoRA may prune a layer to rank 0: its saved tensors are empty by design (rank_pattern says so)."""
+    """A layer pruned to rank 0 (AdaLoRA): its saved tensors are empty by design (rank_pattern says so)."""
     pattern = config.get("rank_pattern") or {}
-    return config.get("peft_type") == "ADALORA" and any(
-        not any(mask) and f"{key.removesuffix('lora_E')}lora_" in name for key, mask in pattern.items()
-    )
+    return any(not any(mask) and f"{key.removesuffix('lora_E')}lora_" in name for key, mask in pattern.items())
 
 
 def check_lora_shape(weights: Path, name: str, tensor, rank: int | None) -> None:

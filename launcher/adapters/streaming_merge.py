@@ -75,7 +75,7 @@ def adapter_updates(adapter_dir: Path, transposed: set[str] = frozenset()):
     updates = {}
     for module in sorted(modules):
         flip = module in transposed
-        if kind == "IA3":
+        if spec.delta == "scale":  # IA3
             scale = part(module, "ia3_l")  # (1, in) for feed-forward modules (scales the input), else (out, 1)
             if scale is not None:
                 feedforward = scale.shape[0] == 1
@@ -88,13 +88,13 @@ def adapter_updates(adapter_dir: Path, transposed: set[str] = frozenset()):
         a, b = part(module, "lora_A"), part(module, "lora_B")
         if a is None or b is None or a.shape[0] == 0:  # AdaLoRA may prune a layer to rank 0: nothing to add
             continue
-        if kind == "LORA":
+        if spec.delta == "low-rank":
             a = a * lora_scaling(config, module, a.shape[0])
             magnitude = part(module, "lora_magnitude_vector")  # DoRA
             if magnitude is not None:
                 updates[f"{module}.weight"] = lambda w, a=a, b=b, m=magnitude, t=flip: dora_merged(w, a, b, m, t)
                 continue
-        else:  # AdaLoRA: B (A * E) * alpha / init_r (pruning keeps the scale: peft's ranknum stays init_r)
+        else:  # "svd-low-rank", AdaLoRA: B (A * E) * alpha / init_r (pruning keeps the scale: peft's ranknum stays init_r)
             start_rank = config.get("init_r") or a.shape[0]
             a = a * part(module, "lora_E") * (config["lora_alpha"] or start_rank) / (start_rank + 1e-5)
         updates[f"{module}.weight"] = lambda w, a=a, b=b, t=flip: w.add_((b @ a).T if t else b @ a)

@@ -17,7 +17,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
 
-from launcher.config import methods
+from launcher.config import methods, templates
 from launcher.config.hardware import resolve_device, resolve_dtype
 from launcher.errors import UserError
 
@@ -92,7 +92,7 @@ class DataSection(Section):
     """messages: column holding a list of {role, content} (system, then user / assistant turns)."""
     system_prompt: str | None = None
     """System text put before every prompt (chatml, transnormer, chatglm3, plain and tokenizer templates)."""
-    template: Literal["plain", "chatml", "transnormer", "chatglm", "chatglm3", "tokenizer"] = "plain"
+    template: Literal[templates.NAMES] = "plain"
     """Prompt template: plain, chatml, transnormer (its fine-tune script's), chatglm (ChatGLM2's), chatglm3 (role tokens), tokenizer (its chat template)."""
     max_length: int = Field(256, gt=0)
     """Maximum tokens per example (prompt + response); longer examples are truncated and counted."""
@@ -174,15 +174,13 @@ class PeftSection(Section):
                 raise ValueError(
                     f"peft.{key} belongs to {' / '.join(owners)}, not {self.method}; remove it or change peft.method"
                 )
-        if self.method == "prompt-tuning" and (self.prompt_init == "text") != bool(self.prompt_init_text):
-            raise ValueError('peft.prompt_init_text is needed with prompt_init = "text" and only then')
+        for problem in self.spec.recipe_problems(self):
+            raise ValueError(problem)
         if self.lora_init in methods.MOVES_THE_BASE and self.spec.quantization:
             raise ValueError(
                 f"peft.lora_init: {self.lora_init} starts from the base's full-precision weights, which "
                 f'{self.method} quantizes; use method = "lora" or another lora_init'
             )
-        if self.method == "adalora" and self.target_r > self.init_r:
-            raise ValueError(f"peft.target_r ({self.target_r}) must not exceed peft.init_r ({self.init_r})")
         return self
 
     @property

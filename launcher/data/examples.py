@@ -15,7 +15,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from launcher.config import templates
 from launcher.config.recipe import DataSection, Recipe
+from launcher.config.templates import render
 from launcher.errors import UserError
 from launcher.models.loading import load_tokenizer
 from launcher.rundir.runs import publish, staging_for
@@ -172,64 +174,13 @@ def _messages(row: dict, data: DataSection) -> tuple[str | None, list[tuple[str,
     return system, pairs[:-1], pairs[-1][0], pairs[-1][1]
 
 
-def render(
-    template: str, system: str | None, history: list[tuple[str, str]], query: str, tokenizer=None, instruction: str = ""
-) -> tuple[str, str]:
-    """(prompt, suffix): the text before the response, and the end-of-turn text after it."""
-    if template == "transnormer":  # OpenNLPLab's fine-tune/train.py: "{instruction}\nHuman:\n{input}\nAssistant:\n"
-        past = "".join(f"Human:\n{q}\nAssistant:\n{a}\n" for q, a in history)
-        head = "".join(f"{text}\n" for text in (system, instruction) if text)
-        return head + past + f"Human:\n{query}\nAssistant:\n", ""
-    query = f"{instruction}\n{query}" if instruction else query
-    if template == "tokenizer":
-        return _chat_template(tokenizer, system, history, query)
-    if template == "chatml":
-        turn = "<|im_start|>user\n{}<|im_end|>\n<|im_start|>assistant\n"
-        head = f"<|im_start|>system\n{system}<|im_end|>\n" if system else ""
-        past = "".join(turn.format(q) + f"{a}<|im_end|>\n" for q, a in history)
-        return head + past + turn.format(query), "<|im_end|>"
-    if template == "chatglm":  # ChatGLM2's build_prompt
-        past = "".join(f"[Round {i}]\n\n问：{q}\n\n答：{a}\n\n" for i, (q, a) in enumerate(history, 1))
-        return past + f"[Round {len(history) + 1}]\n\n问：{query}\n\n答：", ""
-    if template == "chatglm3":  # ChatGLM3's build_chat_input; the assistant's (empty) metadata line ends the prompt
-        head = f"<|system|>\n{system}" if system else ""
-        past = "".join(f"<|user|>\n{q}<|assistant|>\n{a}" for q, a in history)
-        return head + past + f"<|user|>\n{query}<|assistant|>\n", ""
-    past = "".join(f"{q}\n{a}\n" for q, a in history)
-    return (f"{system}\n" if system else "") + past + (f"{query}\n" if query else ""), ""
-
-
-def _chat_template(tokenizer, system, history, query) -> tuple[str, str]:
-    if tokenizer is None or not getattr(tokenizer, "chat_template", None):
-        raise UserError(
-            [
-                'data.template: "tokenizer" needs a tokenizer with a chat template; '
-                "this model's has none: pick chatml, transnormer, chatglm, chatglm3 or plain"
-            ]
-        )
-    messages = ([{"role": "system", "content": system}] if system else []) + [
-        m for q, a in history for m in ({"role": "user", "content": q}, {"role": "assistant", "content": a})
-    ]
-    messages.append({"role": "user", "content": query})
-    prompt = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-    marker = "@@LAUNCHER-ANSWER@@"
-    full = tokenizer.apply_chat_template(messages + [{"role": "assistant", "content": marker}], tokenize=False)
-    after = full.split(marker, 1)[1] if marker in full else ""
-    return prompt, after.rstrip("\n") if after.strip() else ""
-
-
 def to_example(row: Any, data: DataSection, tokenizer=None) -> Example:
     if isinstance(row, BadRow):
         raise row
     system, history, query, response, instruction = conversation(row, data)
     prompt, suffix = render(data.template, system, history, query, tokenizer, instruction)
-    return Example(
-        prompt=prompt,
-        response=response,
-        suffix=suffix,
-        joint=data.template == "transnormer",  # its script tokenizes prompt + answer together
-        special_tokens=data.template != "tokenizer",  # a chat template writes the model's special tokens itself
-    )
+    template = templates.REGISTRY[data.template]
+    return Example(prompt=prompt, response=response, suffix=suffix, joint=template.joint, special_tokens=template.special_tokens)
 
 
 def load_examples(source: str, data: DataSection, tokenizer=None) -> tuple[list[Example], int]:

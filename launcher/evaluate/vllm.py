@@ -17,6 +17,7 @@ import importlib.util
 import json
 from pathlib import Path
 
+from launcher.config import methods
 from launcher.evaluate.decoding import answer_of
 from launcher.models.loading import torch_dtype
 
@@ -44,7 +45,8 @@ def engine_refusal(recipe, device: str) -> str | None:
 def adapter_refusal(adapter: str) -> str | None:
     """Why vLLM cannot serve this adapter folder (None: it can)."""
     config = json.loads((Path(adapter) / "adapter_config.json").read_text())
-    if config.get("peft_type") != "LORA":
+    spec = methods.of_peft_type(config.get("peft_type"))
+    if not (spec and spec.vllm_serves):
         return f"vLLM serves LoRA adapters and this one is {config.get('peft_type')}"
     if config.get("use_dora"):
         return "vLLM does not serve DoRA adapters"

@@ -295,13 +295,7 @@ def batch_lines(recipe: Recipe, examples: int, report: Report) -> None:
             f"train.save_steps: {t.save_steps} is beyond the {steps} planned steps: no checkpoint "
             f"before the end, so a preemption loses the whole run; lower it"
         )
-    p = recipe.peft
-    tinit, tfinal = p.adalora_steps(steps)
-    if p.method == "adalora" and tinit + tfinal >= steps:
-        report.errors.append(
-            f"peft.tinit + peft.tfinal ({tinit} + {tfinal} steps) must be below the {steps} planned "
-            f"steps, or AdaLoRA never allocates ranks; lower them (or give fractions below 1)"
-        )
+    report.errors += recipe.peft.spec.plan_problems(recipe.peft, steps)
 
 
 def speed_lines(recipe: Recipe, report: Report) -> None:

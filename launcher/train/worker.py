@@ -22,7 +22,7 @@ from launcher.config.knobs import resolve_knobs
 from launcher.config.methods import MOVES_THE_BASE
 from launcher.config.recipe import Recipe
 from launcher.data.examples import build_train_dataset
-from launcher.models.loading import adalora_allocator, load_tokenizer, load_training_model, planned_steps, quiet_libraries_for
+from launcher.models.loading import load_tokenizer, load_training_model, planned_steps, quiet_libraries_for
 from launcher.rundir.checkpoints import (
     PlanComplete,
     checkpoint_guard,
@@ -221,8 +221,8 @@ def train(recipe: Recipe, run: RunDir, rank: int, records: list[dict]) -> bool:
         data_collator=SampleLoggingCollator(tokenizer, run.logs / f"samples_rank{rank}.jsonl", attempt, layout),
         callbacks=[metrics_logger(run, attempt), guard, recipe_logger(recipe, run)],
     )
-    if recipe.peft.method == "adalora":
-        trainer.add_callback(adalora_allocator(trainer))
+    if recipe.peft.spec.training_callback:  # AdaLoRA's rank allocator
+        trainer.add_callback(recipe.peft.spec.training_callback(trainer))
     resume = resume_point(run, rank)
     try:
         trainer.train(resume_from_checkpoint=str(resume) if resume else None)

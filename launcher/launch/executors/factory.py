@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 from launcher.config.recipe import Recipe
@@ -11,28 +13,37 @@ from launcher.launch.executors.local import LocalExecutor, LocalJob
 from launcher.launch.executors.slurm import SlurmExecutor, SlurmJob, default_partition, require_slurm, slurm_available
 from launcher.rundir.runs import JobRecord
 
-NAMES = ("local", "slurm")
+
+@dataclass(frozen=True)
+class Kind:
+    """One executor implementation: how it is made, how a recorded job of it is found again."""
+
+    job: Callable[[JobRecord, Path], Job]
+    queues: bool
+    """It submits to a cluster's scheduler, whose job asks for its own resources."""
+    make: Callable[[Recipe, Path], Executor]
+
+
+REGISTRY: dict[str, Kind] = {
+    "local": Kind(LocalJob, queues=False, make=lambda recipe, folder: LocalExecutor(folder)),
+    "slurm": Kind(SlurmJob, queues=True, make=lambda recipe, folder: SlurmExecutor(recipe.slurm, folder)),
+}
+NAMES = tuple(REGISTRY)  # the CLI's --executor choices (and "auto")
 
 
 def make_executor(name: str, recipe: Recipe, logs: Path) -> Executor:
     """The executor `name`, writing its job files and task logs under logs/<name>/."""
-    if name == "slurm":
-        return SlurmExecutor(recipe.slurm, Path(logs) / "slurm")
-
-    return LocalExecutor(Path(logs) / "local")
+    return REGISTRY[name].make(recipe, Path(logs) / name)
 
 
 def queues_jobs(name: str) -> bool:
     """The executor `name` submits to a cluster's scheduler (whose job asks for its own resources)."""
-    return name == "slurm"
+    return REGISTRY[name].queues
 
 
 def job_of(record: JobRecord, logs: Path) -> Job:
     """The handle of a job recorded in a manifest, whichever executor ran it."""
-    if record.executor == "slurm":
-        return SlurmJob(record, Path(logs) / "slurm")
-
-    return LocalJob(record, Path(logs) / "local")
+    return REGISTRY[record.executor].job(record, Path(logs) / record.executor)
 
 
 def choose_executor(asked: str, recipe: Recipe, rendering_only: bool = False) -> str:
