@@ -431,6 +431,8 @@ def command_eval(args: argparse.Namespace, console: Console) -> int:
         plan_evaluation(recipe, systems, out, data=args.data, overwrite=args.overwrite, runs=runs)
         console.print(f"evaluating {', '.join(s.name for s in systems)} into {out}", highlight=False)
         result = run_evaluation(recipe, out, args.executor, console)
+    if result is None:
+        return 1  # as `launch run` ends when a stage fails; the same command resumes the finished shards
     console.print(metrics_table(result))
     console.print(f"report: {out / 'report.html'} (and report.md)", highlight=False)
     return 0

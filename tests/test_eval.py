@@ -82,6 +82,23 @@ def test_eval_names_bad_targets(trained):
     assert bad.returncode == 2 and "neither a run dir" in bad.stderr and "Traceback" not in bad.stderr
 
 
+def test_a_failed_eval_job_ends_launch_eval_as_a_failed_stage_ends_launch_run(trained, tiny_assets):
+    """Exit 1, one red line naming the job and its error, then the log's tail; no traceback of launch's own."""
+    import shutil
+
+    run, folder = trained
+    broken = folder / "weightless-model"
+    shutil.copytree(tiny_assets["model"], broken)
+    for weights in broken.glob("*.safetensors"):
+        weights.unlink()  # the shard's load of the base fails, after the plan was made
+    recipe = write_recipe(folder, run.recipe.read_text().replace(str(tiny_assets["model"]), str(broken)), "weightless.toml")
+    result = run_launch("eval", run.adapter, "--recipe", recipe, "--no-base", "--out", folder / "eval-failed")
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert "evaluation failed: local job eval-" in result.stdout and " ended FAILED" in result.stdout
+    assert "failed: OSError: Error no file named model.safetensors" in result.stdout
+    assert result.stderr.count("Traceback") == 0 and "RuntimeError" not in result.stdout + result.stderr
+
+
 def test_adapter_folder_evaluates_with_its_runs_recipe(trained):
     run, folder = trained
     out = folder / "eval-ckpt"

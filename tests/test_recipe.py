@@ -71,7 +71,7 @@ def test_set_overrides_are_typed_and_checked(tmp_path, tiny_assets):
 
 def test_control_characters_are_rejected(tmp_path, tiny_assets):
     text = tiny_recipe_text(tiny_assets) + '[slurm]\npartition = "gpu\\n#SBATCH --x"\n'
-    assert errors_of(write_recipe(tmp_path, text)) == ["slurm: partition: contains a newline or control character; remove it"]
+    assert errors_of(write_recipe(tmp_path, text)) == ["slurm.partition: contains a newline or control character; remove it"]
 
 
 def test_cli_prints_one_line_per_problem_and_exits_2(tmp_path, tiny_assets, capsys):

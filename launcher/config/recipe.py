@@ -626,17 +626,33 @@ def _suggestion(word: str, choices, walked: list[str]) -> str:
     return f"; valid keys: {', '.join(choices)}"
 
 
+# What a pattern-checked value must look like, with an example (pydantic only knows the regex).
+PATTERN_FORMS = {
+    NAME_PATTERN: "is not a plain name; use letters, digits, '.', '_' and '-' (starting with a letter or digit), e.g. \"gpu-a100\"",
+    TIME_PATTERN: 'is not a SLURM time; write minutes, HH:MM:SS or D-HH:MM:SS, e.g. "02:00:00"',
+    MEM_PATTERN: 'is not a SLURM memory size; write a whole number with K, M, G or T (no B), e.g. "64G"',
+}
+
+
+def _section_at(loc: list[str]) -> type[BaseModel]:
+    """The recipe's section model that `loc` (a key path) points into."""
+    parent: type[BaseModel] = Recipe
+    for part in loc:
+        field = parent.model_fields.get(part)
+        annotation = field.annotation if field else None
+        if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
+            break
+        parent = annotation
+    return parent
+
+
 def _describe(error: dict[str, Any]) -> str:
     """One line for one pydantic error, in the recipe's own vocabulary."""
     loc = [str(p) for p in error["loc"]]
     where = ".".join(loc) or "recipe"
     kind = error["type"]
     if kind == "extra_forbidden":
-        parent: type[BaseModel] = Recipe
-        for part in loc[:-1]:
-            annotation = parent.model_fields[part].annotation
-            parent = annotation if isinstance(annotation, type) and issubclass(annotation, BaseModel) else parent
-        return f"{where}: unknown key{_suggestion(loc[-1], parent.model_fields, loc[:-1])}"
+        return f"{where}: unknown key{_suggestion(loc[-1], _section_at(loc[:-1]).model_fields, loc[:-1])}"
     if kind == "missing":
         return f"{where}: required key is missing; add it to the recipe"
     given = error.get("input")
@@ -644,9 +660,13 @@ def _describe(error: dict[str, Any]) -> str:
     if message[1:2].islower():  # "Input should be ..." reads on after the key path; "HF_TOKEN ..." stays
         message = message[:1].lower() + message[1:]
     if kind == "value_error":
+        key = message.split(":", 1)[0]
+        if key in _section_at(loc).model_fields:  # a section's own check names its key: section.key: ...
+            return f"{where}.{message}"
         return message if message.startswith(f"{where}.") else f"{where}: {message}"
     if kind == "literal_error":
         return f"{where}: {message}, got {json.dumps(given, default=str)}"
     if kind == "string_pattern_mismatch":
-        return f"{where}: {json.dumps(given)} may use only letters, digits, '.', '_' and '-'"
+        form = PATTERN_FORMS.get(error.get("ctx", {}).get("pattern"), "has characters that are not allowed here")
+        return f"{where}: {json.dumps(given)} {form}"
     return f"{where}: {message}, got {json.dumps(given, default=str)}"

@@ -13,6 +13,7 @@ from contextlib import contextmanager, suppress
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+from rich import box
 from rich.console import Console
 from rich.table import Table
 
@@ -23,7 +24,7 @@ from launcher.evaluate.shards import finish_if_complete, read_plan, unfinished
 from launcher.launch.executors.base import CANCELLED, COMPLETED, Executor, Job, Resources
 from launcher.launch.executors.factory import job_of, make_executor
 from launcher.launch.jobs import EvalJob, MergeJob, TrainJob
-from launcher.launch.progress import StateWatcher, follow_training, report_failure
+from launcher.launch.progress import StateWatcher, follow_training, print_tail, report_failure
 from launcher.launch.render import keep_or_refuse, render_run, worker_command
 from launcher.rundir.checkpoints import is_complete, latest_complete_checkpoint, rewind_to, step_of
 from launcher.rundir.runs import RunDir, State, archive, claim_run_dir, in_use, make_run_root, now, write_atomic
@@ -369,9 +370,9 @@ def follow(run: RunDir, jobs: list[tuple[str, Job]], console: Console) -> bool:
     return True
 
 
-def run_evaluation(recipe: Recipe, out: Path, executor_name: str, console: Console) -> dict:
+def run_evaluation(recipe: Recipe, out: Path, executor_name: str, console: Console) -> dict | None:
     """`launch eval`: the unfinished shards of the evaluation planned in `out`, one task each, as one
-    job; then its metrics."""
+    job; then its metrics (None, said in one red line with the log's tail, when the job failed)."""
 
     plan = read_plan(out)
     todo = sorted({k for k, _ in unfinished(out, plan)})
@@ -391,12 +392,14 @@ def run_evaluation(recipe: Recipe, out: Path, executor_name: str, console: Conso
         except KeyboardInterrupt:
             stop_jobs(executor, [("eval", job)], None, console)
             raise
-        if watcher.state != COMPLETED:
-            tail = job.log(0).read_text(errors="replace").strip().splitlines()[-1:] if job.log(0).exists() else []
-            raise RuntimeError(f"eval job {job.id} ended {watcher.state} ({' '.join(tail)}); see {job.log(0)}")
+        if watcher.state != COMPLETED:  # as a failed stage of `launch run` ends: one red line, the log's tail
+            console.print(f"[red]evaluation failed[/red]: {job.kind} job {job.id} ended {watcher.state}", highlight=False)
+            if job.log(0).exists():
+                print_tail(job.log(0), job.log(0).read_text(errors="replace").splitlines()[-25:], console)
+            return None
     result = finish_if_complete(out)
     if result is None:
-        raise RuntimeError(f"{out}: shards {unfinished(out, plan)} did not finish; see {Path(out) / 'logs'}")
+        console.print(f"[red]evaluation failed[/red]: shards {unfinished(out, plan)} did not finish; see {Path(out) / 'logs'}")
     return result
 
 
@@ -431,12 +434,21 @@ def next_commands(run: RunDir) -> list[str]:
     return commands + [f"PeftModel.from_pretrained(base, '{run.adapter}')"]
 
 
-def metrics_table(result: dict) -> Table:
+SHORT_HEADERS = {"exact_match": "exact", "perplexity": "ppl", "generated tok/s": "tok/s"}  # the report keeps the long ones
 
+
+def metrics_table(result: dict) -> Table:
+    """The end-of-run table, whole in an 80-column terminal and in a log file: short headers, light
+    borders, and a cell too wide folded onto a second line rather than cut to "…"."""
     rows = table_rows(result)
-    table = Table(title=f"evaluation on {result['examples']} examples ({result['data']})")
+    table = Table(
+        title=f"evaluation on {result['examples']} examples ({result['data']})",
+        box=box.SIMPLE_HEAD,
+        show_edge=False,
+        collapse_padding=True,
+    )
     for number, name in enumerate(rows[0]):
-        table.add_column(name, justify="left" if number == 0 else "right")
+        table.add_column(SHORT_HEADERS.get(name, name), justify="left" if number == 0 else "right", overflow="fold")
     for row in rows[1:]:
         table.add_row(*row)
     return table

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import re
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -69,26 +68,31 @@ def follow_training(run: RunDir, job_state: Callable[[], str | None], console: C
             time.sleep(poll_s)
 
 
-def failed_rank_logs(run: RunDir, lines: int = 25) -> list[tuple[Path, list[str]]]:
-    """The last lines of every rank log that ends in a traceback (the ranks that failed)."""
+def failed_ranks(run: RunDir, lines: int = 25) -> list[tuple[Path, str, list[str]]]:
+    """(log, error, its last lines) of every rank that recorded a failure (RankFailure), by rank."""
     failures = []
-    for log in sorted(run.logs.glob("rank*.log"), key=lambda p: int(re.sub(r"\D", "", p.stem) or 0)):
-        text = log.read_text(errors="replace").splitlines()
-        if any(line.startswith("Traceback") for line in text):
-            failures.append((log, text[-lines:]))
+    for failure in run.rank_failures():
+        log = run.rank_log(failure.rank)
+        text = log.read_text(errors="replace").splitlines()[-lines:] if log.exists() else []
+        failures.append((log, failure.headline(), text))
     return failures
 
 
 def report_failure(run: RunDir, console: Console, fallback_log: Path | None = None) -> str | None:
-    """Print the last lines of each failed rank's log; return the first one's last line (the error)."""
-    failures = failed_rank_logs(run)
+    """Print each failed rank's error and the last lines of its log; return the first one's error."""
+    failures = failed_ranks(run)
     if not failures and fallback_log and fallback_log.exists():
-        failures = [(fallback_log, fallback_log.read_text(errors="replace").splitlines()[-25:])]
-    headlines = []
-    for log, lines in failures:
-        headline = next((line for line in reversed(lines) if line.strip()), "")
-        headlines.append(f"{log.stem}: {headline}")
-        console.print(f"[red]{log.stem} failed[/red]: {escape(headline)}", highlight=False)
-        console.print(f"last lines of {log}:", highlight=False)
-        console.print("\n".join("    " + line for line in lines), markup=False, highlight=False)
+        tail = fallback_log.read_text(errors="replace").splitlines()[-25:]
+        failures = [(fallback_log, next((line for line in reversed(tail) if line.strip()), ""), tail)]
+    headlines = [f"{log.stem}: {print_tail(log, tail, console, error)}" for log, error, tail in failures]
     return headlines[0] if headlines else None
+
+
+def print_tail(log: Path, lines: list[str], console: Console, headline: str | None = None) -> str:
+    """The failed task's error in one red line (its log's last line unless given), then the last lines
+    of its log; returns the error line."""
+    headline = headline or next((line for line in reversed(lines) if line.strip()), "")
+    console.print(f"[red]{log.stem} failed[/red]: {escape(headline)}", highlight=False)
+    console.print(f"last lines of {log}:", highlight=False)
+    console.print("\n".join("    " + line for line in lines), markup=False, highlight=False)
+    return headline

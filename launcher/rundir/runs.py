@@ -10,6 +10,7 @@ import socket
 import subprocess
 import sys
 import time
+import traceback
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from enum import StrEnum
@@ -105,6 +106,25 @@ class Manifest(Record):
     eval: StageRecord | None = None
     checkpoint_merges: dict[str, StageRecord] = {}
     """launch merge --checkpoint N: merged-checkpoint-N's record under "N"."""
+
+
+class RankFailure(Record):
+    """logs/rank<N>.failure.json: why a rank ended with an error, written by the rank as it ends (its
+    log is for people; `launch` reads this)."""
+
+    rank: int
+    exception: str
+    """The exception's type name, e.g. "OSError"."""
+    message: str
+    """Its message's first line."""
+    where: str
+    """The innermost frame: "file.py:123 in function"."""
+    user_error: bool = False
+    """A mistake the user can fix (UserError): the message says how."""
+    time: str
+
+    def headline(self) -> str:
+        return f"{self.exception}: {self.message}" if self.message else self.exception
 
 
 def process_start(pid: int) -> str | None:
@@ -390,6 +410,36 @@ class RunDir:
 
     def rank_log(self, rank: int) -> Path:
         return self.logs / f"rank{rank}.log"
+
+    def failure_path(self, rank: int) -> Path:
+        return self.logs / f"rank{rank}.failure.json"
+
+    def record_failure(self, rank: int, err: BaseException) -> None:
+        """The rank's structured failure record (best effort: a full disk may refuse it too)."""
+        frames = traceback.extract_tb(err.__traceback__)
+        where = f"{Path(frames[-1].filename).name}:{frames[-1].lineno} in {frames[-1].name}" if frames else "?"
+        record = RankFailure(
+            rank=rank,
+            exception=type(err).__name__,
+            message=(str(err).strip().splitlines() or [""])[0][:500],
+            where=where,
+            user_error=isinstance(err, UserError),
+            time=now(),
+        )
+        with suppress(OSError):
+            write_atomic(self.failure_path(rank), record.model_dump_json(indent=2) + "\n")
+
+    def clear_failure(self, rank: int) -> None:
+        """A new attempt of the rank starts: the last one's record is over (the manifest keeps its line)."""
+        self.failure_path(rank).unlink(missing_ok=True)
+
+    def rank_failures(self) -> list[RankFailure]:
+        """The failure records of the ranks that failed in their last attempt, by rank."""
+        found = []
+        for path in self.logs.glob("rank*.failure.json"):
+            with suppress(OSError, ValueError):
+                found.append(RankFailure.model_validate_json(path.read_text()))
+        return sorted(found, key=lambda failure: failure.rank)
 
     def load_recipe(self) -> Recipe:
         """The run's resolved recipe, through the schema (every default from there)."""

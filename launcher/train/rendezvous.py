@@ -13,11 +13,14 @@ import socket
 import time
 from datetime import timedelta
 
+from launcher.errors import UserError
+
 CHECK_IN_TIMEOUT_S = int(os.environ.get("LAUNCHER_RENDEZVOUS_TIMEOUT_S", "60"))
 
 
-class RendezvousError(RuntimeError):
-    """The ranks cannot form the job's world; the message says which ranks and why."""
+class RendezvousError(UserError):
+    """The ranks cannot form the job's world (a user can fix it: the network, the hosts file, the world
+    size); the message says which ranks and why, and how."""
 
 
 def world_from_env() -> dict:

@@ -45,6 +45,7 @@ def main(argv: list[str] | None = None, last_stage: bool = False) -> int:
     run = RunDir(Path(argv[0]))
     rank = int(os.environ.get("RANK", "0"))
     redirect_output(run.rank_log(rank))
+    run.clear_failure(rank)
     use_environment_extension_cache()  # one build per environment, not one folder per user that venvs fight over
     watching = watch_build_locks()  # DeepSpeed may build an op: a lock left by a killed build is said and cleared
     try:
@@ -64,9 +65,10 @@ def main(argv: list[str] | None = None, last_stage: bool = False) -> int:
             with run.editing_manifest() as manifest:
                 manifest.train = stage_record(started)  # this attempt, in rank 0's process
                 manifest.state = State.COMPLETED if last_stage else State.TRAINED
-    except BaseException:
-        traceback.print_exc()
+    except BaseException as err:
+        traceback.print_exc()  # the log is for people
         sys.stderr.flush()
+        run.record_failure(rank, err)  # launch reads this record
         return 1
     finally:
         watching.set()
