@@ -305,7 +305,7 @@ def command_run(args: argparse.Namespace, console: Console) -> int:
     with run_dir_in_use(args.run_dir or default_run_dir(recipe), "launch " + " ".join(sys.argv[1:])) as root:
         run = prepare(recipe, root, console, make_executor(executor, recipe, RunDir(root).logs), resume=args.resume)
         if args.dry_run:
-            describe_dry_run(run, console, run.root / "sbatch.sh" if (run.root / "sbatch.sh").exists() else None)
+            describe_dry_run(run, console, run.sbatch if run.sbatch.exists() else None)
             return 0
         return 0 if execute(recipe, run, console, executor_name=executor, detach=args.detach) else 1
 
@@ -386,7 +386,7 @@ def command_combine(args: argparse.Namespace, console: Console) -> int:
 
     if args.out is None or args.weights is None:
         raise UserError(["launch merge --adapters: give --weights (one per adapter) and --out DIR for the combination"])
-    adapters = [RunDir(a).adapter if (a / "recipe.toml").is_file() else a for a in args.adapters]
+    adapters = [RunDir(a).adapter if RunDir(a).recipe.is_file() else a for a in args.adapters]
     _, _, recipe_path = eval_targets(args.adapters, args.recipe)
     recipe = load_recipe(recipe_path)
     quiet_libraries_for(recipe)
@@ -462,13 +462,13 @@ def eval_targets(targets: list[Path], recipe: Path | None):
 
     runs, adapters, found = [], [], recipe
     for target in targets:
-        if (target / "recipe.toml").is_file():
+        if RunDir(target).recipe.is_file():
             runs.append(RunDir(target))
-            found = found or target / "recipe.toml"
+            found = found or RunDir(target).recipe
         elif (target / "adapter_config.json").is_file():
             adapters.append(target)
-            owner = next((p for p in (target.parent, target.parent.parent) if (p / "recipe.toml").is_file()), None)
-            found = found or (owner / "recipe.toml" if owner else None)
+            owner = next((RunDir(p) for p in (target.parent, target.parent.parent) if RunDir(p).recipe.is_file()), None)
+            found = found or (owner.recipe if owner else None)
         else:
             raise UserError([f"{target}: neither a run dir (recipe.toml) nor an adapter folder (adapter_config.json)"])
     if found is None:
@@ -514,9 +514,9 @@ def describe_run(run) -> str:
         if record:
             lines.append(f"  {stage}: {record.cost()}")
     lines += [f"  dashboard: {command}" for command in dashboard_commands(run)]
-    if (run.eval / "report.html").exists():
+    if run.evaluation.report_html.exists():
         lines.append(f"  report: {run.eval / 'report.html'} (and report.md)")
-    elif (run.eval / "plan.json").exists():
+    elif run.evaluation.plan.exists():
         lines.append(f"  eval: unfinished in {run.eval}; resume it with: launch eval {run.root}")
     return "\n".join(lines)
 

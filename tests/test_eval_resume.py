@@ -14,7 +14,6 @@ from conftest import tiny_recipe_text, write_recipe
 from launcher.config.recipe import load_recipe
 from launcher.errors import UserError
 from launcher.evaluate.shards import (
-    EXAMPLES,
     System,
     finish_if_complete,
     marker_of,
@@ -24,6 +23,7 @@ from launcher.evaluate.shards import (
     shard_file,
     unfinished,
 )
+from launcher.rundir.evaldir import EvalDir
 from launcher.rundir.runs import this_process
 
 SHARDS = 2
@@ -56,7 +56,7 @@ def clean(recipe, tmp_path_factory):
 def killed_before_the_plan(clean_out, out):
     out.mkdir()
     shutil.copy(clean_out / ".launcher-output", out)
-    shutil.copy(clean_out / EXAMPLES, out)  # plan.json (written last) is missing
+    shutil.copy(EvalDir(clean_out).examples, out)  # plan.json (written last) is missing
 
 
 def killed_mid_shard(clean_out, out):

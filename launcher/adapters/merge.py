@@ -92,13 +92,13 @@ def merge_run(recipe: Recipe, run: RunDir, overwrite: bool = False, checkpoint: 
             f"or merge a checkpoint with --checkpoint N"
         )
     if checkpoint is not None:
-        source, target = run.checkpoints / f"checkpoint-{checkpoint}", run.root / f"merged-checkpoint-{checkpoint}"
+        source, target = run.checkpoint(checkpoint), run.merged_checkpoint(checkpoint)
         if not is_complete(source):
             raise UserError(
                 f"--checkpoint {checkpoint}: {source} is not a complete checkpoint; pick N of a "
                 f"checkpoints/checkpoint-N with a completion marker"
             )
-        source = consolidated_adapter(source, run.root / f"adapter-checkpoint-{checkpoint}")
+        source = consolidated_adapter(source, run.rebuilt_adapter(checkpoint))
     done = merge_into_base(recipe, source, target, overwrite)
     record = stage_record(started, merged_weights=done["merged_weights"], shards=done["shards"])
     with run.editing_manifest() as manifest:

@@ -14,6 +14,7 @@ import json
 from pathlib import Path
 
 from launcher.errors import UserError
+from launcher.rundir.evaldir import EvalDir
 
 INSTALL = "pip install 'peft-launcher[benchmarks]' (lm-evaluation-harness)"
 
@@ -54,7 +55,7 @@ def task_manager(tasks_dir: str | None, tasks: list[str]):
 
 
 def result_file(out: Path, system: str) -> Path:
-    return Path(out) / "benchmarks" / f"{system.replace('/', '__')}.json"
+    return EvalDir(Path(out)).benchmark_file(system)
 
 
 def shard_of(plan: dict, system: str) -> int:

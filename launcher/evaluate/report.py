@@ -13,10 +13,10 @@ from pathlib import Path
 from launcher.data.examples import Example
 from launcher.evaluate.benchmarks import table_rows as benchmark_rows
 from launcher.rundir.checkpoints import checkpoint_step
+from launcher.rundir.evaldir import EvalDir
 from launcher.rundir.runs import RunDir, write_atomic
 
 SAMPLES = 10
-LOSS_PLOT, CHECKPOINT_PLOT = "loss_curve.png", "checkpoint_metrics.png"
 
 
 def write_report(out: Path, plan: dict, examples: list[Example], predictions: dict, result: dict) -> None:
@@ -24,8 +24,8 @@ def write_report(out: Path, plan: dict, examples: list[Example], predictions: di
     plots = [p for p in (loss_plot(out, plan), checkpoint_plot(out, result)) if p]
     title = f"Evaluation of {len(plan['systems'])} systems on {result['examples']} examples ({result['data']})"
     header = header_lines(plan)
-    write_atomic(out / "report.md", markdown(title, header, plan, examples, predictions, result, plots))
-    write_atomic(out / "report.html", page(title, header, plan, examples, predictions, result, plots))
+    write_atomic(EvalDir(out).report_md, markdown(title, header, plan, examples, predictions, result, plots))
+    write_atomic(EvalDir(out).report_html, page(title, header, plan, examples, predictions, result, plots))
 
 
 def header_lines(plan: dict) -> list[str]:
@@ -218,7 +218,7 @@ def loss_plot(out: Path, plan: dict) -> Path | None:
     for axes, label in zip(panels, ("training loss", "learning rate", "grad norm")):
         axes.set(xlabel="step", title=label)
     panels[0].legend()
-    return save(figure, out / LOSS_PLOT)
+    return save(figure, EvalDir(out).loss_plot)
 
 
 def checkpoint_plot(out: Path, result: dict) -> Path | None:
@@ -234,7 +234,7 @@ def checkpoint_plot(out: Path, result: dict) -> Path | None:
     for axes, name in zip(panels, moving):
         axes.plot(steps, [v.get(name) for _, v in points], "o-")
         axes.set(xlabel="checkpoint step", title=name)
-    return save(figure, out / CHECKPOINT_PLOT)
+    return save(figure, EvalDir(out).checkpoint_plot)
 
 
 def new_figure(columns: int = 1):

@@ -34,6 +34,7 @@ from launcher.evaluate.scores import resolve_convention, text_scores
 from launcher.evaluate.vllm import answers, split_systems, start_engine
 from launcher.models.loading import load_base_model, load_tokenizer, quiet_libraries
 from launcher.rundir.checkpoints import checkpoints_in, is_complete
+from launcher.rundir.evaldir import EvalDir
 from launcher.rundir.runs import (
     RunDir,
     accelerator_peak_mib,
@@ -46,7 +47,6 @@ from launcher.rundir.runs import (
 )
 from launcher.tracking.trackers import log_evaluation
 
-PLAN, EXAMPLES = "plan.json", "examples.jsonl"
 DECODING_KEYS = ("max_new_tokens", "do_sample", "temperature", "top_p", "seed", "batch_size")
 
 
@@ -137,8 +137,8 @@ def plan_evaluation(
             set_aside(out)  # a finished or different evaluation: kept, renamed
     out.mkdir(parents=True, exist_ok=True)
     mark_output(out, "evaluation")
-    write_atomic(out / EXAMPLES, "\n".join(lines) + "\n")
-    write_atomic(out / PLAN, json.dumps(plan, indent=2, ensure_ascii=False) + "\n")  # last: the plan stands
+    write_atomic(EvalDir(out).examples, "\n".join(lines) + "\n")
+    write_atomic(EvalDir(out).plan, json.dumps(plan, indent=2, ensure_ascii=False) + "\n")  # last: the plan stands
     return plan
 
 
@@ -148,16 +148,15 @@ def describe_difference(old: dict, new: dict) -> str:
 
 
 def read_plan(out: Path) -> dict | None:
-    path = Path(out) / PLAN
+    path = EvalDir(Path(out)).plan
     return json.loads(path.read_text()) if path.is_file() else None
 
 
 def shard_file(out: Path, system: str, shard: int, shards: int) -> Path:
-    return Path(out) / "shards" / system.replace("/", "__") / f"shard-{shard:05d}-of-{shards:05d}.jsonl"
+    return EvalDir(Path(out)).shard_file(system, shard, shards)
 
 
-def marker_of(path: Path) -> Path:
-    return path.with_suffix(".done")
+marker_of = EvalDir.marker_of
 
 
 def unfinished(out: Path, plan: dict) -> list[tuple[int, str]]:
@@ -191,7 +190,7 @@ def run_shard(out: Path, shard: int, device: str | None = None, started: float |
     process began (its markers record it)."""
 
     plan = read_plan(out)
-    recipe = validate_recipe(plan["recipe"], source=str(Path(out) / PLAN))
+    recipe = validate_recipe(plan["recipe"], source=str(EvalDir(Path(out)).plan))
     shards, systems = plan["shards"], [System(**s) for s in plan["systems"]]
     pending = [s for s in systems if not marker_of(shard_file(out, s.name, shard, shards)).exists()]
     benchmarking = benchmarks_left(out, plan, shard)
@@ -199,7 +198,7 @@ def run_shard(out: Path, shard: int, device: str | None = None, started: float |
         return
     device = device or shard_device(resolve_device(recipe.distributed.device), shard)
     quiet_libraries(device.split(":")[0])
-    examples = [Example(**json.loads(line)) for line in (Path(out) / EXAMPLES).read_text().splitlines()]
+    examples = [Example(**json.loads(line)) for line in EvalDir(Path(out)).examples.read_text().splitlines()]
     indices = list(range(shard, len(examples), shards))
     served = []
     if recipe.eval.backend == "vllm" and pending and all(examples[i].prompt for i in indices):
@@ -448,9 +447,9 @@ def finish_if_complete(out: Path) -> dict | None:
     plan = read_plan(out)
     if unfinished(out, plan):
         return None
-    with exclusive(out / ".finish.lock"):
-        if (out / "metrics.json").exists():
-            return json.loads((out / "metrics.json").read_text())
+    with exclusive(EvalDir(out).finish_lock):
+        if EvalDir(out).metrics.exists():
+            return json.loads(EvalDir(out).metrics.read_text())
         return write_results(out, plan)
 
 
@@ -470,7 +469,7 @@ def collect(out: Path, plan: dict, system: str) -> tuple[list[dict], dict]:
 
 def write_results(out: Path, plan: dict) -> dict:
 
-    examples = [Example(**json.loads(line)) for line in (out / EXAMPLES).read_text().splitlines()]
+    examples = [Example(**json.loads(line)) for line in EvalDir(out).examples.read_text().splitlines()]
     references = [e.response for e in examples]
     convention, why = resolve_convention(plan["recipe"]["eval"].get("metrics_convention", "auto"), references)
     predictions, metrics, speed, failed = {}, {}, {}, {}
@@ -492,7 +491,7 @@ def write_results(out: Path, plan: dict) -> dict:
         {"prompt": e.prompt, "reference": e.response} | {s: predictions[s][i] for s in predictions}
         for i, e in enumerate(examples)
     ]
-    write_atomic(out / "predictions.jsonl", "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
+    write_atomic(EvalDir(out).predictions, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
     result = {
         "examples": len(examples),
         "data": plan["data"],
@@ -507,7 +506,7 @@ def write_results(out: Path, plan: dict) -> dict:
         result["benchmarks"], benchmark_failures = collect_benchmarks(out, plan)
         result |= {"benchmarks_failed": benchmark_failures} if benchmark_failures else {}
     write_report(out, plan, examples, predictions, result)
-    write_atomic(out / "metrics.json", json.dumps(result, indent=2, ensure_ascii=False) + "\n")  # last: marks it done
+    write_atomic(EvalDir(out).metrics, json.dumps(result, indent=2, ensure_ascii=False) + "\n")  # last: marks it done
     for problem in log_evaluation(plan, result):  # into each evaluated run's trackers
         print(f"warning: {problem}", file=sys.stderr)
     return result

@@ -95,8 +95,8 @@ class EvalJob:
         recipe = run.load_recipe()
         quiet_libraries_for(recipe)
         validate_adapter(run.adapter)
-        with exclusive(run.root / ".eval-plan.lock"):
-            if not (run.eval / "metrics.json").exists():
+        with exclusive(run.eval_plan_lock):
+            if not run.evaluation.metrics.exists():
                 # RUN/eval is this run's final evaluation: another one found there is kept, renamed
                 systems = systems_of([run], [], recipe.eval.checkpoints)
                 plan_evaluation(recipe, systems, run.eval, runs=[run], set_aside_other=True)

@@ -26,7 +26,7 @@ from launcher.launch.executors.factory import job_of, make_executor
 from launcher.launch.jobs import EvalJob, MergeJob, TrainJob
 from launcher.launch.progress import StateWatcher, follow_training, print_tail, report_failure
 from launcher.launch.render import keep_or_refuse, render_run, worker_command
-from launcher.rundir.checkpoints import is_complete, latest_complete_checkpoint, rewind_to, step_of
+from launcher.rundir.checkpoints import checkpoint_step, is_complete, latest_complete_checkpoint, rewind_to, step_of
 from launcher.rundir.runs import RunDir, State, archive, claim_run_dir, in_use, make_run_root, now, write_atomic
 from launcher.tracking.trackers import dashboard_commands
 
@@ -99,12 +99,7 @@ def rewind(run: RunDir, checkpoint: Path, console: Console) -> None:
         )
     for moved in rewind_to(checkpoint):
         console.print(f"  newer checkpoint kept as {moved}", highlight=False)
-    later = [
-        path
-        for prefix in ("merged-checkpoint-", "adapter-checkpoint-")
-        for path in run.root.glob(f"{prefix}*")
-        if path.name.removeprefix(prefix).isdigit() and int(path.name.removeprefix(prefix)) > step_of(checkpoint)
-    ]
+    later = [path for path in run.checkpoint_outputs() if checkpoint_step(path.name) > step_of(checkpoint)]
     archive(run, [run.adapter, run.merged, run.eval, *later])  # they belong to the later history
 
 
@@ -117,7 +112,7 @@ def stages_to_do(recipe: Recipe, run: RunDir) -> list[Stage]:
         for name, needed in (
             ("train", not run.adapter.exists()),
             ("merge", merges and not run.merged.exists()),
-            ("eval", recipe.eval.enabled and not (run.eval / "metrics.json").exists()),
+            ("eval", recipe.eval.enabled and not run.evaluation.metrics.exists()),
         )
         if needed
     ]
@@ -170,7 +165,7 @@ def write_submission_script(recipe: Recipe, run: RunDir, executor: Executor) -> 
     text = executor.submission_script(stage_resources(recipe, "train", run))
     if text is None:
         return None
-    path = run.root / "sbatch.sh"
+    path = run.sbatch
     keep_or_refuse(run, path, text)
     if not path.exists():
         write_atomic(path, text)
@@ -322,7 +317,7 @@ def submit(executor: Executor, stages: list[Stage], run: RunDir, console: Consol
             r = stage.resources
             console.print(
                 f"submitted {job.kind} job {job.id} ({r.nodes} nodes x {r.tasks_per_node} ranks)"
-                + (f"; sbatch script: {run.root / 'sbatch.sh'}" if executor.detachable else ""),
+                + (f"; sbatch script: {run.sbatch}" if executor.detachable else ""),
                 highlight=False,
             )
         else:
@@ -410,7 +405,7 @@ def print_summary(run: RunDir, console: Console, wall_s: float) -> None:
     console.print(f"  adapter: {run.adapter}", highlight=False)
     if run.merged.exists():
         console.print(f"  merged:  {run.merged}", highlight=False)
-    metrics_path = run.eval / "metrics.json"
+    metrics_path = run.evaluation.metrics
     if metrics_path.exists():
         console.print(f"  report:  {run.eval / 'report.html'}", highlight=False)
 
@@ -429,7 +424,7 @@ def next_commands(run: RunDir) -> list[str]:
     commands = [f"launch status {run.root}", f"launch logs {run.root}"] + dashboard_commands(run)
     if run.checkpoints.exists():
         commands.append(f"launch eval {run.root} --checkpoints all (or --data FILE)")
-    if (run.eval / "report.html").exists():
+    if run.evaluation.report_html.exists():
         commands.append(f"open {run.eval / 'report.html'}")
     return commands + [f"PeftModel.from_pretrained(base, '{run.adapter}')"]
 

@@ -22,6 +22,7 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 
 from launcher.config.recipe import Recipe, read_toml, validate_recipe
 from launcher.errors import UserError
+from launcher.rundir.evaldir import EvalDir
 
 TRACKED_PACKAGES = ("torch", "transformers", "peft", "deepspeed", "accelerate", "datasets")
 
@@ -387,6 +388,9 @@ def parsed_row(line: str) -> dict | None:
     return row if isinstance(row, dict) and "step" in row else None
 
 
+CHECKPOINT_OUTPUT_PREFIXES = ("merged-checkpoint-", "adapter-checkpoint-")
+
+
 @dataclass(frozen=True)
 class RunDir:
     root: Path
@@ -400,6 +404,31 @@ class RunDir:
     initial_adapter = property(lambda self: self.root / "adapter-init")  # PiSSA / OLoRA: the start the base moved by
     merged = property(lambda self: self.root / "merged")
     eval = property(lambda self: self.root / "eval")
+    evaluation = property(lambda self: EvalDir(self.root / "eval"))  # the run's own evaluation: its paths
+    sbatch = property(lambda self: self.root / "sbatch.sh")
+    tracking_ids = property(lambda self: self.root / "tracking.json")
+    tensorboard = property(lambda self: self.root / "tensorboard")
+    mlflow_store = property(lambda self: self.root / "mlruns")
+    trackio = property(lambda self: self.root / "trackio")
+    wandb = property(lambda self: self.root / "wandb")  # W&B makes it under WANDB_DIR = the run dir
+    adapter_staging = property(lambda self: self.root / "adapter.partial")
+    eval_plan_lock = property(lambda self: self.root / ".eval-plan.lock")
+
+    def checkpoint(self, step: int) -> Path:
+        return self.checkpoints / f"checkpoint-{step}"
+
+    def merged_checkpoint(self, step: int) -> Path:
+        """`launch merge --checkpoint N`'s merged model."""
+        return self.root / f"merged-checkpoint-{step}"
+
+    def rebuilt_adapter(self, step: int) -> Path:
+        """A checkpoint's adapter rebuilt from its ZeRO shards (its saved one was empty)."""
+        return self.root / f"adapter-checkpoint-{step}"
+
+    def checkpoint_outputs(self) -> list[Path]:
+        """Every merged-checkpoint-N / adapter-checkpoint-N folder the run holds."""
+        return sorted(p for p in self.root.glob("*-checkpoint-*") if p.name.startswith(CHECKPOINT_OUTPUT_PREFIXES))
+
     logs = property(lambda self: self.root / "logs")
     cache = property(lambda self: self.root / "cache")
     metrics = property(lambda self: MetricsLog(self.root / "logs" / "train_metrics.jsonl"))

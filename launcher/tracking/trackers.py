@@ -82,7 +82,7 @@ def wandb_run_id(run: RunDir) -> str:
 
 
 def saved_ids(run: RunDir) -> dict:
-    path = run.root / "tracking.json"
+    path = run.tracking_ids
     return json.loads(path.read_text()) if path.is_file() else {}
 
 
@@ -90,18 +90,18 @@ def environment(recipe: Recipe, run: RunDir) -> dict[str, str]:
     """The trackers' environment variables for this run; the user's own settings (project, address,
     mode) win, except the run's identity."""
     used = trackers(recipe)
-    env = {"TENSORBOARD_LOGGING_DIR": str(run.root / "tensorboard")}
+    env = {"TENSORBOARD_LOGGING_DIR": str(run.tensorboard)}
     if "wandb" in used:
         env |= {"WANDB_DIR": str(run.root), "WANDB_PROJECT": recipe.name, "WANDB_RUN_ID": wandb_run_id(run)}
         env["WANDB_RESUME"] = "allow"
     if "mlflow" in used:
         env |= {"MLFLOW_EXPERIMENT_NAME": recipe.name}
         if "MLFLOW_TRACKING_URI" not in os.environ:  # a file store in the run dir (MLflow 3 asks to allow it)
-            env |= {"MLFLOW_TRACKING_URI": (run.root / "mlruns").resolve().as_uri(), "MLFLOW_ALLOW_FILE_STORE": "true"}
+            env |= {"MLFLOW_TRACKING_URI": run.mlflow_store.resolve().as_uri(), "MLFLOW_ALLOW_FILE_STORE": "true"}
         if saved_ids(run).get("mlflow_run_id"):
             env["MLFLOW_RUN_ID"] = saved_ids(run)["mlflow_run_id"]
     if "trackio" in used:
-        env["TRACKIO_DIR"] = str(run.root / "trackio")
+        env["TRACKIO_DIR"] = str(run.trackio)
     return {key: value for key, value in env.items() if key in OURS or key not in os.environ}
 
 
@@ -180,7 +180,7 @@ def log_recipe(recipe: Recipe, run: RunDir) -> None:
 
         trackio.config.update({"recipe": recipe.to_dict()}, allow_val_change=True)
     if ids:
-        write_atomic(run.root / "tracking.json", json.dumps(saved_ids(run) | ids, indent=2) + "\n")
+        write_atomic(run.tracking_ids, json.dumps(saved_ids(run) | ids, indent=2) + "\n")
 
 
 # ---------------------------------------------------------------- evaluation
@@ -288,24 +288,23 @@ LOGGERS = {"tensorboard": tensorboard_points, "wandb": wandb_points, "mlflow": m
 def dashboard_commands(run: RunDir) -> list[str]:
     """How to look at the run's tracked curves, one command per tracker."""
     try:
-        recipe, root, commands = run.load_recipe(), run.root, []
+        recipe, commands = run.load_recipe(), []
     except UserError:  # no recipe (yet), or one of an older schema: no dashboard to name
         return []
     used = trackers(recipe)
-    if "tensorboard" in used and ((root / "tensorboard").exists() or not run.metrics_log.exists()):  # not a run from before
-        commands.append(f"tensorboard --logdir {root / 'tensorboard'}")
+    if "tensorboard" in used and (run.tensorboard.exists() or not run.metrics_log.exists()):  # not a run from before
+        commands.append(f"tensorboard --logdir {run.tensorboard}")
     if "wandb" in used:
-        offline = sorted((root / "wandb").glob("offline-run-*"))
+        offline = sorted(run.wandb.glob("offline-run-*"))
         commands.append(
-            f"wandb sync {root / 'wandb'}/offline-run-*" if offline else f"W&B run {wandb_run_id(run)} of project {recipe.name}"
+            f"wandb sync {run.wandb}/offline-run-*" if offline else f"W&B run {wandb_run_id(run)} of project {recipe.name}"
         )
     if "mlflow" in used:
-        local = root / "mlruns"
         commands.append(
-            f"mlflow ui --backend-store-uri {local}"
-            if local.exists()
+            f"mlflow ui --backend-store-uri {run.mlflow_store}"
+            if run.mlflow_store.exists()
             else f"MLflow run {saved_ids(run).get('mlflow_run_id', '?')}"
         )
     if "trackio" in used:
-        commands.append(f"TRACKIO_DIR={root / 'trackio'} trackio show --project {recipe.name}")
+        commands.append(f"TRACKIO_DIR={run.trackio} trackio show --project {recipe.name}")
     return commands

@@ -24,6 +24,7 @@ from launcher.config.recipe import Recipe
 from launcher.data.examples import build_train_dataset
 from launcher.models.loading import load_tokenizer, load_training_model, planned_steps, quiet_libraries_for
 from launcher.rundir.checkpoints import (
+    SET_ASIDE,
     PlanComplete,
     checkpoint_guard,
     latest_complete_checkpoint,
@@ -318,7 +319,7 @@ def resume_point(run: RunDir, rank: int) -> Path | None:
     if rank == 0:
         for path in set_aside_incomplete(run.checkpoints, after_step=step_of(latest) if latest else 0):
             print(
-                f"warning: {path.name.split('-incomplete-')[0]} was not complete (killed while saving?); "
+                f"warning: {path.name.split(SET_ASIDE)[0]} was not complete (killed while saving?); "
                 f"ignored and kept as {path.name} until a newer checkpoint completes"
             )
         print(f"resuming from {latest} (step {step_of(latest)})" if latest else "starting at step 0")
@@ -341,7 +342,7 @@ def save_final_adapter(trainer, run: RunDir, rank: int, probe: dict) -> None:
     import torch.distributed as dist
     from safetensors.torch import save_file
 
-    staging = run.root / "adapter.partial"
+    staging = run.adapter_staging
     if rank == 0:
         staging = staging_for(run.adapter)
     if dist.is_initialized():
