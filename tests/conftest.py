@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import difflib
+import json
 import os
+import re
 import signal
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import pytest
@@ -95,3 +99,62 @@ def start_launch(*args) -> subprocess.Popen:
         text=True,
         preexec_fn=as_from_a_terminal,
     )
+
+
+# ---------------------------------------------------------------- shared by the test modules
+
+SIZES = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128, vocab_size=256)
+"""A tiny model of any architecture: these sizes, plus its config class's own extras."""
+GOLDEN = REPO / "tests" / "golden"
+
+
+def train_tiny(assets: dict[str, Path], folder: Path, *sets: str, extra: str = "", run_dir: Path | None = None, flags=()):
+    """The tests' tiny recipe trained end to end by `launch` with these --set overrides (the module
+    fixtures that share one trained run each call this); returns (recipe file, run dir, result, the
+    command's arguments)."""
+    from launcher.rundir.runs import RunDir
+
+    recipe = write_recipe(folder, tiny_recipe_text(assets, extra=extra))
+    run = RunDir(run_dir or folder / "run")
+    args = [recipe, "--run-dir", run.root, *flags, *[x for s in sets for x in ("--set", s)]]
+    result = run_launch(*args)
+    assert result.returncode == 0, result.stdout + result.stderr
+    return recipe, run, result, args
+
+
+def wait_for_rows(run, count: int, timeout_s: float = 240) -> None:
+    """Until the run's metrics log holds `count` complete step rows."""
+    deadline = time.time() + timeout_s
+    while len(run.metrics.written()) < count:
+        assert time.time() < deadline, f"{run.metrics_log}: fewer than {count} rows after {timeout_s} s"
+        time.sleep(0.1)
+
+
+def batches(run, rank: int, attempt: int | None = None) -> list[list[int]]:
+    """The sample ids of each micro-batch a rank trained on (of one attempt, or all)."""
+    lines = (run.logs / f"samples_rank{rank}.jsonl").read_text().splitlines()
+    return [r["ids"] for r in map(json.loads, lines) if attempt is None or r["attempt"] == attempt]
+
+
+def rank_pid(run, rank: int) -> int:
+    return int(re.findall(r"pid (\d+)", run.rank_log(rank).read_text())[-1])
+
+
+def launch_then_kill_a_rank(args: list, run, after_rows: int) -> None:
+    """`launch args` in a fresh process; rank 1 SIGKILLed once `after_rows` steps are logged: it fails."""
+    first = start_launch(*args)
+    wait_for_rows(run, after_rows)
+    os.kill(rank_pid(run, 1), signal.SIGKILL)
+    output, _ = first.communicate(timeout=300)
+    assert first.returncode == 1, output
+
+
+def assert_matches_golden(text: str, golden: Path) -> None:
+    """The rendered text equals the recorded file. UPDATE_GOLDEN=1 records the new text and still
+    fails, so a changed rendering is always a diff someone reads before it passes."""
+    expected = golden.read_text() if golden.exists() else ""
+    diff = "".join(difflib.unified_diff(expected.splitlines(True), text.splitlines(True), str(golden), "rendered"))
+    if diff and os.environ.get("UPDATE_GOLDEN"):
+        golden.write_text(text)
+        raise AssertionError(f"{golden} recorded anew (UPDATE_GOLDEN); review this diff, then run again without it:\n{diff}")
+    assert not diff, f"rendered file differs from {golden} (UPDATE_GOLDEN=1 records the new one):\n{diff}"

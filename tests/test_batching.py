@@ -14,8 +14,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from conftest import run_launch, tiny_recipe_text, write_recipe
-from test_merge_matrix import SIZES
+from conftest import SIZES, run_launch, tiny_recipe_text, write_recipe
 
 from launcher.train.batching import packed_batch
 from launcher.train.packing import TOLERANCE, cache_dir, choose_batching, packing_verdict

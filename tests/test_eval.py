@@ -6,9 +6,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from conftest import run_launch, tiny_recipe_text, write_recipe
-
-from launcher.rundir.runs import RunDir
+from conftest import run_launch, train_tiny, write_recipe
 
 pytestmark = [pytest.mark.xdist_group("eval"), pytest.mark.e2e]  # one trained run for the module, on one worker
 
@@ -16,10 +14,8 @@ pytestmark = [pytest.mark.xdist_group("eval"), pytest.mark.e2e]  # one trained r
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory, tiny_assets):
     folder = tmp_path_factory.mktemp("eval")
-    recipe = write_recipe(folder, tiny_recipe_text(tiny_assets, extra="[merge]\nenabled = false"))
-    result = run_launch(recipe, "--run-dir", folder / "run", "--set", "eval.enabled=false")
-    assert result.returncode == 0, result.stdout + result.stderr
-    return RunDir(folder / "run"), folder
+    _, run, _, _ = train_tiny(tiny_assets, folder, "eval.enabled=false", extra="[merge]\nenabled = false")
+    return run, folder
 
 
 def rows_of(folder) -> list[dict]:

@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import REPO, as_from_a_terminal, run_launch, tiny_recipe_text, write_recipe
+from conftest import REPO, as_from_a_terminal, run_launch, train_tiny, wait_for_rows
 from safetensors.torch import load_file
 
 from launcher.rundir.runs import RunDir
@@ -35,10 +35,9 @@ def args_for(recipe: Path, run_dir: Path, steps: int = STEPS) -> list:
 @pytest.fixture(scope="module")
 def straight(tmp_path_factory, tiny_assets):
     folder = tmp_path_factory.mktemp("faults")
-    recipe = write_recipe(folder, tiny_recipe_text(tiny_assets))
-    result = run_launch(*args_for(recipe, folder / "straight"))
-    assert result.returncode == 0, result.stdout + result.stderr
-    return recipe, RunDir(folder / "straight")
+    sets = [f"train.max_steps={STEPS}", "train.save_steps=4", "merge.enabled=false", "eval.enabled=false"]
+    recipe, run, _, _ = train_tiny(tiny_assets, folder, *sets, run_dir=folder / "straight", flags=["--executor", "local"])
+    return recipe, run
 
 
 def start_launch(recipe: Path, run_dir: Path, extra: list[str] = (), steps: int = STEPS) -> subprocess.Popen:
@@ -52,13 +51,6 @@ def start_launch(recipe: Path, run_dir: Path, extra: list[str] = (), steps: int 
         start_new_session=True,
         preexec_fn=as_from_a_terminal,
     )
-
-
-def wait_for_rows(run: RunDir, count: int, timeout_s: float = 240) -> None:
-    deadline = time.time() + timeout_s
-    while len(run.metrics.written()) < count:
-        assert time.time() < deadline, f"{run.metrics_log}: fewer than {count} rows after {timeout_s} s"
-        time.sleep(0.1)
 
 
 def processes_of(run: RunDir) -> list[str]:

@@ -9,8 +9,8 @@ unquantized base as PEFT merges them there."""
 from __future__ import annotations
 
 import pytest
+from conftest import SIZES
 
-SIZES = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128, vocab_size=256)
 # family -> (config class, extra config, attention targets, feed-forward target)
 FAMILIES = {
     "opt": ("OPTConfig", dict(ffn_dim=128, word_embed_proj_dim=64, max_position_embeddings=64), ["q_proj", "v_proj"], "fc2"),

@@ -4,13 +4,16 @@ checkpoint and its per-step losses and sample order equal an uninterrupted run's
 from __future__ import annotations
 
 import json
-import os
 import re
-import signal
-import time
 
 import pytest
-from conftest import run_launch, start_launch, tiny_recipe_text, write_recipe
+from conftest import (
+    batches,
+    launch_then_kill_a_rank,
+    run_launch,
+    tiny_recipe_text,
+    write_recipe,
+)
 
 from launcher.rundir.checkpoints import is_complete
 from launcher.rundir.runs import RunDir
@@ -24,15 +27,6 @@ def last_row_per_step(run: RunDir) -> dict[int, dict]:
     rows = run.metrics.rows()
     assert [r["step"] for r in rows] == list(range(1, STEPS + 1))  # one row per step, whatever was redone
     return {row["step"]: row for row in rows}
-
-
-def batches(run: RunDir, rank: int, attempt: int | None = None) -> list[list[int]]:
-    lines = (run.logs / f"samples_rank{rank}.jsonl").read_text().splitlines()
-    return [r["ids"] for r in map(json.loads, lines) if attempt is None or r["attempt"] == attempt]
-
-
-def rank_pid(run: RunDir, rank: int) -> int:
-    return int(re.findall(r"pid (\d+)", run.rank_log(rank).read_text())[-1])
 
 
 def launch_args(recipe, run_dir, stage: str) -> list:
@@ -53,24 +47,6 @@ def launch_args(recipe, run_dir, stage: str) -> list:
         "--set",
         "eval.enabled=false",
     ]
-
-
-def wait_for_rows(run: RunDir, count: int, timeout_s: float = 240) -> None:
-    deadline = time.time() + timeout_s
-    while time.time() < deadline:
-        if run.metrics_log.exists() and len(run.metrics_log.read_text().splitlines()) >= count:
-            return
-        time.sleep(0.1)
-    raise AssertionError(f"{run.metrics_log}: fewer than {count} rows after {timeout_s} s")
-
-
-def launch_then_kill_a_rank(args: list, run: RunDir, after_rows: int) -> None:
-    """`launch args` in a fresh process; rank 1 SIGKILLed once `after_rows` steps are logged: it fails."""
-    first = start_launch(*args)
-    wait_for_rows(run, after_rows)
-    os.kill(rank_pid(run, 1), signal.SIGKILL)
-    output, _ = first.communicate(timeout=300)
-    assert first.returncode == 1, output
 
 
 # ZeRO-3 here; ZeRO-2 (and ZeRO-3 again) with the seed models' own code in test_seed_recipes.py

@@ -9,9 +9,8 @@ from __future__ import annotations
 import json
 
 import pytest
-from conftest import REPO, run_launch
+from conftest import REPO, batches, launch_then_kill_a_rank, run_launch
 from seed_models import build_seed_model, require_upstream
-from test_resume import batches, launch_then_kill_a_rank
 
 from launcher.config.recipe import load_recipe
 from launcher.rundir.checkpoints import is_complete

@@ -12,7 +12,7 @@ import sys
 import time
 
 import pytest
-from conftest import REPO, run_launch, start_launch, tiny_recipe_text, write_recipe
+from conftest import GOLDEN, REPO, assert_matches_golden, run_launch, start_launch, tiny_recipe_text, wait_for_rows, write_recipe
 
 from launcher.adapters.merge import validate_adapter
 from launcher.config.recipe import load_recipe
@@ -166,9 +166,7 @@ def test_status_logs_and_cancel_on_a_running_job(dev_cluster, tmp_path, tiny_ass
     )
     assert submitted.returncode == 0 and "detached" in submitted.stdout, submitted.stderr
     run = RunDir(run_dir)
-    deadline = time.time() + 180
-    while time.time() < deadline and not (run.metrics_log.exists() and len(run.metrics_log.read_text().splitlines()) >= 2):
-        time.sleep(1)
+    wait_for_rows(run, 2, timeout_s=180)
     status = run_launch("status", run_dir)
     assert status.returncode == 0
     assert f"{run_dir}: training, step " in status.stdout and "/100000" in status.stdout
@@ -214,7 +212,6 @@ def test_every_sbatch_directive_is_one_option_and_hostile_values_never_get_there
     exactly one option. Values that would add an option are refused with their key; the
     environment (script body, shell-quoted) is run by real bash with a recording `srun` stand-in,
     and nothing hostile executes."""
-    from test_render import GOLDEN, assert_matches_golden
 
     from launcher.errors import UserError
     from launcher.launch.executors.factory import make_executor
@@ -278,15 +275,6 @@ def rows_per_step(run: RunDir) -> dict[int, list[dict]]:
     return rows
 
 
-def wait_for_steps(run: RunDir, count: int, timeout_s: float = 240) -> None:
-    deadline = time.time() + timeout_s
-    while time.time() < deadline:
-        if run.metrics_log.exists() and len(run.metrics_log.read_text().splitlines()) >= count:
-            return
-        time.sleep(0.2)
-    raise AssertionError(f"no {count} steps in {run.metrics_log} after {timeout_s} s")
-
-
 def test_preemption_signal_saves_requeues_and_resumes_with_the_same_losses(dev_cluster, tmp_path, tiny_assets):
     recipe = write_recipe(tmp_path, tiny_recipe_text(tiny_assets))
     steps = [
@@ -323,7 +311,7 @@ def test_preemption_signal_saves_requeues_and_resumes_with_the_same_losses(dev_c
         stderr=subprocess.STDOUT,
         text=True,
     )
-    wait_for_steps(run, 10)
+    wait_for_rows(run, 10)
     subprocess.run(["scancel", "--signal=USR2", job_id_of(run)], check=True)
     output, _ = follower.communicate(timeout=400)
     assert follower.returncode == 0, output

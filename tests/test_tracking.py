@@ -11,7 +11,7 @@ import sqlite3
 import struct
 
 import pytest
-from conftest import run_launch, tiny_recipe_text, write_recipe
+from conftest import run_launch, train_tiny
 
 from launcher.rundir.runs import RunDir
 
@@ -33,19 +33,9 @@ def tracked(tmp_path_factory, tiny_assets):
         env.setenv("WANDB_MODE", "offline")  # no network here; a cluster without internet does the same
         for key in ("MLFLOW_TRACKING_URI", "WANDB_DIR", "TRACKIO_DIR"):
             env.delenv(key, raising=False)
-        recipe = write_recipe(folder, tiny_recipe_text(tiny_assets, extra="[merge]\nenabled = false"))
-        result = run_launch(
-            recipe,
-            "--run-dir",
-            folder / "run",
-            "--set",
-            'train.report_to=["tensorboard", "wandb", "mlflow", "trackio"]',
-            "--set",
-            "eval.checkpoints=all",
-            "--set",
-            "eval.max_examples=8",
-        )
-        assert result.returncode == 0, result.stdout + result.stderr
+        trackers = 'train.report_to=["tensorboard", "wandb", "mlflow", "trackio"]'
+        sets = [trackers, "eval.checkpoints=all", "eval.max_examples=8"]
+        _, _, result, _ = train_tiny(tiny_assets, folder, *sets, extra="[merge]\nenabled = false")
         status = run_launch("status", folder / "run")
     run = RunDir(folder / "run")
     losses = {row["step"]: row["loss"] for row in run.metrics.rows()}

@@ -6,7 +6,7 @@ import json
 
 import pytest
 import torch
-from conftest import run_launch, tiny_recipe_text, write_recipe
+from conftest import run_launch, train_tiny
 
 from launcher.adapters.merge import validate_adapter
 from launcher.rundir.runs import RunDir
@@ -19,19 +19,8 @@ STEPS = 30
 @pytest.fixture(scope="module", params=["zero3", "zero2"])
 def finished_run(request, tmp_path_factory, tiny_assets):
     folder = tmp_path_factory.mktemp(request.param)
-    recipe = write_recipe(folder, tiny_recipe_text(tiny_assets))
-    args = [
-        recipe,
-        "--run-dir",
-        folder / "run",
-        "--set",
-        f"distributed.deepspeed={request.param}",
-        "--set",
-        f"train.max_steps={STEPS}",
-    ]
-    result = run_launch(*args)
-    assert result.returncode == 0, result.stdout + result.stderr
-    return RunDir(folder / "run"), result, args, tiny_assets
+    _, run, result, args = train_tiny(tiny_assets, folder, f"distributed.deepspeed={request.param}", f"train.max_steps={STEPS}")
+    return run, result, args, tiny_assets
 
 
 def metrics_rows(run: RunDir) -> list[dict]:
@@ -152,8 +141,7 @@ def test_each_stage_records_its_own_wall_time_and_peak(finished_run):
     manifest = json.loads(run.manifest_path.read_text())
     train, merge, evaluation = manifest["train"], manifest["merge"], manifest["eval"]
     assert all(record["wall_s"] > 0 and record["peak_rss_mib"] > 100 for record in (train, merge, evaluation))
-    assert merge["peak_rss_mib"] != train["peak_rss_mib"]
-    assert train["wall_s"] < sum(r["wall_s"] for r in (train, merge, evaluation))
+    assert merge["peak_rss_mib"] != train["peak_rss_mib"]  # measured in another process than training's
     again = run_launch("merge", run.root, "--overwrite")
     assert again.returncode == 0, again.stdout + again.stderr
     alone = json.loads(run.manifest_path.read_text())["merge"]
