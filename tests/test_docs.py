@@ -42,3 +42,39 @@ def test_the_lock_pins_every_dependency_within_pyprojects_bounds():
         assert version, f"{requirement.name} is not in requirements/test.lock: run requirements/lock"
         assert requirement.specifier.contains(version, prereleases=True), f"{requirement.name}=={version} breaks {requirement}"
     assert pinned["torch"] == "2.13.0+cpu"  # the CPU build on this project's machines, never a CUDA download
+
+
+def layout_entries() -> dict[str, str]:
+    """README's Layout block: {path: description}, continuation lines joined."""
+    text = (REPO / "README.md").read_text()
+    block = re.search(r"## Layout\n.*?```\n(.*?)```", text, re.S).group(1)
+    entries: dict[str, str] = {}
+    last = None
+    for line in block.splitlines():
+        if line.startswith(" ") and last:
+            entries[last] += " " + line.strip()
+        elif line.strip():
+            last, _, description = line.partition(" ")
+            entries[last] = description.strip()
+    return entries
+
+
+def test_the_readme_layout_is_the_real_tree():
+    """Every launcher module and folder is in README's Layout, and each folder's entry names exactly
+    the modules in it (the words before each parenthesis or comma)."""
+    entries = layout_entries()
+    package = REPO / "launcher"
+    folders = {
+        f"launcher/{p.relative_to(package).as_posix()}/" for p in package.rglob("*") if p.is_dir() and p.name != "__pycache__"
+    }
+    modules = {f"launcher/{p.name}" for p in package.glob("*.py") if p.name != "__init__.py"}
+    launcher_entries = {path for path in entries if path.startswith("launcher/")}
+    assert launcher_entries == folders | modules, (
+        f"README's Layout lists {sorted(launcher_entries)}; the tree has {sorted(folders | modules)}"
+    )
+    for folder in folders:
+        named = {item.split()[0] for item in re.sub(r"\([^)]*\)", "", entries[folder]).split(",") if item.strip()}
+        real = {p.stem for p in (REPO / folder).glob("*.py") if p.name != "__init__.py"}
+        assert named == real, f"README's Layout says {folder} holds {sorted(named)}; it holds {sorted(real)}"
+    for path in entries:
+        assert (REPO / path).exists(), f"README's Layout names {path}, which does not exist"
