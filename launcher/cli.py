@@ -36,8 +36,9 @@ from launcher.launch.pipeline import describe_dry_run, execute, metrics_table, p
 from launcher.launch.preflight import gpu_request_warning, run_preflight
 from launcher.launch.render import render_deepspeed, zero_stage
 from launcher.models.loading import quiet_libraries_for
+from launcher.rundir import lifecycle
 from launcher.rundir.checkpoints import latest_complete_checkpoint
-from launcher.rundir.runs import RunDir, State, default_run_dir, unused_name
+from launcher.rundir.runs import RunDir, default_run_dir, unused_name
 from launcher.tracking.trackers import dashboard_commands
 
 COMMANDS = ("run", "check", "merge", "eval", "status", "logs", "cancel")
@@ -555,7 +556,7 @@ def command_cancel(args: argparse.Namespace, console: Console) -> int:
         job.cancel()
         stage = f" ({job.record.stage})" if job.record.stage != "train" else ""
         console.print(f"cancelled {job.record.executor} job {job.id}{stage}", highlight=False)
-    run.set_state(State.CANCELLED)
+    lifecycle.cancelled(run)
     return 0
 
 

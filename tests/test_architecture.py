@@ -178,3 +178,19 @@ def test_only_the_method_registry_branches_on_a_peft_method():
             if isinstance(node, ast.Compare):
                 constants = {c.value for c in ast.walk(node) if isinstance(c, ast.Constant) and isinstance(c.value, str)}
                 assert not names & constants, f"{path.relative_to(REPO)}:{node.lineno} branches on {names & constants}"
+
+
+def test_only_the_lifecycle_changes_a_runs_state():
+    """manifest.state is written by launcher/rundir/lifecycle.py alone: no other module assigns a
+    `.state` (but an object's own, self.state) or passes `state=`."""
+    for path in PACKAGE.rglob("*.py"):
+        if path == PACKAGE / "rundir" / "lifecycle.py":
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            targets = node.targets if isinstance(node, ast.Assign) else [node.target] if isinstance(node, ast.AugAssign) else []
+            flat = [t for target in targets for t in (target.elts if isinstance(target, ast.Tuple) else [target])]
+            written = [t for t in flat if isinstance(t, ast.Attribute) and t.attr == "state"]
+            own = [t for t in written if isinstance(t.value, ast.Name) and t.value.id == "self"]  # a watcher's own field
+            assert written == own, f"{path.relative_to(REPO)}:{node.lineno} writes a state"
+            if isinstance(node, ast.Call):
+                assert not any(k.arg == "state" for k in node.keywords), f"{path.relative_to(REPO)}:{node.lineno} passes state="

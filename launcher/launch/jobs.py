@@ -15,8 +15,9 @@ from launcher.adapters.merge import merge_run, validate_adapter
 from launcher.evaluate.shards import finish_if_complete, plan_evaluation, run_shard, shard_markers, systems_of
 from launcher.launch.executors.base import STOP_SIGNAL, task_index
 from launcher.models.loading import quiet_libraries_for
+from launcher.rundir import lifecycle
 from launcher.rundir.checkpoints import stop_flag
-from launcher.rundir.runs import RunDir, StageRecord, State, exclusive
+from launcher.rundir.runs import RunDir, StageRecord, exclusive
 from launcher.train.worker import main
 
 
@@ -60,7 +61,7 @@ class MergeJob:
             f"merged model: {run.merged} ({record.wall_s if record else '?'} s, "
             f"peak RSS {record.peak_rss_mib if record else '?'} MiB)"
         )
-        run.set_state(State.COMPLETED if self.last_stage else State.MERGED)
+        lifecycle.stage_finished(run, "merge", self.last_stage)
         return 0
 
 
@@ -83,9 +84,7 @@ class EvalJob:
         print(f"eval shard {shard}: done")
         if result is not None and self.run_dir:
             run = RunDir(Path(self.run_dir))
-            with run.editing_manifest() as manifest:
-                manifest.eval = result_record(out)
-                manifest.state = State.COMPLETED if self.last_stage else State.EVALUATED
+            lifecycle.stage_finished(run, "eval", self.last_stage, result_record(out))
             print(f"report: {out / 'report.html'}")
         return 0
 

@@ -26,8 +26,9 @@ from launcher.launch.executors.factory import job_of, make_executor
 from launcher.launch.jobs import EvalJob, MergeJob, TrainJob
 from launcher.launch.progress import StateWatcher, follow_training, print_tail, report_failure
 from launcher.launch.render import keep_or_refuse, render_run, worker_command
+from launcher.rundir import lifecycle
 from launcher.rundir.checkpoints import checkpoint_step, is_complete, latest_complete_checkpoint, rewind_to, step_of
-from launcher.rundir.runs import RunDir, State, archive, claim_run_dir, in_use, make_run_root, now, write_atomic
+from launcher.rundir.runs import RunDir, archive, claim_run_dir, in_use, make_run_root, write_atomic
 from launcher.tracking.trackers import dashboard_commands
 
 
@@ -266,8 +267,7 @@ def stop_jobs(executor: Executor, jobs: list[tuple[str, Job]], run: RunDir | Non
     if run is None:  # an evaluation: its finished shards are kept
         say(console, "stopped; the same command resumes the evaluation's unfinished shards")
         return
-    if run.manifest().state in (State.TRAINING, State.PREEMPTED):
-        run.set_state(State.STOPPED)
+    lifecycle.stopped(run)
     newest = latest_complete_checkpoint(run.checkpoints)
     say(console, f"stopped; newest complete checkpoint: {newest.name if newest else 'none'}; the same command resumes the run")
 
@@ -278,7 +278,6 @@ LOW_DISK_BYTES = 256 * 2**20  # a failed job with less free space than this: the
 def record_failure(run: RunDir, reason: str, console: Console) -> None:
     """State "failed" and why, in the manifest. On a full disk a new file may not fit where the
     old one's blocks do: then the manifest is rewritten in place."""
-    import json
     import shutil
 
     free = shutil.disk_usage(run.root).free
@@ -286,15 +285,7 @@ def record_failure(run: RunDir, reason: str, console: Console) -> None:
         reason += f" (the run dir's file system is full: {free / 2**20:.1f} MiB free; make room and relaunch)"
         say(console, f"[red]disk full[/red]: {free / 2**20:.1f} MiB free where {run.root} is")
     try:
-        run.update_manifest(state=State.FAILED, failure=reason, updated=now())
-        return
-    except OSError:
-        pass
-    recorded = json.loads(run.manifest_path.read_text()) | {"state": State.FAILED.value, "failure": reason}
-    try:
-        with open(run.manifest_path, "r+") as handle:  # compact: it fits in the blocks the file has
-            handle.write(json.dumps(recorded, separators=(",", ":")) + "\n")
-            handle.truncate()
+        lifecycle.failed(run, reason)
     except OSError as err:
         say(console, f"could not record the failure in {run.manifest_path} ({err.strerror})")
 
@@ -309,7 +300,7 @@ def submit(executor: Executor, stages: list[Stage], run: RunDir, console: Consol
     """Queue every stage after the previous one and record the jobs in the manifest."""
     jobs, after = [], None
     if stages and stages[0].name == "train":
-        run.update_manifest(state=State.TRAINING, failure=None)
+        lifecycle.training(run)
     for stage in stages:
         job = executor.submit(stage.body, stage.resources, after=after)
         jobs.append((stage.name, job))

@@ -518,9 +518,6 @@ class RunDir:
                 setattr(manifest, key, value)
         return manifest
 
-    def set_state(self, state: State) -> None:
-        self.update_manifest(state=State(state), updated=now())
-
 
 def default_run_dir(recipe: Recipe) -> Path:
     return Path("runs") / recipe.name

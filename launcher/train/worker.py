@@ -23,6 +23,7 @@ from launcher.config.methods import MOVES_THE_BASE
 from launcher.config.recipe import Recipe
 from launcher.data.examples import build_train_dataset
 from launcher.models.loading import load_tokenizer, load_training_model, planned_steps, quiet_libraries_for
+from launcher.rundir import lifecycle
 from launcher.rundir.checkpoints import (
     SET_ASIDE,
     PlanComplete,
@@ -32,7 +33,7 @@ from launcher.rundir.checkpoints import (
     step_of,
     stop_flag,
 )
-from launcher.rundir.runs import RunDir, State, allocation, publish, stage_record, staging_for
+from launcher.rundir.runs import RunDir, publish, stage_record, staging_for
 from launcher.tracking.trackers import recipe_logger, trackers, tracking_environment
 from launcher.train.batching import SampleLoggingCollator
 from launcher.train.buildlocks import use_environment_extension_cache, watch_build_locks
@@ -63,9 +64,7 @@ def main(argv: list[str] | None = None, last_stage: bool = False) -> int:
         if run.adapter.exists():  # an earlier attempt trained and saved it
             print("the final adapter exists: training is done")
         elif with_trackers(recipe, run, rank, records) and rank == 0:
-            with run.editing_manifest() as manifest:
-                manifest.train = stage_record(started)  # this attempt, in rank 0's process
-                manifest.state = State.COMPLETED if last_stage else State.TRAINED
+            lifecycle.stage_finished(run, "train", last_stage, stage_record(started))  # this attempt, in rank 0's process
     except BaseException as err:
         traceback.print_exc()  # the log is for people
         sys.stderr.flush()
@@ -332,8 +331,7 @@ def stopped(run: RunDir, rank: int, step: int) -> None:
     """After a stop signal: the checkpoint of `step` is complete. The job ends; on SLURM its
     teardown requeues it (manifest.stopped_in names this allocation)."""
     if rank == 0:
-        with run.editing_manifest() as manifest:
-            manifest.state, manifest.requeues, manifest.stopped_in = State.PREEMPTED, manifest.requeues + 1, allocation()
+        lifecycle.preempted(run)
         print(f"stop signal: saved a complete checkpoint at step {step}; this job ends (on SLURM it is requeued)")
 
 

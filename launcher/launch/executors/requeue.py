@@ -11,6 +11,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+from launcher.rundir import lifecycle
 from launcher.rundir.runs import RunDir, State, allocation
 
 
@@ -34,14 +35,13 @@ def after_job_step(run: RunDir, exit_code: int) -> str:
         return "ok"
     limit = run.load_recipe().slurm.max_restarts
     logged = run.metrics.count()
-    with run.editing_manifest() as manifest:
-        restarts = manifest.crash_restarts
-        if manifest.state == State.CANCELLED or restarts >= limit:
-            return f"failed (exit code {exit_code}; {restarts} of {limit} crash restarts used)"
-        if restarts and manifest.logged_steps_at_last_crash == logged:
-            return f"failed (exit code {exit_code}; no training step since the previous crash, so it is not transient)"
-        manifest.state, manifest.crash_restarts, manifest.requeues = State.REQUEUED, restarts + 1, manifest.requeues + 1
-        manifest.logged_steps_at_last_crash = logged
+    manifest = run.manifest()
+    restarts = manifest.crash_restarts
+    if manifest.state == State.CANCELLED or restarts >= limit:
+        return f"failed (exit code {exit_code}; {restarts} of {limit} crash restarts used)"
+    if restarts and manifest.logged_steps_at_last_crash == logged:
+        return f"failed (exit code {exit_code}; no training step since the previous crash, so it is not transient)"
+    lifecycle.crash_requeued(run, logged)
     return "requeued" if requeue_self() else "failed (requeue refused)"
 
 
