@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import re
@@ -10,6 +11,8 @@ import signal
 import subprocess
 import sys
 import time
+from contextlib import contextmanager
+from pathlib import Path
 
 import pytest
 from conftest import GOLDEN, REPO, assert_matches_golden, run_launch, start_launch, tiny_recipe_text, wait_for_rows, write_recipe
@@ -25,12 +28,42 @@ pytestmark = [pytest.mark.xdist_group("slurm"), pytest.mark.e2e]
 HOSTILE_ENV = "$(touch pwned); `touch pwned` 'single' \"double\" $HOME \\"
 
 
+CLUSTER_LOCK = Path("/tmp/launcher-dev-cluster.lock")  # beside the cluster's state dir, which `down` removes
+USERS = Path("/tmp/launcher-dev-cluster.users")
+
+
+@contextmanager
+def cluster_lock(kind: int):
+    """flock on the cluster: each test holds it shared while it uses the cluster, and bringing the
+    cluster up or down holds it exclusive, so a `down` never lands in another worker's test (a
+    suite's SLURM tests may be spread over workers)."""
+    with open(CLUSTER_LOCK, "a") as handle:
+        fcntl.flock(handle, kind)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def users(joining: bool) -> list[int]:
+    """The live test processes using the cluster, after this one joins or leaves (under the
+    exclusive lock; a killed suite's entry does not count)."""
+    listed = {int(pid) for pid in USERS.read_text().split()} if USERS.exists() else set()
+    alive = {pid for pid in listed if Path(f"/proc/{pid}").exists() and pid != os.getpid()}
+    alive |= {os.getpid()} if joining else set()
+    USERS.write_text(" ".join(map(str, sorted(alive))))
+    return sorted(alive)
+
+
 @pytest.fixture(scope="module")
-def dev_cluster():
+def dev_cluster_up():
+    """The cluster, up for this module; the last module to leave it takes it down."""
     if os.geteuid() != 0:
         pytest.skip("the dev cluster needs root (apt packages, munge key, /etc/hosts)")
-    up = subprocess.run([REPO / "slurm" / "dev-cluster", "up"], capture_output=True, text=True, timeout=600)
-    assert up.returncode == 0, up.stderr
+    with cluster_lock(fcntl.LOCK_EX):
+        up = subprocess.run([REPO / "slurm" / "dev-cluster", "up"], capture_output=True, text=True, timeout=600)
+        assert up.returncode == 0, up.stderr
+        users(joining=True)
     saved = dict(os.environ)
     for line in up.stdout.splitlines():
         name, _, value = line.removeprefix("export ").partition("=")
@@ -38,7 +71,17 @@ def dev_cluster():
     yield
     os.environ.clear()
     os.environ.update(saved)
-    subprocess.run([REPO / "slurm" / "dev-cluster", "down"], capture_output=True, timeout=120)
+    with cluster_lock(fcntl.LOCK_EX):
+        if not users(joining=False):
+            subprocess.run([REPO / "slurm" / "dev-cluster", "down"], capture_output=True, timeout=120)
+            USERS.unlink(missing_ok=True)
+
+
+@pytest.fixture
+def dev_cluster(dev_cluster_up):
+    """The cluster, held (shared) for one test."""
+    with cluster_lock(fcntl.LOCK_SH):
+        yield
 
 
 def losses(run_dir) -> list[float]:
@@ -515,9 +558,15 @@ def wait_until_running(job_id: str, limit_s: float = 900) -> None:
     raise AssertionError(f"job {job_id} still {state} after {limit_s:g} s")
 
 
-def test_dev_cluster_down_ends_its_jobs_processes_too(dev_cluster, tmp_path):
+def test_dev_cluster_down_ends_its_jobs_processes_too(dev_cluster_up, tmp_path):
     """`down` used to stop the daemons only: a running job's tasks trained on, headless, for an hour.
-    (Last in this file: it takes the cluster down, then brings it back for the fixture to end.)"""
+    It holds the cluster exclusively (no other test's jobs are there to be ended), takes it down,
+    then brings it back for the fixture to end."""
+    with cluster_lock(fcntl.LOCK_EX):
+        down_ends_the_jobs_processes(tmp_path)
+
+
+def down_ends_the_jobs_processes(tmp_path) -> None:
     marker = f"launcher-down-test-{os.getpid()}"
     submitted = subprocess.run(
         [
