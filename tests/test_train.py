@@ -90,7 +90,12 @@ def test_evaluation_compares_base_and_adapter(finished_run):
     assert metrics["metrics_convention"]["name"] == "sacrebleu" and adapter["bleu4"] is None and adapter["rouge2"] is None
     assert "- BLEU-4 n/a: no reference has 4 tokens" in (run.eval / "report.md").read_text()
     assert "<table>" in (run.eval / "report.html").read_text() and (run.eval / "loss_curve.png").stat().st_size > 1000
-    assert str(run.eval / "report.html") in result.stdout and "exact_match" in result.stdout
+    assert str(run.eval / "report.html") in result.stdout
+    lines = result.stdout[result.stdout.index("evaluation on ") :].splitlines()
+    end = next(i for i, line in enumerate(lines) if line.split()[:1] == ["adapter"])
+    table = lines[: end + 1]  # title, header, rule, base, adapter
+    assert table[1].split() == ["system", "exact", "bleu4", "rouge1", "rouge2", "rougeL", "loss", "ppl", "tok/s"], table
+    assert max(map(len, table)) <= 80 and "…" not in "".join(table), table  # whole in 80 columns, no cut cells
     status = run_launch("status", run.root)
     assert f"report: {run.eval / 'report.html'}" in status.stdout
 
