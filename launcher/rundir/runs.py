@@ -109,13 +109,18 @@ class Manifest(Record):
     """launch merge --checkpoint N: merged-checkpoint-N's record under "N"."""
 
 
+def exception_name(kind: type) -> str:
+    """As a traceback's last line names it: "OSError", "safetensors._safetensors_rust.SafetensorError"."""
+    return kind.__qualname__ if kind.__module__ in ("builtins", "__main__") else f"{kind.__module__}.{kind.__qualname__}"
+
+
 class RankFailure(Record):
     """logs/rank<N>.failure.json: why a rank ended with an error, written by the rank as it ends (its
     log is for people; `launch` reads this)."""
 
     rank: int
     exception: str
-    """The exception's type name, e.g. "OSError"."""
+    """The exception's type as a traceback names it, e.g. "OSError"."""
     message: str
     """Its message's first line."""
     where: str
@@ -449,7 +454,7 @@ class RunDir:
         where = f"{Path(frames[-1].filename).name}:{frames[-1].lineno} in {frames[-1].name}" if frames else "?"
         record = RankFailure(
             rank=rank,
-            exception=type(err).__name__,
+            exception=exception_name(type(err)),
             message=(str(err).strip().splitlines() or [""])[0][:500],
             where=where,
             user_error=isinstance(err, UserError),
