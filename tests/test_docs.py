@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 
+import pytest
 from conftest import REPO
 
 from launcher.config.recipe import reference_markdown
@@ -42,6 +43,19 @@ def test_the_lock_pins_every_dependency_within_pyprojects_bounds():
         assert version, f"{requirement.name} is not in requirements/test.lock: run requirements/lock"
         assert requirement.specifier.contains(version, prereleases=True), f"{requirement.name}=={version} breaks {requirement}"
     assert pinned["torch"] == "2.13.0+cpu"  # the CPU build on this project's machines, never a CUDA download
+
+
+@pytest.mark.xdist_group("grouping-probe")
+def test_xdist_sends_a_group_to_one_worker(request):
+    """The suite runs under `-n 2 --dist loadgroup` and relies on xdist_group: the dev cluster's
+    tests one at a time on one worker, one trained run per eval module. xdist marks a grouped
+    test by its node id; pytest-xdist 3.8 under pytest 9 no longer could, and then dropped every
+    group silently (the SLURM tests ran on both workers at once and blocked each other)."""
+    if not getattr(request.config.option, "loadgroup", False):
+        pytest.skip("not run under xdist's --dist loadgroup")
+    assert request.node.nodeid.endswith("@grouping-probe"), (
+        f"{request.node.nodeid}: xdist_group is ignored by this pytest/pytest-xdist pair; install requirements/test.lock"
+    )
 
 
 def layout_entries() -> dict[str, str]:

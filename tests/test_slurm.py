@@ -33,12 +33,13 @@ USERS = Path("/tmp/launcher-dev-cluster.users")
 
 
 @contextmanager
-def cluster_lock(kind: int):
-    """flock on the cluster: each test holds it shared while it uses the cluster, and bringing the
-    cluster up or down holds it exclusive, so a `down` never lands in another worker's test (a
-    suite's SLURM tests may be spread over workers)."""
+def cluster_lock():
+    """flock on the cluster, held exclusive by each test while it uses the cluster and by bringing
+    the cluster up or down: xdist_group keeps these tests on one worker, and the lock keeps them one
+    at a time however the suite is split (a test that fills both nodes blocks any other job, and a
+    `down` would end another test's jobs)."""
     with open(CLUSTER_LOCK, "a") as handle:
-        fcntl.flock(handle, kind)
+        fcntl.flock(handle, fcntl.LOCK_EX)
         try:
             yield
         finally:
@@ -60,7 +61,7 @@ def dev_cluster_up():
     """The cluster, up for this module; the last module to leave it takes it down."""
     if os.geteuid() != 0:
         pytest.skip("the dev cluster needs root (apt packages, munge key, /etc/hosts)")
-    with cluster_lock(fcntl.LOCK_EX):
+    with cluster_lock():
         up = subprocess.run([REPO / "slurm" / "dev-cluster", "up"], capture_output=True, text=True, timeout=600)
         assert up.returncode == 0, up.stderr
         users(joining=True)
@@ -71,7 +72,7 @@ def dev_cluster_up():
     yield
     os.environ.clear()
     os.environ.update(saved)
-    with cluster_lock(fcntl.LOCK_EX):
+    with cluster_lock():
         if not users(joining=False):
             subprocess.run([REPO / "slurm" / "dev-cluster", "down"], capture_output=True, timeout=120)
             USERS.unlink(missing_ok=True)
@@ -79,8 +80,8 @@ def dev_cluster_up():
 
 @pytest.fixture
 def dev_cluster(dev_cluster_up):
-    """The cluster, held (shared) for one test."""
-    with cluster_lock(fcntl.LOCK_SH):
+    """The cluster, held for one test."""
+    with cluster_lock():
         yield
 
 
@@ -562,7 +563,7 @@ def test_dev_cluster_down_ends_its_jobs_processes_too(dev_cluster_up, tmp_path):
     """`down` used to stop the daemons only: a running job's tasks trained on, headless, for an hour.
     It holds the cluster exclusively (no other test's jobs are there to be ended), takes it down,
     then brings it back for the fixture to end."""
-    with cluster_lock(fcntl.LOCK_EX):
+    with cluster_lock():
         down_ends_the_jobs_processes(tmp_path)
 
 
