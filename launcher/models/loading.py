@@ -87,8 +87,16 @@ def load_pretrained(name_or_path: str, dtype, revision: str | None = None, trust
     set_environment(model_type_of(name_or_path, revision))  # before the model's code is imported
     config = load_config(name_or_path, revision, trust_remote_code)
     cls = model_class(config, name_or_path, revision, trust_remote_code) or AutoModelForCausalLM
+    # use_kernels=False: transformers 5.25 swaps layers for Hub kernels by default (a download at load
+    # time, and an error without the `kernels` package); which kernels run is train.* knobs' call.
     model = cls.from_pretrained(
-        name_or_path, config=config, revision=revision, trust_remote_code=trust_remote_code, dtype=dtype, **extra
+        name_or_path,
+        config=config,
+        revision=revision,
+        trust_remote_code=trust_remote_code,
+        dtype=dtype,
+        use_kernels=False,
+        **extra,
     )
     apply_quirks(model)
     return model
