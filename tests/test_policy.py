@@ -18,7 +18,8 @@ from launcher.errors import UserError
 from launcher.launch.executors import requeue
 from launcher.launch.render import render_run
 from launcher.models.loading import planned_steps
-from launcher.rundir.runs import Manifest, RunDir, State, exclusive, in_use, process_start, reconcile, this_process
+from launcher.rundir import lifecycle
+from launcher.rundir.runs import Manifest, RunDir, StageRecord, State, exclusive, in_use, process_start, reconcile, this_process
 
 
 @pytest.fixture
@@ -27,6 +28,7 @@ def run(tmp_path, tiny_assets) -> RunDir:
     run = RunDir(tmp_path / "run")
     run.root.mkdir()
     render_run(recipe, run)
+    lifecycle.training(run)  # as `launch` leaves it when it submits the training job
     return run
 
 
@@ -76,6 +78,40 @@ def test_a_stop_signal_requeues_even_after_a_clean_exit_and_a_cancelled_run_is_n
     log_steps(run, 1)
     assert requeue.after_job_step(run, 143) == "failed (exit code 143; 0 of 2 crash restarts used)"
     assert requeued == ["77"]
+
+
+def test_a_run_moves_through_its_lifecycle_and_a_move_the_table_forbids_is_refused(run, requeued):
+    lifecycle.preempted(run)
+    lifecycle.crash_requeued(run, logged_steps=3)
+    lifecycle.stage_finished(run, "train", last_stage=False)
+    lifecycle.stage_finished(run, "merge", last_stage=False)
+    lifecycle.stage_finished(run, "eval", last_stage=True)
+    lifecycle.stage_finished(run, "eval", last_stage=True)  # a second shard's task finishing the same evaluation
+    manifest = run.manifest()
+    assert (manifest.state, manifest.requeues, manifest.crash_restarts, manifest.stopped_in) == (State.COMPLETED, 2, 1, "77.0")
+    for event in (
+        lifecycle.preempted,
+        lambda r: lifecycle.crash_requeued(r, 4),
+        lambda r: lifecycle.stage_finished(r, "merge", False),
+    ):
+        with pytest.raises(lifecycle.TransitionError, match="completed cannot become"):
+            event(run)
+    assert run.manifest() == manifest  # unchanged by the refused moves
+    lifecycle.training(run)  # a relaunch (a longer max_steps) trains on
+    assert run.manifest().state == State.TRAINING
+
+
+def test_a_cancelled_run_stays_cancelled_when_its_job_reports_late_and_a_relaunch_moves_it_on(run, requeued):
+    lifecycle.cancelled(run)
+    lifecycle.preempted(run)  # the stop signal's save arrived after the cancel
+    assert requeue.after_job_step(run, 0) == "ok" and requeued == []  # not requeued: the cancel wins
+    lifecycle.stage_finished(run, "train", last_stage=False, record=StageRecord(wall_s=3.0, peak_rss_mib=10.0))
+    manifest = run.manifest()
+    assert (manifest.state, manifest.requeues, manifest.stopped_in, manifest.train.wall_s) == (State.CANCELLED, 0, None, 3.0)
+    lifecycle.failed(run, "the merge job ran out of memory")
+    lifecycle.relaunched_after_training(run)  # the adapter exists: only merge and eval are submitted
+    manifest = run.manifest()
+    assert (manifest.state, manifest.failure) == (State.TRAINED, None)
 
 
 def test_memory_estimates_match_the_documented_arithmetic(tmp_path, tiny_assets):

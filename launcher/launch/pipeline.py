@@ -301,6 +301,8 @@ def submit(executor: Executor, stages: list[Stage], run: RunDir, console: Consol
     jobs, after = [], None
     if stages and stages[0].name == "train":
         lifecycle.training(run)
+    elif stages:
+        lifecycle.relaunched_after_training(run)
     for stage in stages:
         job = executor.submit(stage.body, stage.resources, after=after)
         jobs.append((stage.name, job))
