@@ -29,7 +29,7 @@ from launcher.adapters.merge import merge_into_base, merge_run
 from launcher.config.recipe import Recipe, load_recipe
 from launcher.data.examples import read_training_set
 from launcher.errors import Interrupted, UserError
-from launcher.evaluate.shards import plan_evaluation, systems_of
+from launcher.evaluate.plan import plan_evaluation, systems_of
 from launcher.launch.executors.factory import NAMES as EXECUTOR_NAMES
 from launcher.launch.executors.factory import choose_executor, job_of, make_executor, queues_jobs
 from launcher.launch.pipeline import describe_dry_run, execute, metrics_table, prepare, run_dir_in_use, run_evaluation
@@ -38,7 +38,8 @@ from launcher.launch.render import render_deepspeed, zero_stage
 from launcher.models.loading import quiet_libraries_for
 from launcher.rundir import lifecycle
 from launcher.rundir.checkpoints import latest_complete_checkpoint
-from launcher.rundir.runs import RunDir, default_run_dir, unused_name
+from launcher.rundir.evaldir import EvalDir
+from launcher.rundir.runs import RunDir, default_run_dir, run_dirs_under, unused_name
 from launcher.tracking.trackers import dashboard_commands
 
 COMMANDS = ("run", "check", "merge", "eval", "status", "logs", "cancel")
@@ -435,7 +436,8 @@ def command_eval(args: argparse.Namespace, console: Console) -> int:
     if result is None:
         return 1  # as `launch run` ends when a stage fails; the same command resumes the finished shards
     console.print(metrics_table(result))
-    console.print(f"report: {out / 'report.html'} (and report.md)", highlight=False)
+    folder = EvalDir(Path(out))
+    console.print(f"report: {folder.report_html} (and {folder.report_md.name})", highlight=False)
     return 0
 
 
@@ -471,7 +473,9 @@ def eval_targets(targets: list[Path], recipe: Path | None):
             owner = next((RunDir(p) for p in (target.parent, target.parent.parent) if RunDir(p).recipe.is_file()), None)
             found = found or (owner.recipe if owner else None)
         else:
-            raise UserError([f"{target}: neither a run dir (recipe.toml) nor an adapter folder (adapter_config.json)"])
+            raise UserError(
+                [f"{target}: neither a run dir ({RunDir(target).recipe.name}) nor an adapter folder (adapter_config.json)"]
+            )
     if found is None:
         raise UserError(["eval: the adapters are not inside a run dir; pass --recipe RECIPE.toml (model, data format, [eval])"])
     return runs, adapters, found
@@ -482,7 +486,7 @@ def command_status(args: argparse.Namespace, console: Console) -> int:
     if args.run_dir:
         console.print(describe_run(RunDir(args.run_dir)), highlight=False)
         return 0
-    roots = sorted(p.parent for p in Path("runs").glob("*/manifest.json"))
+    roots = run_dirs_under(Path("runs"))
     if not roots:
         console.print("no runs under runs/")
     unreadable = []
@@ -516,8 +520,8 @@ def describe_run(run) -> str:
             lines.append(f"  {stage}: {record.cost()}")
     lines += [f"  dashboard: {command}" for command in dashboard_commands(run)]
     if run.evaluation.report_html.exists():
-        lines.append(f"  report: {run.eval / 'report.html'} (and report.md)")
-    elif run.evaluation.plan.exists():
+        lines.append(f"  report: {run.evaluation.report_html} (and {run.evaluation.report_md.name})")
+    elif run.evaluation.plan_path.exists():
         lines.append(f"  eval: unfinished in {run.eval}; resume it with: launch eval {run.root}")
     return "\n".join(lines)
 

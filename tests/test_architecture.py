@@ -194,3 +194,39 @@ def test_only_the_lifecycle_changes_a_runs_state():
             assert written == own, f"{path.relative_to(REPO)}:{node.lineno} writes a state"
             if isinstance(node, ast.Call):
                 assert not any(k.arg == "state" for k in node.keywords), f"{path.relative_to(REPO)}:{node.lineno} passes state="
+
+
+def file_names_of_the_run_dir() -> set[str]:
+    """The file names rundir/ spells (`root / "manifest.json"`): those with a dot, so that words
+    such as "eval" or "adapter", which also name stages, are left out."""
+    names = set()
+    for path in (PACKAGE / "rundir").glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.BinOp) and isinstance(node.op, ast.Div) and isinstance(node.right, ast.Constant):
+                names |= {part for part in str(node.right.value).split("/") if "." in part}
+    return names
+
+
+def strings_in_code(tree: ast.AST):
+    """(line, text) of every string constant and f-string part but docstrings (a module's, a class's,
+    a function's, an attribute's) and a command's help text: those are for people."""
+    prose = {id(node.value) for node in ast.walk(tree) if isinstance(node, ast.Expr) and isinstance(node.value, ast.Constant)} | {
+        id(part)
+        for node in ast.walk(tree)
+        if isinstance(node, ast.keyword) and node.arg in ("help", "description")
+        for part in ast.walk(node.value)
+    }
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Constant) and isinstance(node.value, str) and id(node) not in prose:
+            yield node.lineno, node.value
+
+
+def test_only_the_rundir_package_spells_a_run_dirs_file_names():
+    names = file_names_of_the_run_dir()
+    assert {"manifest.json", "plan.json", "metrics.json", "report.html", "sbatch.sh"} <= names  # the finder finds them
+    for path in PACKAGE.rglob("*.py"):
+        if path.parent == PACKAGE / "rundir":
+            continue
+        for line, text in strings_in_code(ast.parse(path.read_text())):
+            spelled = {name for name in names if name in text}
+            assert not spelled, f"{path.relative_to(REPO)}:{line} spells {spelled}: use RunDir / EvalDir"

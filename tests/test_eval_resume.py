@@ -13,20 +13,17 @@ from conftest import tiny_recipe_text, write_recipe
 
 from launcher.config.recipe import load_recipe
 from launcher.errors import UserError
-from launcher.evaluate.shards import (
-    System,
-    finish_if_complete,
-    marker_of,
-    plan_evaluation,
-    read_plan,
-    run_shard,
-    shard_file,
-    unfinished,
-)
-from launcher.rundir.evaldir import EvalDir
+from launcher.evaluate.plan import plan_evaluation, unfinished
+from launcher.evaluate.results import finish_if_complete
+from launcher.evaluate.shards import run_shard
+from launcher.rundir.evaldir import EvalDir, System
 from launcher.rundir.runs import this_process
 
 SHARDS = 2
+
+
+def shard_file(out, system, shard, shards):
+    return EvalDir(out).shard_file(system, shard, shards)
 
 
 @pytest.fixture(scope="module")
@@ -37,14 +34,14 @@ def recipe(tmp_path_factory, tiny_assets):
 
 def evaluate(recipe, out):
     """What a (re-)run does: find or write the plan, run the unfinished shards, write the results."""
-    plan = plan_evaluation(recipe, [System("base", None)], out)
+    plan = plan_evaluation(recipe, [System(name="base")], out)
     for shard in sorted({k for k, _ in unfinished(out, plan)}):
         run_shard(out, shard, device="cpu")
     return finish_if_complete(out)
 
 
-def scores(result: dict) -> dict:
-    return {key: result[key] for key in ("examples", "systems", "shards")}  # not the timings
+def scores(result) -> dict:
+    return result.model_dump(include={"examples", "systems", "shards"})  # not the timings
 
 
 @pytest.fixture(scope="module")
@@ -63,14 +60,16 @@ def killed_mid_shard(clean_out, out):
     shutil.copytree(clean_out, out)
     for name in ("metrics.json", "predictions.jsonl", "report.md", "report.html"):
         (out / name).unlink(missing_ok=True)
-    marker_of(shard_file(out, "base", 1, SHARDS)).unlink()  # its rows may be half-written: redone
+    EvalDir.marker_of(shard_file(out, "base", 1, SHARDS)).unlink()  # its rows may be half-written: redone
     shard_file(out, "base", 1, SHARDS).write_text('{"index": 1, "loss_sum": ')
 
 
 def killed_after_all_shards(clean_out, out):
     """Every shard's .done, no results, and the finishing lock of the killed process left behind."""
     killed_mid_shard(clean_out, out)
-    shutil.copy(marker_of(shard_file(clean_out, "base", 1, SHARDS)), marker_of(shard_file(out, "base", 1, SHARDS)))
+    shutil.copy(
+        EvalDir.marker_of(shard_file(clean_out, "base", 1, SHARDS)), EvalDir.marker_of(shard_file(out, "base", 1, SHARDS))
+    )
     shutil.copy(shard_file(clean_out, "base", 1, SHARDS), shard_file(out, "base", 1, SHARDS))
     child = subprocess.Popen(["true"])
     child.wait()
@@ -104,10 +103,10 @@ def test_overwrite_moves_the_launchers_folder_aside_and_never_touches_a_users(re
     shutil.copytree(clean_out, out)
     other = recipe.model_copy(update={"eval": recipe.eval.model_copy(update={"max_new_tokens": 2})})
     with pytest.raises(UserError, match="holds another evaluation"):
-        plan_evaluation(other, [System("base", None)], out)
-    plan_evaluation(other, [System("base", None)], out, overwrite=True)
+        plan_evaluation(other, [System(name="base")], out)
+    plan_evaluation(other, [System(name="base")], out, overwrite=True)
     kept = [p for p in tmp_path.iterdir() if p.name.startswith("eval.replaced-")]
-    assert len(kept) == 1 and (kept[0] / "metrics.json").exists() and read_plan(out)["decoding"]["max_new_tokens"] == 2
+    assert len(kept) == 1 and (kept[0] / "metrics.json").exists() and EvalDir(out).plan().decoding["max_new_tokens"] == 2
 
     users = tmp_path / "mine"
     (users / "sub").mkdir(parents=True)
@@ -115,7 +114,7 @@ def test_overwrite_moves_the_launchers_folder_aside_and_never_touches_a_users(re
     (users / "sub" / "data.bin").write_bytes(b"\0")
     for overwrite in (False, True):
         with pytest.raises(UserError, match="never replaced"):
-            plan_evaluation(recipe, [System("base", None)], users, overwrite=overwrite)
+            plan_evaluation(recipe, [System(name="base")], users, overwrite=overwrite)
     assert (users / "notes.txt").read_text() == "mine" and (users / "sub" / "data.bin").exists()
     assert sorted(p.name for p in users.rglob("*")) == ["data.bin", "notes.txt", "sub"]
     assert not any(p.name.startswith("mine.") for p in tmp_path.iterdir())

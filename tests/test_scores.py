@@ -12,6 +12,7 @@ from rouge_chinese import Rouge
 
 from launcher.evaluate.report import metric_notes, table_rows
 from launcher.evaluate.scores import bleu4, resolve_convention, rouge, text_scores
+from launcher.rundir.evaldir import EvalResults
 
 # AdGen-style pairs (advertising copy from product tags): punctuation, shared phrases, a rewrite.
 PREDICTIONS = [
@@ -92,11 +93,14 @@ def test_one_word_answers_read_bleu_na_with_the_reason():
         assert scores["rouge1"] == pytest.approx(200 / 3, abs=1e-4)
     assert text_scores(predictions, references, "chatglm")["bleu4"] > 0  # characters: 4-grams in "Paris"
     assert text_scores(["Paris is"], ["Paris is"], "sacrebleu")["rouge2"] == pytest.approx(100.0)
-    result = {
-        "metrics_convention": {"name": "sacrebleu", "why": "auto: 3 of 3 references are not Chinese"},
-        "systems": {"adapter": text_scores(predictions, references, "sacrebleu") | {"loss": 0.5}},
-        "speed": {"adapter": {"generated_tokens": 6, "shard_seconds": 1.0}},
-    }
+    result = EvalResults(
+        examples=3,
+        data="held-out split",
+        shards=1,
+        metrics_convention={"name": "sacrebleu", "why": "auto: 3 of 3 references are not Chinese"},
+        systems={"adapter": text_scores(predictions, references, "sacrebleu") | {"loss": 0.5}},
+        speed={"adapter": {"generated_tokens": 6, "shard_seconds": 1.0, "backend": "hf"}},
+    )
     header, row = table_rows(result)
     assert dict(zip(header, row))["bleu4"] == "n/a" and dict(zip(header, row))["exact_match"] == "0.6667"
     notes = " ".join(metric_notes(result))

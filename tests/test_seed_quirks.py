@@ -27,7 +27,7 @@ def test_seed_model_loads_trains_a_step_and_generates(seed, dtype, seed_dirs):
     import torch
 
     from launcher.data.examples import Example
-    from launcher.evaluate.shards import evaluate_examples
+    from launcher.evaluate.generation import evaluate_examples
     from launcher.models.loading import load_base_model, load_tokenizer
 
     recipe = seed_recipe(seed, seed_dirs[seed], dtype=dtype)
@@ -182,7 +182,7 @@ def test_generation_that_cannot_run_keeps_the_losses_and_says_why(seed_dirs, mon
 
     from launcher.config import quirks
     from launcher.data.examples import Example
-    from launcher.evaluate.shards import evaluate_examples
+    from launcher.evaluate.generation import evaluate_examples
     from launcher.models.loading import load_base_model, load_tokenizer
 
     recipe = seed_recipe("chatglm2", seed_dirs["chatglm2"])

@@ -10,16 +10,15 @@ benchmarks/SYSTEM.done (written last), done by the shard `index % shards` and sk
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from launcher.errors import UserError
-from launcher.rundir.evaldir import EvalDir
+from launcher.rundir.evaldir import BenchmarkSpec, EvalDir, EvalPlan
 
 INSTALL = "pip install 'peft-launcher[benchmarks]' (lm-evaluation-harness)"
 
 
-def benchmark_spec(tasks: list[str], tasks_dir: str | None, limit: int | None) -> dict | None:
+def benchmark_spec(tasks: list[str], tasks_dir: str | None, limit: int | None) -> BenchmarkSpec | None:
     """What the plan records of the benchmarks (None without any): checked against lm-eval's task
     index here, so a misspelt task is one line before any model loads."""
     if not tasks:
@@ -39,7 +38,7 @@ def benchmark_spec(tasks: list[str], tasks_dir: str | None, limit: int | None) -
                 f"or write a task YAML and pass its folder with --benchmark-tasks DIR"
             ]
         )
-    return {"tasks": list(tasks), "tasks_dir": tasks_dir, "limit": limit}
+    return BenchmarkSpec(tasks=list(tasks), tasks_dir=tasks_dir, limit=limit)
 
 
 def task_manager(tasks_dir: str | None, tasks: list[str]):
@@ -54,17 +53,7 @@ def task_manager(tasks_dir: str | None, tasks: list[str]):
     return TaskManager(include_path=tasks_dir, verbosity="ERROR")
 
 
-def result_file(out: Path, system: str) -> Path:
-    return EvalDir(Path(out)).benchmark_file(system)
-
-
-def shard_of(plan: dict, system: str) -> int:
-    """The shard that runs a system's benchmarks: the systems spread over the shards."""
-    names = [s["name"] for s in plan["systems"]]
-    return names.index(system) % plan["shards"]
-
-
-def run_benchmarks(model, tokenizer, spec: dict, batch_size: int, seed: int) -> dict:
+def run_benchmarks(model, tokenizer, spec: BenchmarkSpec, batch_size: int, seed: int) -> dict:
     """lm-eval's results for the model as it is now (adapter selected): per task its metrics
     (value and standard error), how many samples and the task version."""
     import lm_eval
@@ -73,9 +62,9 @@ def run_benchmarks(model, tokenizer, spec: dict, batch_size: int, seed: int) -> 
     harness_model = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
     output = lm_eval.simple_evaluate(
         model=harness_model,
-        tasks=spec["tasks"],
-        task_manager=task_manager(spec["tasks_dir"], spec["tasks"]),
-        limit=spec["limit"],
+        tasks=spec.tasks,
+        task_manager=task_manager(spec.tasks_dir, spec.tasks),
+        limit=spec.limit,
         log_samples=False,
         random_seed=seed,
         numpy_random_seed=seed,
@@ -98,15 +87,15 @@ def run_benchmarks(model, tokenizer, spec: dict, batch_size: int, seed: int) -> 
     return results
 
 
-def collect(out: Path, plan: dict) -> tuple[dict, dict]:
+def collect(folder: EvalDir, plan: EvalPlan) -> tuple[dict, dict]:
     """(results per system, why a system has none) of a finished evaluation's benchmarks."""
     found, failed = {}, {}
-    for system in (s["name"] for s in plan["systems"]):
-        record = json.loads(result_file(out, system).read_text())
-        if record.get("failed"):
-            failed[system] = record["failed"]
+    for system in (s.name for s in plan.systems):
+        record = folder.benchmark_record(system)
+        if record.failed:
+            failed[system] = record.failed
         else:
-            found[system] = record["results"]
+            found[system] = record.results
     return found, failed
 
 

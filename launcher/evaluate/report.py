@@ -13,26 +13,27 @@ from pathlib import Path
 from launcher.data.examples import Example
 from launcher.evaluate.benchmarks import table_rows as benchmark_rows
 from launcher.rundir.checkpoints import checkpoint_step
-from launcher.rundir.evaldir import EvalDir
-from launcher.rundir.runs import RunDir, write_atomic
+from launcher.rundir.evaldir import EvalDir, EvalPlan, EvalResults
+from launcher.rundir.files import write_atomic
+from launcher.rundir.runs import RunDir
 
 SAMPLES = 10
 
 
-def write_report(out: Path, plan: dict, examples: list[Example], predictions: dict, result: dict) -> None:
+def write_report(folder: EvalDir, plan: EvalPlan, examples: list[Example], predictions: dict, result: EvalResults) -> None:
 
-    plots = [p for p in (loss_plot(out, plan), checkpoint_plot(out, result)) if p]
-    title = f"Evaluation of {len(plan['systems'])} systems on {result['examples']} examples ({result['data']})"
+    plots = [p for p in (loss_plot(folder, plan), checkpoint_plot(folder, result)) if p]
+    title = f"Evaluation of {len(plan.systems)} systems on {result.examples} examples ({result.data})"
     header = header_lines(plan)
-    write_atomic(EvalDir(out).report_md, markdown(title, header, plan, examples, predictions, result, plots))
-    write_atomic(EvalDir(out).report_html, page(title, header, plan, examples, predictions, result, plots))
+    write_atomic(folder.report_md, markdown(title, header, plan, examples, predictions, result, plots))
+    write_atomic(folder.report_html, page(title, header, plan, examples, predictions, result, plots))
 
 
-def header_lines(plan: dict) -> list[str]:
+def header_lines(plan: EvalPlan) -> list[str]:
     """What was trained and how: model, method, hyper-parameters, data, wall time and peak memory of
     each stage, the date, the code (git SHA); one line each."""
 
-    r = plan["recipe"]
+    r = plan.recipe
     m, p, t, d, dist = r["model"], r["peft"], r["train"], r["data"], r["distributed"]
     keys = ", ".join(f"{k} {v}" for k, v in p.items() if k != "method" and not isinstance(v, (list, dict)))
     steps = f"{t['max_steps']} steps" if t["max_steps"] > 0 else f"{t['epochs']:g} epochs"
@@ -44,7 +45,7 @@ def header_lines(plan: dict) -> list[str]:
         f"data: {d['train_file']} ({d['format']}, template {d['template']}, max length {d['max_length']}, "
         f"batching {d.get('batching', 'padded')})",
     ]
-    for root in plan.get("runs", []):
+    for root in plan.runs:
         manifest = RunDir(Path(root)).manifest()
         stages = [(name, getattr(manifest, name)) for name in ("train", "merge", "eval")]
         cost = "; ".join(f"{name} {record.cost()}" for name, record in stages if record is not None)
@@ -58,17 +59,17 @@ def header_lines(plan: dict) -> list[str]:
     return lines
 
 
-def metric_names(result: dict) -> list[str]:
+def metric_names(result: EvalResults) -> list[str]:
     preferred = ["exact_match", "bleu4", "rouge1", "rouge2", "rougeL", "loss", "perplexity"]
-    return [n for n in preferred if any(n in values for values in result["systems"].values())]
+    return [n for n in preferred if any(n in values for values in result.systems.values())]
 
 
-def table_rows(result: dict) -> list[list[str]]:
+def table_rows(result: EvalResults) -> list[list[str]]:
     names = metric_names(result)
     rows = [["system"] + names + ["generated tok/s"]]
-    for system, values in result["systems"].items():
-        speed = result["speed"][system]
-        rate = speed["generated_tokens"] / speed["shard_seconds"] if speed["shard_seconds"] else 0.0
+    for system, values in result.systems.items():
+        speed = result.speed[system]
+        rate = speed.generated_tokens / speed.shard_seconds if speed.shard_seconds else 0.0
         rows.append([system] + [cell(values, n) for n in names] + [f"{rate:.0f}"])
     return rows
 
@@ -87,24 +88,23 @@ CONVENTION_TEXT = {
 }
 
 
-def metric_notes(result: dict) -> list[str]:
+def metric_notes(result: EvalResults) -> list[str]:
     """How the numbers were counted: the convention (and why it was picked), exact match, and why
     BLEU-4 reads n/a where it does."""
     notes = ["loss and perplexity: of the reference responses, per response token"]
-    convention = result.get("metrics_convention")
-    if convention:
-        text = CONVENTION_TEXT[convention["name"]]
-        notes.insert(0, f"metrics convention {convention['name']} ({convention['why']}): {text}; 0-100 scale")
-    if any("exact_match" in v for v in result["systems"].values()):
+    convention = result.metrics_convention
+    text = CONVENTION_TEXT[convention.name]
+    notes.insert(0, f"metrics convention {convention.name} ({convention.why}): {text}; 0-100 scale")
+    if any("exact_match" in v for v in result.systems.values()):
         notes.append("exact match: share of answers equal to the reference (0-1), surrounding spaces ignored")
-    fast = [system for system, speed in result["speed"].items() if "vllm" in speed.get("backend", "hf")]
+    fast = [system for system, speed in result.speed.items() if "vllm" in speed.backend]
     if fast:
-        slow = [system for system in result["speed"] if system not in fast]
+        slow = [system for system in result.speed if system not in fast]
         notes.append(
             f"answers generated with vLLM: {', '.join(fast)}" + (f"; with HF generate: {', '.join(slow)}" if slow else "")
         )
     for name, label, size in (("bleu4", "BLEU-4", "4 tokens"), ("rouge2", "ROUGE-2", "2 words")):
-        if any(name in v and v[name] is None for v in result["systems"].values()):
+        if any(name in v and v[name] is None for v in result.systems.values()):
             notes.append(
                 f"{label} n/a: no reference has {size}, so no answer can score it (it would read 0 for any answer); "
                 "read exact match and ROUGE-1 instead"
@@ -112,24 +112,23 @@ def metric_notes(result: dict) -> list[str]:
     return notes
 
 
-def failure_lines(result: dict) -> list[str]:
+def failure_lines(result: EvalResults) -> list[str]:
     """Why a system has losses only (its generation failed), or no benchmark results."""
-    return [
-        f"{system}: no answers, loss and perplexity only: {why}" for system, why in result.get("generation_failed", {}).items()
-    ] + [f"{system}: no benchmark results: {why}" for system, why in result.get("benchmarks_failed", {}).items()]
+    return [f"{system}: no answers, loss and perplexity only: {why}" for system, why in result.generation_failed.items()] + [
+        f"{system}: no benchmark results: {why}" for system, why in result.benchmarks_failed.items()
+    ]
 
 
-def benchmark_section(plan: dict, result: dict) -> tuple[list[list[str]], str] | None:
+def benchmark_section(plan: EvalPlan, result: EvalResults) -> tuple[list[list[str]], str] | None:
     """The benchmark table (system x task metric, ± standard error) and what was run, or None."""
 
-    if not result.get("benchmarks"):
+    if not result.benchmarks:
         return None
-    spec = plan["benchmarks"]
-    versions = {task: r["version"] for tasks in result["benchmarks"].values() for task, r in tasks.items()}
-    samples = {task: r["samples"] for tasks in result["benchmarks"].values() for task, r in tasks.items()}
+    versions = {task: r["version"] for tasks in result.benchmarks.values() for task, r in tasks.items()}
+    samples = {task: r["samples"] for tasks in result.benchmarks.values() for task, r in tasks.items()}
     about = ", ".join(f"{task} (version {versions[task]}, {samples[task]} samples)" for task in sorted(versions))
-    where = f"; tasks from {spec['tasks_dir']}" if spec.get("tasks_dir") else ""
-    return benchmark_rows(result["benchmarks"]), f"lm-evaluation-harness: {about}{where}"
+    where = f"; tasks from {plan.benchmarks.tasks_dir}" if plan.benchmarks.tasks_dir else ""
+    return benchmark_rows(result.benchmarks), f"lm-evaluation-harness: {about}{where}"
 
 
 def sample_rows(examples: list[Example], predictions: dict) -> list[list[str]]:
@@ -140,7 +139,7 @@ def sample_rows(examples: list[Example], predictions: dict) -> list[list[str]]:
     return rows
 
 
-def markdown(title: str, header: list[str], plan: dict, examples, predictions, result, plots: list[Path]) -> str:
+def markdown(title: str, header: list[str], plan: EvalPlan, examples, predictions, result, plots: list[Path]) -> str:
     lines = [f"# {title}", ""] + [f"- {line}" for line in header] + [""]
     lines += md_table(table_rows(result))
     lines += [""] + [f"- {note}" for note in metric_notes(result)] + [""]
@@ -162,7 +161,7 @@ def md_table(rows: list[list[str]]) -> list[str]:
     ]
 
 
-def page(title: str, header: list[str], plan: dict, examples, predictions, result, plots: list[Path]) -> str:
+def page(title: str, header: list[str], plan: EvalPlan, examples, predictions, result, plots: list[Path]) -> str:
     def table(rows: list[list[str]]) -> str:
         head = "".join(f"<th>{html.escape(c)}</th>" for c in rows[0])
         body = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in row) + "</tr>" for row in rows[1:])
@@ -192,16 +191,16 @@ def page(title: str, header: list[str], plan: dict, examples, predictions, resul
     )
 
 
-def benchmark_html(plan: dict, result: dict, table) -> str:
+def benchmark_html(plan: EvalPlan, result: EvalResults, table) -> str:
     benchmarks = benchmark_section(plan, result)
     return f"<h2>Benchmarks</h2>{table(benchmarks[0])}<p>{html.escape(benchmarks[1])}</p>" if benchmarks else ""
 
 
-def loss_plot(out: Path, plan: dict) -> Path | None:
+def loss_plot(folder: EvalDir, plan: EvalPlan) -> Path | None:
     """Training loss (log scale when it spans more than a decade), learning rate and grad norm per
     step of each evaluated run (from its logs/train_metrics.jsonl)."""
 
-    curves = {Path(root).name: RunDir(Path(root)).metrics.rows() for root in plan.get("runs", [])}
+    curves = {Path(root).name: RunDir(Path(root)).metrics.rows() for root in plan.runs}
     curves = {name: rows for name, rows in curves.items() if rows}
     if not curves:
         return None
@@ -218,12 +217,12 @@ def loss_plot(out: Path, plan: dict) -> Path | None:
     for axes, label in zip(panels, ("training loss", "learning rate", "grad norm")):
         axes.set(xlabel="step", title=label)
     panels[0].legend()
-    return save(figure, EvalDir(out).loss_plot)
+    return save(figure, folder.loss_plot)
 
 
-def checkpoint_plot(out: Path, result: dict) -> Path | None:
+def checkpoint_plot(folder: EvalDir, result: EvalResults) -> Path | None:
     """Every metric that moves across the checkpoints, one panel each, against the step (needs two)."""
-    points = sorted((checkpoint_step(name), values) for name, values in result["systems"].items() if checkpoint_step(name) >= 0)
+    points = sorted((checkpoint_step(name), values) for name, values in result.systems.items() if checkpoint_step(name) >= 0)
     if len(points) < 2:
         return None
     moving = [n for n in metric_names(result) if len({round(v.get(n) or 0.0, 9) for _, v in points}) > 1]
@@ -234,7 +233,7 @@ def checkpoint_plot(out: Path, result: dict) -> Path | None:
     for axes, name in zip(panels, moving):
         axes.plot(steps, [v.get(name) for _, v in points], "o-")
         axes.set(xlabel="checkpoint step", title=name)
-    return save(figure, EvalDir(out).checkpoint_plot)
+    return save(figure, folder.checkpoint_plot)
 
 
 def new_figure(columns: int = 1):

@@ -12,7 +12,9 @@ import time
 from pathlib import Path
 
 from launcher.adapters.merge import merge_run, validate_adapter
-from launcher.evaluate.shards import finish_if_complete, plan_evaluation, run_shard, shard_markers, systems_of
+from launcher.evaluate.plan import plan_evaluation, systems_of
+from launcher.evaluate.results import finish_if_complete, shard_markers
+from launcher.evaluate.shards import run_shard
 from launcher.launch.executors.base import STOP_SIGNAL, task_index
 from launcher.models.loading import quiet_libraries_for
 from launcher.rundir import lifecycle
@@ -85,7 +87,7 @@ class EvalJob:
         if result is not None and self.run_dir:
             run = RunDir(Path(self.run_dir))
             lifecycle.stage_finished(run, "eval", self.last_stage, result_record(out))
-            print(f"report: {out / 'report.html'}")
+            print(f"report: {run.evaluation.report_html}")
         return 0
 
     def plan_run_evaluation(self) -> None:
@@ -106,9 +108,9 @@ def result_record(out: Path):
     peak of any shard's process."""
 
     markers = shard_markers(out)
-    accelerator = [m["peak_accelerator_mib"] for m in markers if m.get("peak_accelerator_mib") is not None]
+    accelerator = [m.peak_accelerator_mib for m in markers if m.peak_accelerator_mib is not None]
     return StageRecord(
-        wall_s=round(max(m["finished"] for m in markers) - min(m["started"] for m in markers), 1),
-        peak_rss_mib=max(m["peak_rss_mib"] for m in markers),
+        wall_s=round(max(m.finished for m in markers) - min(m.started for m in markers), 1),
+        peak_rss_mib=max(m.peak_rss_mib for m in markers),
         peak_accelerator_mib=max(accelerator) if accelerator else None,
     )

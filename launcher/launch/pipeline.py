@@ -19,8 +19,9 @@ from rich.table import Table
 
 from launcher.config.recipe import Recipe, minutes
 from launcher.errors import UserError
+from launcher.evaluate.plan import unfinished
 from launcher.evaluate.report import failure_lines, metric_notes, table_rows
-from launcher.evaluate.shards import finish_if_complete, read_plan, unfinished
+from launcher.evaluate.results import finish_if_complete
 from launcher.launch.executors.base import CANCELLED, COMPLETED, Executor, Job, Resources
 from launcher.launch.executors.factory import job_of, make_executor
 from launcher.launch.jobs import EvalJob, MergeJob, TrainJob
@@ -28,7 +29,9 @@ from launcher.launch.progress import StateWatcher, follow_training, print_tail, 
 from launcher.launch.render import keep_or_refuse, render_run, worker_command
 from launcher.rundir import lifecycle
 from launcher.rundir.checkpoints import checkpoint_step, is_complete, latest_complete_checkpoint, rewind_to, step_of
-from launcher.rundir.runs import RunDir, archive, claim_run_dir, in_use, make_run_root, write_atomic
+from launcher.rundir.evaldir import EvalDir, EvalResults
+from launcher.rundir.files import write_atomic
+from launcher.rundir.runs import RunDir, archive, claim_run_dir, in_use, make_run_root
 from launcher.tracking.trackers import dashboard_commands
 
 
@@ -358,16 +361,16 @@ def follow(run: RunDir, jobs: list[tuple[str, Job]], console: Console) -> bool:
     return True
 
 
-def run_evaluation(recipe: Recipe, out: Path, executor_name: str, console: Console) -> dict | None:
+def run_evaluation(recipe: Recipe, out: Path, executor_name: str, console: Console) -> EvalResults | None:
     """`launch eval`: the unfinished shards of the evaluation planned in `out`, one task each, as one
     job; then its metrics (None, said in one red line with the log's tail, when the job failed)."""
 
-    plan = read_plan(out)
+    plan = EvalDir(Path(out)).plan()
     todo = sorted({k for k, _ in unfinished(out, plan)})
     if todo:
-        done = plan["shards"] - len(todo)
+        done = plan.shards - len(todo)
         console.print(
-            f"evaluating {len(todo)} of {plan['shards']} shards ({done} done before) with {executor_name}", highlight=False
+            f"evaluating {len(todo)} of {plan.shards} shards ({done} done before) with {executor_name}", highlight=False
         )
         executor = make_executor(executor_name, recipe, Path(out) / "logs")
         resources = replace(stage_resources(recipe, "eval"), tasks_per_node=len(todo))
@@ -392,21 +395,16 @@ def run_evaluation(recipe: Recipe, out: Path, executor_name: str, console: Conso
 
 
 def print_summary(run: RunDir, console: Console, wall_s: float) -> None:
-    import json
-
     console.print(f"\n[bold green]done[/bold green] in {wall_s:.0f} s — run dir {run.root}", highlight=False)
     console.print(f"  adapter: {run.adapter}", highlight=False)
     if run.merged.exists():
         console.print(f"  merged:  {run.merged}", highlight=False)
-    metrics_path = run.evaluation.metrics
-    if metrics_path.exists():
-        console.print(f"  report:  {run.eval / 'report.html'}", highlight=False)
-
-        result = json.loads(metrics_path.read_text())
+    result = run.evaluation.results()
+    if result is not None:
+        console.print(f"  report:  {run.evaluation.report_html}", highlight=False)
         console.print(metrics_table(result))
-        convention = result.get("metrics_convention")
-        if convention:
-            console.print(f"  metrics convention {convention['name']} ({convention['why']})", highlight=False)
+        convention = result.metrics_convention
+        console.print(f"  metrics convention {convention.name} ({convention.why})", highlight=False)
         for line in [n for n in metric_notes(result) if " n/a: " in n] + failure_lines(result):
             console.print(f"  {line}", highlight=False)
     say(console, "  next: " + "  |  ".join(next_commands(run)))
@@ -418,19 +416,19 @@ def next_commands(run: RunDir) -> list[str]:
     if run.checkpoints.exists():
         commands.append(f"launch eval {run.root} --checkpoints all (or --data FILE)")
     if run.evaluation.report_html.exists():
-        commands.append(f"open {run.eval / 'report.html'}")
+        commands.append(f"open {run.evaluation.report_html}")
     return commands + [f"PeftModel.from_pretrained(base, '{run.adapter}')"]
 
 
 SHORT_HEADERS = {"exact_match": "exact", "perplexity": "ppl", "generated tok/s": "tok/s"}  # the report keeps the long ones
 
 
-def metrics_table(result: dict) -> Table:
+def metrics_table(result: EvalResults) -> Table:
     """The end-of-run table, whole in an 80-column terminal and in a log file: short headers, light
     borders, and a cell too wide folded onto a second line rather than cut to "…"."""
     rows = table_rows(result)
     table = Table(
-        title=f"evaluation on {result['examples']} examples ({result['data']})",
+        title=f"evaluation on {result.examples} examples ({result.data})",
         box=box.SIMPLE_HEAD,
         show_edge=False,
         collapse_padding=True,

@@ -16,7 +16,8 @@ import yaml
 from launcher.config.hardware import resolve_device
 from launcher.config.recipe import Recipe
 from launcher.errors import UserError
-from launcher.rundir.runs import RunDir, archive, new_manifest, write_atomic
+from launcher.rundir.files import write_atomic
+from launcher.rundir.runs import RunDir, archive, new_manifest
 
 DS_CONFIG_DIR = Path(__file__).resolve().parents[2] / "ds_configs"
 

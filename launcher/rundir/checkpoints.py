@@ -14,7 +14,7 @@ import shutil
 import time
 from pathlib import Path
 
-from launcher.rundir.runs import fsync_tree, write_atomic
+from launcher.rundir.files import fsync_tree, write_atomic
 
 MARKER = "launcher-complete.json"
 NAME = re.compile(r"^checkpoint-(\d+)$")

@@ -23,6 +23,7 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 from launcher.config.recipe import Recipe, read_toml, validate_recipe
 from launcher.errors import UserError
 from launcher.rundir.evaldir import EvalDir
+from launcher.rundir.files import fsync_tree, write_atomic
 
 TRACKED_PACKAGES = ("torch", "transformers", "peft", "deepspeed", "accelerate", "datasets")
 
@@ -244,26 +245,6 @@ def in_use(root: Path, command: str):
 
 
 IN_USE = ".in-use"
-
-
-def write_atomic(path: Path, text: str) -> None:
-    """Write-to-temp, fsync, rename: a reader sees the old file or the new one, never half of one."""
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "w") as handle:
-        handle.write(text)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
-
-
-def fsync_tree(folder: Path) -> None:
-    for path in sorted(Path(folder).rglob("*")):
-        if path.is_file():
-            fd = os.open(path, os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
 
 
 def staging_for(target: Path) -> Path:
@@ -522,6 +503,11 @@ class RunDir:
             for key, value in changes.items():
                 setattr(manifest, key, value)
         return manifest
+
+
+def run_dirs_under(folder: Path) -> list[Path]:
+    """The run dirs directly inside `folder` (those with a manifest), by name."""
+    return sorted(path.parent for path in Path(folder).glob(f"*/{RunDir(Path()).manifest_path.name}"))
 
 
 def default_run_dir(recipe: Recipe) -> Path:

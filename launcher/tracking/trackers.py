@@ -23,7 +23,9 @@ from pathlib import Path
 from launcher.config.recipe import Recipe
 from launcher.errors import UserError
 from launcher.rundir.checkpoints import checkpoint_step
-from launcher.rundir.runs import RunDir, write_atomic
+from launcher.rundir.evaldir import EvalPlan, EvalResults
+from launcher.rundir.files import write_atomic
+from launcher.rundir.runs import RunDir
 
 PACKAGES = {"tensorboard": "tensorboard", "wandb": "wandb", "mlflow": "mlflow", "trackio": "trackio"}
 OURS = ("TENSORBOARD_LOGGING_DIR", "WANDB_RUN_ID", "WANDB_RESUME", "MLFLOW_RUN_ID")  # the run's identity: always set
@@ -186,26 +188,26 @@ def log_recipe(recipe: Recipe, run: RunDir) -> None:
 # ---------------------------------------------------------------- evaluation
 
 
-def series_name(run: RunDir, plan: dict) -> str:
+def series_name(run: RunDir, plan: EvalPlan) -> str:
     """`eval` for the run's own evaluation data; `eval_<file>` for another (--data), so two data
     sets never share a curve."""
     own = run.load_recipe().eval.data
-    if plan["data"] == "held-out split" or (own and plan["data"] == own):
+    if plan.data == "held-out split" or (own and plan.data == own):
         return "eval"
-    return "eval_" + re.sub(r"[^A-Za-z0-9_.-]", "_", Path(plan["data"]).stem)
+    return "eval_" + re.sub(r"[^A-Za-z0-9_.-]", "_", Path(plan.data).stem)
 
 
-def evaluation_points(run: RunDir, result: dict, prefix: str, series: str = "eval") -> list[tuple[str, int, dict]]:
+def evaluation_points(run: RunDir, result: EvalResults, prefix: str, series: str = "eval") -> list[tuple[str, int, dict]]:
     """(series, step, metrics) of each evaluated system of this run (named `prefix`NAME, and the
     base model), its benchmark scores as TASK/METRIC: the base at step 0 as `SERIES_base`,
     checkpoints at their step and the final adapter at the last step as `SERIES`."""
 
     last = run.metrics.last()
     points = []
-    for name, values in result["systems"].items():
+    for name, values in result.systems.items():
         short = name.removeprefix(prefix)
         numbers = {key: value for key, value in values.items() if isinstance(value, (int, float))}
-        for task, scores in result.get("benchmarks", {}).get(name, {}).items():
+        for task, scores in result.benchmarks.get(name, {}).items():
             numbers |= {f"{task}/{metric}": value for metric, value in scores["metrics"].items()}
         if name == "base":
             points.append((f"{series}_base", 0, numbers))
@@ -216,13 +218,13 @@ def evaluation_points(run: RunDir, result: dict, prefix: str, series: str = "eva
     return sorted(points, key=lambda point: point[1])
 
 
-def log_evaluation(plan: dict, result: dict) -> list[str]:
+def log_evaluation(plan: EvalPlan, result: EvalResults) -> list[str]:
     """Each evaluated run's metrics into its trackers; a line per tracker that could not take them."""
     problems = []
-    for root in plan.get("runs", []):
+    for root in plan.runs:
         run = RunDir(Path(root))
         recipe = run.load_recipe()
-        named = any(s["name"].startswith(f"{run.root.name}/") for s in plan["systems"])  # several runs: RUN/adapter
+        named = any(s.name.startswith(f"{run.root.name}/") for s in plan.systems)  # several runs: RUN/adapter
         points = evaluation_points(run, result, f"{run.root.name}/" if named else "", series_name(run, plan))
         with tracking_environment(recipe, run):
             for tracker in trackers(recipe):
@@ -261,7 +263,7 @@ def mlflow_points(recipe: Recipe, run: RunDir, points) -> None:
 
     run_id = os.environ.get("MLFLOW_RUN_ID")
     if not run_id:
-        raise RuntimeError("no MLflow run of its training is recorded in tracking.json")
+        raise RuntimeError(f"no MLflow run of its training is recorded in {run.tracking_ids.name}")
     with mlflow.start_run(run_id=run_id):
         for series, step, numbers in points:
             mlflow.log_metrics({f"{series}/{key}": value for key, value in numbers.items()}, step=step)
