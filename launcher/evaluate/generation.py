@@ -4,7 +4,9 @@
 from __future__ import annotations
 
 import hashlib
+import json
 from contextlib import nullcontext
+from pathlib import Path
 
 from launcher.config.quirks import quirks_for
 from launcher.config.recipe import Recipe
@@ -24,6 +26,11 @@ def with_adapters(model, systems: list[System]):
         else:
             model.load_adapter(system.adapter, adapter_name=name)
     return model.eval()
+
+
+def peft_type_of(adapter: str) -> str | None:
+    """An adapter folder's peft type ("LORA", "IA3", ...), as its config says."""
+    return json.loads((Path(adapter) / "adapter_config.json").read_text()).get("peft_type")
 
 
 def adapter_name(system: System) -> str:

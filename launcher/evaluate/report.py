@@ -12,6 +12,7 @@ from pathlib import Path
 
 from launcher.data.examples import Example
 from launcher.evaluate.benchmarks import table_rows as benchmark_rows
+from launcher.evaluate.vllm import fallback_lines
 from launcher.rundir.checkpoints import checkpoint_step
 from launcher.rundir.evaldir import EvalDir, EvalPlan, EvalResults
 from launcher.rundir.files import write_atomic
@@ -103,6 +104,7 @@ def metric_notes(result: EvalResults) -> list[str]:
         notes.append(
             f"answers generated with vLLM: {', '.join(fast)}" + (f"; with HF generate: {', '.join(slow)}" if slow else "")
         )
+    notes += fallback_notes(result)
     for name, label, size in (("bleu4", "BLEU-4", "4 tokens"), ("rouge2", "ROUGE-2", "2 words")):
         if any(name in v and v[name] is None for v in result.systems.values()):
             notes.append(
@@ -110,6 +112,17 @@ def metric_notes(result: EvalResults) -> list[str]:
                 "read exact match and ROUGE-1 instead"
             )
     return notes
+
+
+def fallback_notes(result: EvalResults) -> list[str]:
+    """Why HF generate answered where eval.backend = vllm asked for vLLM, a line per reason."""
+    return fallback_lines({system: speed.hf_because for system, speed in result.speed.items() if speed.hf_because})
+
+
+def summary_lines(result: EvalResults) -> list[str]:
+    """What the terminal says under the metrics table: why a score reads n/a, why HF answered
+    instead of vLLM, and what failed."""
+    return [note for note in metric_notes(result) if " n/a: " in note] + fallback_notes(result) + failure_lines(result)
 
 
 def failure_lines(result: EvalResults) -> list[str]:

@@ -46,6 +46,7 @@ class Answers:
     new_tokens: int = 0
     seconds: float = 0.0
     generation_failed: str | None = None
+    hf_because: str | None = None
     backends: set[str] = field(default_factory=set)
 
 
@@ -58,6 +59,7 @@ def collect(folder: EvalDir, plan: EvalPlan, system: str) -> Answers:
         found.seconds += marker.seconds
         found.backends.add(marker.backend)
         found.generation_failed = found.generation_failed or marker.generation_failed
+        found.hf_because = found.hf_because or marker.hf_because
     found.rows.sort(key=lambda r: r["index"])
     return found
 
@@ -78,7 +80,10 @@ def write_results(folder: EvalDir, plan: EvalPlan) -> EvalResults:
         elif all(e.prompt for e in examples):
             metrics[system] |= text_scores(predictions[system], references, convention)
         speed[system] = SystemSpeed(
-            generated_tokens=found.new_tokens, shard_seconds=round(found.seconds, 2), backend="+".join(sorted(found.backends))
+            generated_tokens=found.new_tokens,
+            shard_seconds=round(found.seconds, 2),
+            backend="+".join(sorted(found.backends)),
+            hf_because=found.hf_because,
         )
     folder.write_predictions(
         [

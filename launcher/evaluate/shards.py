@@ -7,16 +7,16 @@ from __future__ import annotations
 
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from launcher.config.hardware import resolve_device
 from launcher.config.recipe import Recipe, validate_recipe
 from launcher.data.examples import Example
 from launcher.evaluate.benchmarks import run_benchmarks
-from launcher.evaluate.generation import evaluate_examples, failure_text, selected, with_adapters
+from launcher.evaluate.generation import evaluate_examples, failure_text, peft_type_of, selected, with_adapters
 from launcher.evaluate.plan import benchmarks_left
-from launcher.evaluate.vllm import answers, split_systems, start_engine
+from launcher.evaluate.vllm import answers, fallback_lines, prompt_ids, split_systems, start_engine
 from launcher.models.loading import load_base_model, load_tokenizer, quiet_libraries
 from launcher.rundir.evaldir import BenchmarkRecord, BenchmarkSpec, EvalDir, EvalPlan, ShardMarker, System
 from launcher.rundir.runs import accelerator_peak_mib, peak_rss_mib
@@ -38,15 +38,16 @@ def run_shard(out: Path, shard: int, device: str | None = None, started: float |
     quiet_libraries(device.split(":")[0])
     examples = [Example(**row) for row in folder.example_rows()]
     indices = list(range(shard, len(examples), plan.shards))
-    served = []
-    if recipe.eval.backend == "vllm" and pending and all(examples[i].prompt for i in indices):
-        served, lines = split_systems(recipe, pending, device)
-        for line in lines:
-            print(line, flush=True)
     work = Work(folder, plan, recipe, [examples[i] for i in indices], indices, shard, started)
+    served, prompts = [], []
+    if recipe.eval.backend == "vllm" and pending and all(e.prompt for e in work.examples):
+        prompts = prompt_ids(load_tokenizer(recipe, padding_side="left"), work.examples)
+        served, work.hf_because = split_systems(recipe, pending, device, prompts)
+        for line in fallback_lines(work.hf_because):
+            print(line, flush=True)
     waiting = with_hf(work, device, pending, benchmarking, served)
     if waiting:
-        answer_with_vllm(work, waiting)
+        answer_with_vllm(work, waiting, prompts, device)
 
 
 @dataclass
@@ -60,6 +61,8 @@ class Work:
     indices: list[int]
     shard: int
     started: float | None
+    hf_because: dict[str, str] = field(default_factory=dict)
+    """Why HF generate answers for a system although eval.backend = vllm, by system name."""
 
     def save(self, system: System, rows: list[dict], seconds: float, failure: str | None, backend: str = "hf") -> None:
         """The system's rows on this shard, then the marker: generation time and backend, this
@@ -77,6 +80,7 @@ class Work:
             peak_rss_mib=peak_rss_mib(),
             peak_accelerator_mib=accelerator_peak_mib(),
             generation_failed=failure,
+            hf_because=self.hf_because.get(system.name),
         )
         self.folder.write_shard(system.name, self.shard, self.plan.shards, rows, marker)
 
@@ -87,27 +91,40 @@ def with_hf(work: Work, device: str, pending: list[System], benchmarking: list[S
     import torch
 
     recipe, tokenizer = work.recipe, load_tokenizer(work.recipe, padding_side="left")
-    adapted = {s.name: s for s in pending + benchmarking if s.adapter}  # each adapter loaded once
-    model = with_adapters(load_base_model(recipe).to(device).eval(), list(adapted.values()))
     waiting = {}
-    for system in pending:
-        torch.manual_seed(recipe.eval.seed + work.shard)
-        began = time.time()
-        with torch.no_grad(), selected(model, system):
-            rows, failure = evaluate_examples(model, tokenizer, work.examples, recipe, answer=system not in served)
-        if system in served:
-            waiting[system] = (rows, time.time() - began)
-        else:
-            work.save(system, rows, time.time() - began, failure)
-    for system in benchmarking:  # after generation: the harness may leave the tokenizer or model changed
-        began = time.time()
-        with selected(model, system):
-            record = benchmark_record(model, tokenizer, work.plan.benchmarks, recipe, began)
-        work.folder.write_benchmarks(system.name, record)
+    for group in by_peft_type(pending + benchmarking):  # peft holds adapters of one type in a model
+        adapted = {s.name: s for s in group if s.adapter}  # each adapter loaded once
+        model = with_adapters(load_base_model(recipe).to(device).eval(), list(adapted.values()))
+        for system in (s for s in pending if s in group):
+            torch.manual_seed(recipe.eval.seed + work.shard)
+            began = time.time()
+            with torch.no_grad(), selected(model, system):
+                rows, failure = evaluate_examples(model, tokenizer, work.examples, recipe, answer=system not in served)
+            if system in served:
+                waiting[system] = (rows, time.time() - began)
+            else:
+                work.save(system, rows, time.time() - began, failure)
+        for system in (s for s in benchmarking if s in group):  # after generation: the harness may change the model
+            began = time.time()
+            with selected(model, system):
+                record = benchmark_record(model, tokenizer, work.plan.benchmarks, recipe, began)
+            work.folder.write_benchmarks(system.name, record)
+        del model
     return waiting
 
 
-def answer_with_vllm(work: Work, waiting: dict) -> None:
+def by_peft_type(systems: list[System]) -> list[list[System]]:
+    """The systems in groups of one adapter type (the base model with the first), in order of
+    first appearance; a system both answered and benchmarked appears once."""
+    kinds = {system: peft_type_of(system.adapter) for system in systems if system.adapter}
+    first = next(iter(kinds.values()), None)
+    groups: dict[str | None, list[System]] = {}
+    for system in dict.fromkeys(systems):
+        groups.setdefault(kinds.get(system, first), []).append(system)
+    return list(groups.values())
+
+
+def answer_with_vllm(work: Work, waiting: dict, prompts: list[list[int]], device: str) -> None:
     """Answers from one vLLM engine for the systems it serves (the HF model is gone by now)."""
     import gc
 
@@ -116,11 +133,11 @@ def answer_with_vllm(work: Work, waiting: dict) -> None:
     gc.collect()
     torch.cuda.empty_cache()
     tokenizer = load_tokenizer(work.recipe, padding_side="left")
-    engine = start_engine(work.recipe, [system.adapter for system in waiting if system.adapter])
+    engine = start_engine(work.recipe, [system.adapter for system in waiting if system.adapter], prompts, device)
     for number, (system, (rows, seconds)) in enumerate(waiting.items(), start=1):
         began, failure = time.time(), None
         try:
-            replies = answers(engine, tokenizer, work.examples, work.recipe, system.adapter, number)
+            replies = answers(engine, tokenizer, work.examples, prompts, work.recipe, system.adapter, number)
         except Exception as err:  # the losses stand, as with HF generation
             replies, failure = [("", 0)] * len(rows), failure_text(err)
         for row, (text, count) in zip(rows, replies):

@@ -20,7 +20,7 @@ from rich.table import Table
 from launcher.config.recipe import Recipe, minutes
 from launcher.errors import UserError
 from launcher.evaluate.plan import unfinished
-from launcher.evaluate.report import failure_lines, metric_notes, table_rows
+from launcher.evaluate.report import summary_lines, table_rows
 from launcher.evaluate.results import finish_if_complete
 from launcher.launch.executors.base import CANCELLED, COMPLETED, Executor, Job, Resources
 from launcher.launch.executors.factory import job_of, make_executor
@@ -405,7 +405,7 @@ def print_summary(run: RunDir, console: Console, wall_s: float) -> None:
         console.print(metrics_table(result))
         convention = result.metrics_convention
         console.print(f"  metrics convention {convention.name} ({convention.why})", highlight=False)
-        for line in [n for n in metric_notes(result) if " n/a: " in n] + failure_lines(result):
+        for line in summary_lines(result):
             console.print(f"  {line}", highlight=False)
     say(console, "  next: " + "  |  ".join(next_commands(run)))
 

@@ -83,6 +83,8 @@ class ShardMarker(Document):
     peak_accelerator_mib: float | None = None
     generation_failed: str | None = None
     """Why there are losses but no answers."""
+    hf_because: str | None = None
+    """Why HF generate answered although eval.backend = vllm."""
 
 
 class BenchmarkRecord(Document):
@@ -103,6 +105,8 @@ class SystemSpeed(Document):
     shard_seconds: float
     backend: str
     """hf, vllm, or hf+vllm across shards."""
+    hf_because: str | None = None
+    """Why HF generate answered although eval.backend = vllm."""
 
 
 class EvalResults(Document):
