@@ -4,9 +4,12 @@ lost shard, and compared with the unsharded evaluation; the metrics on Chinese t
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
 from conftest import run_launch, train_tiny, write_recipe
+
+from launcher.adapters.merge import PROBE_FILE
 
 pytestmark = [pytest.mark.xdist_group("eval"), pytest.mark.e2e]  # one trained run for the module, on one worker
 
@@ -167,3 +170,27 @@ def test_an_unknown_benchmark_task_is_one_line_before_any_work(trained):
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert "eval.benchmarks: no_such_task_anywhere: no such lm-eval task" in result.stderr
     assert not (folder / "eval-none").exists()
+
+
+def test_an_adapter_that_changes_nothing_or_answers_for_another_model_stops_the_evaluation(trained, tmp_path):
+    """An adapter silently not applied would score like the base (lm-evaluation-harness#808): the
+    evaluation stops with one line before scoring it, as it does for a backend that does not
+    reproduce the trained model's saved probe."""
+    from safetensors.torch import load_file, save_file
+
+    run, _ = trained
+    flat, tampered = tmp_path / "flat", tmp_path / "tampered"
+    for folder in (flat, tampered):
+        shutil.copytree(run.adapter, folder)
+    weights = load_file(str(flat / "adapter_model.safetensors"))
+    save_file({k: v.zero_() if "lora_B" in k else v for k, v in weights.items()}, str(flat / "adapter_model.safetensors"))
+    probe = load_file(str(tampered / PROBE_FILE))
+    save_file(probe | {"logits": probe["logits"] * 1.5}, str(tampered / PROBE_FILE))  # another model's answers
+    for folder, said in (
+        (flat, "flat: with HF, the adapter changes nothing (next-token log-probabilities equal the base model's on 4 prompts"),
+        (tampered, "tampered: with HF, next-token log-probabilities are "),
+    ):
+        done = run_launch("eval", folder, "--recipe", run.recipe, "--no-base", "--out", tmp_path / f"eval-{folder.name}")
+        assert done.returncode == 1 and said in done.stdout + done.stderr, done.stdout + done.stderr
+        assert not (tmp_path / f"eval-{folder.name}" / "metrics.json").exists()
+    assert "off the trained model's on average (more than 0.001 for fp32" in done.stdout + done.stderr

@@ -12,11 +12,13 @@ from pathlib import Path
 
 from launcher.config.hardware import resolve_device
 from launcher.config.recipe import Recipe, validate_recipe
-from launcher.data.examples import Example
+from launcher.data.examples import Example, tokenize
+from launcher.evaluate import probe
 from launcher.evaluate.benchmarks import run_benchmarks
 from launcher.evaluate.generation import evaluate_examples, failure_text, peft_type_of, selected, with_adapters
 from launcher.evaluate.plan import benchmarks_left
-from launcher.evaluate.vllm import answers, fallback_lines, prompt_ids, split_systems, start_engine
+from launcher.evaluate.probe import hf_batch
+from launcher.evaluate.vllm import answers, best_next_logprobs, fallback_lines, prompt_ids, split_systems, start_engine
 from launcher.models.loading import load_base_model, load_tokenizer, quiet_libraries
 from launcher.rundir.evaldir import BenchmarkRecord, BenchmarkSpec, EvalDir, EvalPlan, ShardMarker, System
 from launcher.rundir.runs import accelerator_peak_mib, peak_rss_mib
@@ -95,6 +97,7 @@ def with_hf(work: Work, device: str, pending: list[System], benchmarking: list[S
     for group in by_peft_type(pending + benchmarking):  # peft holds adapters of one type in a model
         adapted = {s.name: s for s in group if s.adapter}  # each adapter loaded once
         model = with_adapters(load_base_model(recipe).to(device).eval(), list(adapted.values()))
+        check_adapters(model, tokenizer, work, list(adapted.values()))
         for system in (s for s in pending if s in group):
             torch.manual_seed(recipe.eval.seed + work.shard)
             began = time.time()
@@ -111,6 +114,40 @@ def with_hf(work: Work, device: str, pending: list[System], benchmarking: list[S
             work.folder.write_benchmarks(system.name, record)
         del model
     return waiting
+
+
+def check_adapters(model, tokenizer, work: Work, adapted: list[System]) -> None:
+    """Every adapter changes the base model's next tokens, and reproduces the trained model's
+    (where its probe was saved): before any is scored."""
+    if not adapted:
+        return
+    batch = hf_batch(tokenizer, [tokenize(e, tokenizer, work.recipe.data.max_length) for e in work.examples[: probe.PROMPTS]])
+    with selected(model, System(name="base")):
+        base = probe.hf_logprobs(model, batch)
+    for system in adapted:
+        with selected(model, system):
+            probe.check_changes(system.name, probe.hf_logprobs(model, batch), base, "HF")
+            trained = probe.saved_probe(system.adapter)
+            if trained is not None:
+                got = probe.hf_logprobs(model, {"input_ids": trained.input_ids, "attention_mask": trained.attention_mask})
+                probe.check_matches(system.name, got, trained.logprobs, work.recipe.model.dtype, "HF")
+
+
+def check_served_adapters(engine, tokenizer, work: Work, systems: list[System]) -> None:
+    """The same checks as check_adapters, of the engine's answers: each adapter vLLM serves changes
+    the base model's next tokens and reproduces the trained model's (numbered as for its answers)."""
+    rows = [tokenize(e, tokenizer, work.recipe.data.max_length)["input_ids"] for e in work.examples[: probe.PROMPTS]]
+    base = best_next_logprobs(engine, rows, None, 0, probe.POSITIONS)
+    for number, system in enumerate(systems, start=1):
+        if system.adapter is None:
+            continue
+        adapted = best_next_logprobs(engine, rows, system.adapter, number, probe.POSITIONS)
+        probe.check_changes(system.name, adapted, base, "vLLM")
+        trained = probe.saved_probe(system.adapter)
+        unpadded, want = trained.unpadded() if trained is not None else ([], [])
+        if unpadded:
+            got = best_next_logprobs(engine, unpadded, system.adapter, number, probe.POSITIONS)
+            probe.check_matches(system.name, got, want, work.recipe.model.dtype, "vLLM")
 
 
 def by_peft_type(systems: list[System]) -> list[list[System]]:
@@ -134,6 +171,7 @@ def answer_with_vllm(work: Work, waiting: dict, prompts: list[list[int]], device
     torch.cuda.empty_cache()
     tokenizer = load_tokenizer(work.recipe, padding_side="left")
     engine = start_engine(work.recipe, [system.adapter for system in waiting if system.adapter], prompts, device)
+    check_served_adapters(engine, tokenizer, work, list(waiting))
     for number, (system, (rows, seconds)) in enumerate(waiting.items(), start=1):
         began, failure = time.time(), None
         try:

@@ -189,10 +189,31 @@ def start_engine(recipe, adapters: list[str], prompts: list[list[int]], device: 
     )
 
 
+def lora_request(adapter: str | None, number: int):
+    from vllm.lora.request import LoRARequest
+
+    return LoRARequest(f"adapter-{number}", number, adapter) if adapter else None
+
+
+def best_next_logprobs(engine, rows: list[list[int]], adapter: str | None, number: int, positions: int) -> list[list[float]]:
+    """Per row, the largest next-token log-probability after each of its last `positions` prefixes
+    (the base model, or adapter `number`): one token generated per prefix, since vLLM 0.32's
+    prompt_logprobs fails on the CPU with LoRA enabled (a shape error in punica_cpu's logits)."""
+    from vllm import SamplingParams
+
+    prefixes = [(i, row[:t]) for i, row in enumerate(rows) for t in range(max(1, len(row) - positions), len(row))]
+    params = SamplingParams(max_tokens=1, temperature=0.0, logprobs=1)
+    requests = [{"prompt_token_ids": prefix} for _, prefix in prefixes]
+    outputs = engine.generate(requests, params, lora_request=lora_request(adapter, number), use_tqdm=False)
+    found: list[list[float]] = [[] for _ in rows]
+    for (i, _), output in zip(prefixes, outputs):
+        found[i].append(max(entry.logprob for entry in output.outputs[0].logprobs[0].values()))
+    return found
+
+
 def answers(engine, tokenizer, examples: list, prompts: list[list[int]], recipe, adapter: str | None, number: int):
     """(cleaned text, generated tokens up to EOS) per example, in order, from the engine."""
     from vllm import SamplingParams
-    from vllm.lora.request import LoRARequest
 
     e = recipe.eval
     sampling = SamplingParams(
@@ -202,7 +223,6 @@ def answers(engine, tokenizer, examples: list, prompts: list[list[int]], recipe,
         seed=e.seed,
         stop_token_ids=[tokenizer.eos_token_id],
     )
-    request = LoRARequest(f"adapter-{number}", number, adapter) if adapter else None
     requests = [{"prompt_token_ids": ids} for ids in prompts]
-    outputs = engine.generate(requests, sampling, lora_request=request, use_tqdm=False)
+    outputs = engine.generate(requests, sampling, lora_request=lora_request(adapter, number), use_tqdm=False)
     return [answer_of(tokenizer, list(output.outputs[0].token_ids), x.suffix) for x, output in zip(examples, outputs)]
