@@ -15,6 +15,7 @@ import argparse
 import json
 import logging
 import os
+import re
 import signal
 import sys
 import time
@@ -26,7 +27,7 @@ from rich.markup import escape
 
 from launcher.adapters.combine import METHODS, combine_adapters
 from launcher.adapters.merge import merge_into_base, merge_run
-from launcher.config.recipe import Recipe, load_recipe
+from launcher.config.recipe import PATTERN_FORMS, TIME_PATTERN, Recipe, load_recipe
 from launcher.data.examples import read_training_set
 from launcher.errors import Interrupted, UserError
 from launcher.evaluate.plan import plan_evaluation, systems_of
@@ -36,6 +37,7 @@ from launcher.launch.executors.factory import choose_executor, job_of, make_exec
 from launcher.launch.pipeline import describe_dry_run, execute, metrics_table, prepare, run_dir_in_use, run_evaluation
 from launcher.launch.preflight import gpu_request_warning, run_preflight
 from launcher.launch.render import render_deepspeed, zero_stage
+from launcher.launch.serving import serve_run
 from launcher.models.loading import quiet_libraries_for
 from launcher.rundir import lifecycle
 from launcher.rundir.checkpoints import latest_complete_checkpoint
@@ -43,7 +45,7 @@ from launcher.rundir.evaldir import EvalDir
 from launcher.rundir.runs import RunDir, default_run_dir, run_dirs_under, unused_name
 from launcher.tracking.trackers import dashboard_commands
 
-COMMANDS = ("run", "check", "merge", "eval", "status", "logs", "cancel")
+COMMANDS = ("run", "check", "merge", "eval", "serve", "status", "logs", "cancel")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -231,6 +233,20 @@ def build_parser() -> argparse.ArgumentParser:
     )
     evaluation.add_argument("--overwrite", action="store_true", help="replace an evaluation already in the folder")
     evaluation.set_defaults(handler=command_eval)
+
+    serving = commands.add_parser(
+        "serve",
+        help="serve a run's adapters with vLLM's OpenAI-compatible server",
+        description="vLLM's OpenAI-compatible server on the run's base model (model 'base'), its final adapter "
+        "('adapter') and complete checkpoints ('checkpoint-N'), on this machine or as a SLURM job, until Ctrl-C "
+        "or launch cancel. Needs vllm (requirements/vllm-env).",
+    )
+    serving.add_argument("run_dir", type=Path, metavar="RUN_DIR")
+    serving.add_argument("--executor", choices=EXECUTOR_NAMES, default="local", help="where the server runs")
+    serving.add_argument("--port", type=int, default=8000, help="the port it listens on (default 8000)")
+    serving.add_argument("--host", help="the address it listens on (default 127.0.0.1 locally, 0.0.0.0 on SLURM)")
+    serving.add_argument("--time", metavar="HH:MM:SS", help="the SLURM job's time limit (default eval.time)")
+    serving.set_defaults(handler=command_serve)
 
     status = commands.add_parser(
         "status",
@@ -551,19 +567,27 @@ def command_logs(args: argparse.Namespace, console: Console) -> int:
         time.sleep(1)
 
 
+def command_serve(args: argparse.Namespace, console: Console) -> int:
+    if args.time and not re.fullmatch(TIME_PATTERN, args.time):
+        raise UserError(f"--time {args.time!r}: {PATTERN_FORMS[TIME_PATTERN]}")
+    return serve_run(RunDir(args.run_dir), args.executor, args.host, args.port, args.time, console)
+
+
 def command_cancel(args: argparse.Namespace, console: Console) -> int:
 
     run = RunDir(args.run_dir)
     manifest = run.manifest()
-    jobs = [job_of(record, run.logs) for record in manifest.jobs[-1:] + manifest.chain]
-    active = [job for job in jobs if job.active()]
+    stages = [job_of(record, run.logs) for record in manifest.jobs[-1:] + manifest.chain]
+    server = [job_of(manifest.server, run.logs / "serve")] if manifest.server else []
+    active = [job for job in stages + server if job.active()]
     if not active:
         raise UserError(f"{args.run_dir}: no running job to cancel")
     for job in active:
         job.cancel()
         stage = f" ({job.record.stage})" if job.record.stage != "train" else ""
         console.print(f"cancelled {job.record.executor} job {job.id}{stage}", highlight=False)
-    lifecycle.cancelled(run)
+    if any(job in active for job in stages):  # ending only its server leaves the run as it is
+        lifecycle.cancelled(run)
     return 0
 
 

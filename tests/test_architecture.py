@@ -20,6 +20,7 @@ LAYERS = [
     {"data", "tracking"},
     {"adapters"},
     {"train", "evaluate"},
+    {"serve"},
     {"launch"},
     {"cli"},
 ]

@@ -158,7 +158,7 @@ def test_a_relaunch_after_the_last_checkpoint_trains_no_extra_step(straight, tmp
 def test_a_second_launch_into_a_busy_run_dir_is_refused_and_the_first_is_unharmed(straight):
     recipe, uninterrupted = straight
     run = RunDir(uninterrupted.root.with_name("busy"))
-    first = start_launch(recipe, run.root, ["--set", "train.max_steps=2000"])  # long enough to be busy throughout
+    first = start_launch(recipe, run.root, ["--set", "train.max_steps=20000"])  # busy throughout, even on a loaded machine
     wait_for_rows(run, 2)
     for command in (args_for(recipe, run.root), ["merge", run.root]):
         second = run_launch(*command)

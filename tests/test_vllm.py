@@ -21,13 +21,17 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import signal
+import socket
 import subprocess
+import urllib.request
 from pathlib import Path
 
 import pytest
-from conftest import REPO, run_launch, tiny_recipe_text, train_tiny, write_recipe
+from conftest import REPO, as_from_a_terminal, run_launch, tiny_recipe_text, train_tiny, write_recipe
 
 from launcher.evaluate.vllm import adapter_refusal, kv_cache_size, max_lora_rank
+from launcher.launch.executors.local import processes_running
 
 VLLM_ENV = Path(os.environ.get("VLLM_ENV", REPO / ".venv-vllm"))
 VLLM_PYTHON = VLLM_ENV / "bin" / "python"
@@ -98,13 +102,21 @@ def vllm_assets(tmp_path_factory) -> dict[str, Path]:
 
 
 @pytest.fixture(scope="module")
-def evaluations(vllm_assets, tmp_path_factory):
-    """A LoRA run and an IA3 run, trained here; then `launch eval` of both in the vLLM environment,
-    once per backend, over the base, the LoRA checkpoints and adapter, and the IA3 adapter."""
+def runs(vllm_assets, tmp_path_factory):
+    """A LoRA run (checkpoints 5, 10, 12) and an IA3 run, trained here."""
     folder = tmp_path_factory.mktemp("vllm")
     off = ("eval.enabled=false", "merge.enabled=false", "eval.max_examples=48")
     _, lora, _, _ = train_tiny(vllm_assets, folder, *off, run_dir=folder / "lora")
     _, ia3, _, _ = train_tiny(vllm_assets, folder, *off, "peft.method=ia3", "train.max_steps=4", run_dir=folder / "ia3")
+    return lora, ia3
+
+
+@pytest.fixture(scope="module")
+def evaluations(runs):
+    """`launch eval` of both runs in the vLLM environment, once per backend, over the base, the LoRA
+    checkpoints and adapter, and the IA3 adapter."""
+    lora, ia3 = runs
+    folder = lora.root.parent
     found = {}
     for backend in ("hf", "vllm"):
         out = folder / f"eval-{backend}"
@@ -182,6 +194,43 @@ def test_what_vllm_cannot_serve_is_said_in_one_line_and_answered_by_hf(evaluatio
     done = in_vllm_env("-c", probe)
     assert done.returncode == 0, done.stderr
     assert "([], {'base': \"vLLM's CPU attention has no kernel for head size 16 (it has 32, 64," in done.stdout
+
+
+@pytest.mark.e2e
+@needs_vllm_env
+@pytest.mark.xdist_group("vllm")
+def test_launch_serve_answers_with_the_trained_adapter_over_http_and_ends_on_ctrl_c(runs, evaluations):
+    lora, _ = runs
+    (_, hf_rows, _, out) = evaluations["hf"]
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    env = os.environ | {"COLUMNS": "200", "PYTHONPATH": str(REPO)}
+    command = [str(VLLM_PYTHON), "-m", "launcher.cli", "serve", str(lora.root), "--port", str(port)]
+    server = subprocess.Popen(
+        command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, preexec_fn=as_from_a_terminal
+    )
+    said = []
+    try:
+        for line in server.stdout:
+            said.append(line)
+            if line.startswith("serving on "):
+                break
+        assert f"serving on http://127.0.0.1:{port}/v1 (OpenAI-compatible): models base, adapter, checkpoint-5" in "".join(said)
+        assert lora.server().models == ["base", "adapter", "checkpoint-5", "checkpoint-10", "checkpoint-12"]
+        examples = [json.loads(line) for line in (out / "examples.jsonl").read_text().splitlines()][:4]
+        for example, row in zip(examples, hf_rows):
+            body = json.dumps({"model": "adapter", "prompt": example["prompt"], "max_tokens": 3, "temperature": 0}).encode()
+            request = urllib.request.Request(
+                f"http://127.0.0.1:{port}/v1/completions", body, {"Content-Type": "application/json"}
+            )
+            with urllib.request.urlopen(request, timeout=60) as reply:
+                assert json.load(reply)["choices"][0]["text"].strip() == row["lora/adapter"]  # the trained adapter's answer
+    finally:
+        server.send_signal(signal.SIGINT)
+        rest, _ = server.communicate(timeout=120)
+    assert server.returncode == 0 and "stopped the server" in rest, "".join(said) + rest
+    assert lora.server() is None and not processes_running(str(port))  # the server (its --port argument) is gone
 
 
 @pytest.mark.e2e

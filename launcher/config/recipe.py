@@ -290,7 +290,7 @@ class EvalSection(Section):
     checkpoints: Literal["final", "all"] = "final"
     """Evaluate the final adapter only, or every complete checkpoint too."""
     backend: Literal["hf", "vllm"] = "hf"
-    """Generation backend: hf (transformers generate), or vllm on GPUs for the base and LoRA adapters (the [vllm] extra); HF stays where vLLM cannot serve."""
+    """Generation backend: hf (transformers generate), or vllm for the base and LoRA adapters (requirements/vllm-env; GPUs: [vllm]); HF where vLLM cannot."""
     benchmarks: list[str] = []
     """lm-evaluation-harness tasks run on every system too (e.g. ["ceval-valid", "cmmlu", "mmlu"]); needs the [benchmarks] extra."""
     benchmark_tasks_dir: str | None = None

@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 from launcher.adapters.merge import merge_run, validate_adapter
+from launcher.config.hardware import resolve_device
 from launcher.evaluate.plan import plan_evaluation, systems_of
 from launcher.evaluate.results import finish_if_complete, shard_markers
 from launcher.evaluate.shards import run_shard
@@ -20,6 +21,7 @@ from launcher.models.loading import quiet_libraries_for
 from launcher.rundir import lifecycle
 from launcher.rundir.checkpoints import stop_flag
 from launcher.rundir.runs import RunDir, StageRecord, exclusive
+from launcher.serve.server import serve
 from launcher.train.worker import main
 
 
@@ -101,6 +103,19 @@ class EvalJob:
                 # RUN/eval is this run's final evaluation: another one found there is kept, renamed
                 systems = systems_of([run], [], recipe.eval.checkpoints)
                 plan_evaluation(recipe, systems, run.eval, runs=[run], set_aside_other=True)
+
+
+class ServeJob:
+    """vLLM's OpenAI-compatible server on the run's base model and adapters, until the job is ended."""
+
+    def __init__(self, run_dir: str, host: str, port: int):
+        self.run_dir, self.host, self.port = run_dir, host, port
+
+    def __call__(self) -> int:
+        run = RunDir(Path(self.run_dir))
+        recipe = run.load_recipe()
+        quiet_libraries_for(recipe)
+        return serve(run, self.host, self.port, resolve_device(recipe.distributed.device))
 
 
 def result_record(out: Path):

@@ -226,4 +226,4 @@ class EvalDir:
 
     def write_results(self, results: EvalResults) -> None:
         """metrics.json, after the predictions and the report: the evaluation is done."""
-        write_atomic(self.metrics, results.model_dump_json(indent=2) + "\n")
+        write_atomic(self.metrics, results.model_dump_json(indent=2, exclude_defaults=True) + "\n")  # no empty sections

@@ -108,6 +108,8 @@ class Manifest(Record):
     eval: StageRecord | None = None
     checkpoint_merges: dict[str, StageRecord] = {}
     """launch merge --checkpoint N: merged-checkpoint-N's record under "N"."""
+    server: JobRecord | None = None
+    """The newest `launch serve` job (launch cancel ends it too)."""
 
 
 def exception_name(kind: type) -> str:
@@ -132,6 +134,17 @@ class RankFailure(Record):
 
     def headline(self) -> str:
         return f"{self.exception}: {self.message}" if self.message else self.exception
+
+
+class ServerRecord(Record):
+    """server.json: where `launch serve`'s server answers, written by its task once it does."""
+
+    host: str
+    port: int
+    pid: int
+    """The task's process (the server is its child)."""
+    models: list[str]
+    since: str
 
 
 def process_start(pid: int) -> str | None:
@@ -399,6 +412,19 @@ class RunDir:
     wandb = property(lambda self: self.root / "wandb")  # W&B makes it under WANDB_DIR = the run dir
     adapter_staging = property(lambda self: self.root / "adapter.partial")
     eval_plan_lock = property(lambda self: self.root / ".eval-plan.lock")
+    server_path = property(lambda self: self.root / "server.json")
+
+    def write_server(self, record: ServerRecord) -> None:
+        write_atomic(self.server_path, record.model_dump_json(indent=2) + "\n")
+
+    def clear_server(self) -> None:
+        self.server_path.unlink(missing_ok=True)
+
+    def server(self) -> ServerRecord | None:
+        """Where the run's server answers, or None when none runs."""
+        with suppress(OSError, ValueError):
+            return ServerRecord.model_validate_json(self.server_path.read_text())
+        return None
 
     def checkpoint(self, step: int) -> Path:
         return self.checkpoints / f"checkpoint-{step}"

@@ -97,6 +97,8 @@ class Executor(ABC):
     name: str
     detachable = False
     """Its jobs go on without the process that submitted them (a detached launch is possible)."""
+    on_other_machines = False
+    """Its jobs run on other machines than the submitting one (a server there listens on every address)."""
 
     @abstractmethod
     def submit(self, body: Callable[[], object], resources: Resources, after: Job | None = None) -> Job:

@@ -148,6 +148,7 @@ class SlurmTask:
 class SlurmExecutor(Executor):
     name = "slurm"
     detachable = True
+    on_other_machines = True
 
     def __init__(self, cluster: SlurmSection, folder: Path):
         self.cluster, self.folder = cluster, Path(folder)
