@@ -130,7 +130,7 @@ def check_adapters(model, tokenizer, work: Work, adapted: list[System]) -> None:
             trained = probe.saved_probe(system.adapter)
             if trained is not None:
                 got = probe.hf_logprobs(model, {"input_ids": trained.input_ids, "attention_mask": trained.attention_mask})
-                probe.check_matches(system.name, got, trained.logprobs, work.recipe.model.dtype, "HF")
+                probe.check_matches(system.name, got, trained.logprobs, work.recipe, "HF")
 
 
 def check_served_adapters(engine, tokenizer, work: Work, systems: list[System]) -> None:
@@ -147,7 +147,7 @@ def check_served_adapters(engine, tokenizer, work: Work, systems: list[System]) 
         unpadded, want = trained.unpadded() if trained is not None else ([], [])
         if unpadded:
             got = best_next_logprobs(engine, unpadded, system.adapter, number, probe.POSITIONS)
-            probe.check_matches(system.name, got, want, work.recipe.model.dtype, "vLLM")
+            probe.check_matches(system.name, got, want, work.recipe, "vLLM")
 
 
 def by_peft_type(systems: list[System]) -> list[list[System]]:
