@@ -7,6 +7,7 @@ import json
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -89,15 +90,17 @@ def run_launch(*args: str, cwd: Path | None = None, timeout: int = 600) -> subpr
     )
 
 
-def start_launch(*args) -> subprocess.Popen:
-    """The console entry point started in the background (stdout and stderr merged, as text)."""
+def start_launch(*args, python=sys.executable, **popen) -> subprocess.Popen:
+    """The console entry point started in the background by `python` (stdout and stderr merged, as
+    text); `popen`: more of Popen's arguments."""
     return subprocess.Popen(
-        [sys.executable, "-m", "launcher.cli", *map(str, args)],
+        [str(python), "-m", "launcher.cli", *map(str, args)],
         cwd=REPO,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
         preexec_fn=as_from_a_terminal,
+        **popen,
     )
 
 
@@ -158,3 +161,52 @@ def assert_matches_golden(text: str, golden: Path) -> None:
         golden.write_text(text)
         raise AssertionError(f"{golden} recorded anew (UPDATE_GOLDEN); review this diff, then run again without it:\n{diff}")
     assert not diff, f"rendered file differs from {golden} (UPDATE_GOLDEN=1 records the new one):\n{diff}"
+
+
+# The vLLM environment (requirements/vllm-env): vLLM pins its own torch and transformers, so the
+# tests run the launcher from there, in a fresh process, as a user does.
+VLLM_ENV = Path(os.environ.get("VLLM_ENV", REPO / ".venv-vllm"))
+VLLM_PYTHON = VLLM_ENV / "bin" / "python"
+needs_vllm_env = pytest.mark.skipif(
+    not VLLM_PYTHON.exists(), reason=f"no vLLM environment at {VLLM_ENV}: build it with requirements/vllm-env"
+)
+
+
+def in_vllm_env(*args, timeout: int = 600) -> subprocess.CompletedProcess:
+    """A command of the launcher run by the vLLM environment's Python (this checkout's code)."""
+    env = os.environ | {"COLUMNS": "120", "PYTHONPATH": str(REPO)}
+    return subprocess.run([str(VLLM_PYTHON), *map(str, args)], cwd=REPO, capture_output=True, text=True, timeout=timeout, env=env)
+
+
+def start_in_vllm_env(*args) -> subprocess.Popen:
+    """`launch` started in the background by the vLLM environment's Python (this checkout's code)."""
+    return start_launch(*args, python=VLLM_PYTHON, env=os.environ | {"COLUMNS": "200", "PYTHONPATH": str(REPO)})
+
+
+def free_port() -> int:
+    """A TCP port nothing listens on now (the kernel's pick)."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def lines_until(process: subprocess.Popen, start: str) -> list[str]:
+    """The process's output lines up to the first that starts with `start` (or to its end)."""
+    said = []
+    for line in process.stdout:
+        said.append(line)
+        if line.startswith(start):
+            break
+    return said
+
+
+@pytest.fixture(scope="session")
+def vllm_assets(tmp_path_factory) -> dict[str, Path]:
+    """The tiny model and data for vLLM: head size 64 (hidden 128, 2 heads), since vLLM's CPU
+    attention has no kernel for the usual tiny model's 16."""
+    from launcher.assets import build_tiny_llama, corpus_of, parity_rows, write_jsonl
+
+    folder = tmp_path_factory.mktemp("vllm-assets")
+    rows = parity_rows(1200, seed=0)
+    train = write_jsonl(rows, folder / "parity" / "train.jsonl")
+    return {"model": build_tiny_llama(folder / "tiny-llama-64", corpus_of(rows), hidden=128, heads=2), "train_file": train}

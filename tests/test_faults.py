@@ -10,12 +10,12 @@ import os
 import shutil
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
-from conftest import REPO, as_from_a_terminal, run_launch, train_tiny, wait_for_rows
+from conftest import run_launch, train_tiny, wait_for_rows
+from conftest import start_launch as launch_in_background
 from safetensors.torch import load_file
 
 from launcher.rundir.runs import RunDir
@@ -42,15 +42,7 @@ def straight(tmp_path_factory, tiny_assets):
 
 def start_launch(recipe: Path, run_dir: Path, extra: list[str] = (), steps: int = STEPS) -> subprocess.Popen:
     """`launch` in a session of its own (as from a terminal: its own process group)."""
-    return subprocess.Popen(
-        [sys.executable, "-m", "launcher.cli", *map(str, args_for(recipe, run_dir, steps)), *extra],
-        cwd=REPO,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        start_new_session=True,
-        preexec_fn=as_from_a_terminal,
-    )
+    return launch_in_background(*args_for(recipe, run_dir, steps), *extra, start_new_session=True)
 
 
 def processes_of(run: RunDir) -> list[str]:

@@ -11,11 +11,27 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.request
 from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
-from conftest import GOLDEN, REPO, assert_matches_golden, run_launch, start_launch, tiny_recipe_text, wait_for_rows, write_recipe
+from conftest import (
+    GOLDEN,
+    REPO,
+    assert_matches_golden,
+    free_port,
+    in_vllm_env,
+    lines_until,
+    needs_vllm_env,
+    run_launch,
+    start_in_vllm_env,
+    start_launch,
+    tiny_recipe_text,
+    train_tiny,
+    wait_for_rows,
+    write_recipe,
+)
 
 from launcher.adapters.merge import validate_adapter
 from launcher.config.recipe import load_recipe
@@ -595,3 +611,31 @@ def down_ends_the_jobs_processes(tmp_path) -> None:
     assert not subprocess.run(["pgrep", "-f", marker], capture_output=True).stdout  # nothing of the job is left
     up = subprocess.run([REPO / "slurm" / "dev-cluster", "up"], capture_output=True, text=True, timeout=600)
     assert up.returncode == 0, up.stderr
+
+
+@needs_vllm_env
+def test_launch_serve_runs_as_a_slurm_job_answers_on_its_node_and_launch_cancel_ends_it(dev_cluster, tmp_path, vllm_assets):
+    """The server as a SLURM job: where it answers is printed (node, port), it answers there with
+    the base model and the adapter, and `launch cancel` ends it without touching the run's state."""
+    _, run, _, _ = train_tiny(vllm_assets, tmp_path, "eval.enabled=false", "merge.enabled=false")  # trained locally
+    port = free_port()
+    server = start_in_vllm_env("serve", run.root, "--executor", "slurm", "--port", port, "--time", "00:10:00")
+    try:
+        said = "".join(lines_until(server, "serving on "))
+        record = run.server()
+        assert "submitted SLURM job " in said and f"serving on http://{record.host}:{port}/v1" in said, said
+        texts = {}
+        for model in ("base", "adapter"):
+            body = json.dumps({"model": model, "prompt": "Is this number even or odd?", "max_tokens": 4, "temperature": 0})
+            request = urllib.request.Request(
+                f"http://{record.host}:{port}/v1/completions", body.encode(), {"Content-Type": "application/json"}
+            )
+            with urllib.request.urlopen(request, timeout=60) as reply:
+                texts[model] = json.load(reply)["choices"][0]["text"]
+        assert texts["base"] != texts["adapter"], texts  # the adapter is applied
+        cancel = in_vllm_env("-m", "launcher.cli", "cancel", run.root)
+        assert cancel.returncode == 0 and "(serve)" in cancel.stdout, cancel.stdout + cancel.stderr
+    finally:
+        rest, _ = server.communicate(timeout=180)
+    assert server.returncode == 0 and "ended CANCELLED" in rest, rest
+    assert run.server() is None and run.manifest().state == "completed"  # ending its server leaves the run as it was

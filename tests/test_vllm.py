@@ -20,26 +20,26 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import os
 import signal
-import socket
-import subprocess
 import urllib.request
-from pathlib import Path
 
 import pytest
-from conftest import REPO, as_from_a_terminal, run_launch, tiny_recipe_text, train_tiny, write_recipe
+from conftest import (
+    free_port,
+    in_vllm_env,
+    lines_until,
+    needs_vllm_env,
+    run_launch,
+    start_in_vllm_env,
+    tiny_recipe_text,
+    train_tiny,
+    write_recipe,
+)
 
 from launcher.evaluate.vllm import adapter_refusal, kv_cache_size, max_lora_rank
 from launcher.launch.executors.local import processes_running
 
-VLLM_ENV = Path(os.environ.get("VLLM_ENV", REPO / ".venv-vllm"))
-VLLM_PYTHON = VLLM_ENV / "bin" / "python"
 AGREEMENT = 0.95
-
-needs_vllm_env = pytest.mark.skipif(
-    not VLLM_PYTHON.exists(), reason=f"no vLLM environment at {VLLM_ENV}: build it with requirements/vllm-env"
-)
 
 
 def has_cuda() -> bool:
@@ -83,22 +83,6 @@ def test_the_kv_cache_is_sized_from_the_evaluation_and_the_free_memory():
     assert kv_cache_size(config, 4, longest=67, sequences=48, free=2**20).bytes == 2**19  # capped at half the free memory
     assert kv_cache_size(config, 4, longest=67, sequences=48, free=150_000).bytes is None  # one sequence does not fit
     assert not kv_cache_size({"hidden_size": 128}, 4, longest=67, sequences=48, free=2**30).shape_known
-
-
-def in_vllm_env(*args: str, timeout: int = 600) -> subprocess.CompletedProcess:
-    """A command of the launcher run by the vLLM environment's Python (this checkout's code)."""
-    env = os.environ | {"COLUMNS": "120", "PYTHONPATH": str(REPO)}
-    return subprocess.run([str(VLLM_PYTHON), *map(str, args)], cwd=REPO, capture_output=True, text=True, timeout=timeout, env=env)
-
-
-@pytest.fixture(scope="module")
-def vllm_assets(tmp_path_factory) -> dict[str, Path]:
-    from launcher.assets import build_tiny_llama, corpus_of, parity_rows, write_jsonl
-
-    folder = tmp_path_factory.mktemp("vllm-assets")
-    rows = parity_rows(1200, seed=0)
-    train = write_jsonl(rows, folder / "parity" / "train.jsonl")
-    return {"model": build_tiny_llama(folder / "tiny-llama-64", corpus_of(rows), hidden=128, heads=2), "train_file": train}
 
 
 @pytest.fixture(scope="module")
@@ -202,20 +186,11 @@ def test_what_vllm_cannot_serve_is_said_in_one_line_and_answered_by_hf(evaluatio
 def test_launch_serve_answers_with_the_trained_adapter_over_http_and_ends_on_ctrl_c(runs, evaluations):
     lora, _ = runs
     (_, hf_rows, _, out) = evaluations["hf"]
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    env = os.environ | {"COLUMNS": "200", "PYTHONPATH": str(REPO)}
-    command = [str(VLLM_PYTHON), "-m", "launcher.cli", "serve", str(lora.root), "--port", str(port)]
-    server = subprocess.Popen(
-        command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, preexec_fn=as_from_a_terminal
-    )
+    port = free_port()
+    server = start_in_vllm_env("serve", lora.root, "--port", port)
     said = []
     try:
-        for line in server.stdout:
-            said.append(line)
-            if line.startswith("serving on "):
-                break
+        said = lines_until(server, "serving on ")
         assert f"serving on http://127.0.0.1:{port}/v1 (OpenAI-compatible): models base, adapter, checkpoint-5" in "".join(said)
         assert lora.server().models == ["base", "adapter", "checkpoint-5", "checkpoint-10", "checkpoint-12"]
         examples = [json.loads(line) for line in (out / "examples.jsonl").read_text().splitlines()][:4]

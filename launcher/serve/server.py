@@ -19,7 +19,8 @@ import urllib.request
 from contextlib import suppress
 
 from launcher.config.recipe import Recipe
-from launcher.evaluate.vllm import adapter_refusal, free_memory, kv_cache_size, max_lora_rank
+from launcher.errors import UserError
+from launcher.evaluate.vllm import adapter_refusal, engine_refusal, free_memory, kv_cache_size, max_lora_rank
 from launcher.models.loading import torch_dtype
 from launcher.models.remote_code import config_json
 from launcher.rundir.checkpoints import checkpoints_in, is_complete
@@ -96,6 +97,9 @@ def end(server: subprocess.Popen) -> None:
 def serve(run: RunDir, host: str, port: int, device: str) -> int:
     """Run the server until a signal ends this task (or the server ends on its own)."""
     recipe = run.load_recipe()
+    refusal = engine_refusal(recipe, device, [[0] * recipe.data.max_length])
+    if refusal:
+        raise UserError(f"launch serve: {refusal}; it cannot serve this run (launch eval answers with HF)")
     modules, refused = lora_modules(run)
     for line in refused:
         print(line, flush=True)
