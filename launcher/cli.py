@@ -538,6 +538,11 @@ def describe_run(run) -> str:
         if record:
             lines.append(f"  {stage}: {record.cost()}")
     lines += [f"  dashboard: {command}" for command in dashboard_commands(run)]
+    server = run.server()
+    if server is not None:
+        lines.append(
+            f"  serving: http://{server.host}:{server.port}/v1, models {', '.join(server.models)} (since {server.since})"
+        )
     if run.evaluation.report_html.exists():
         lines.append(f"  report: {run.evaluation.report_html} (and {run.evaluation.report_md.name})")
     elif run.evaluation.plan_path.exists():

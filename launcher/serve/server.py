@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import signal
 import socket
 import subprocess
@@ -117,7 +118,9 @@ def serve(run: RunDir, host: str, port: int, device: str) -> int:
         deadline = time.time() + READY_TIMEOUT_S
         while server.poll() is None and not answers_health(port) and time.time() < deadline:
             time.sleep(1)
-        if server.poll() is None and answers_health(port):
+        if server.poll() is None and not answers_health(port):
+            raise RuntimeError(f"vLLM's server did not answer on port {port} within {READY_TIMEOUT_S} s")
+        if server.poll() is None:
             shown = socket.gethostname() if host in ("0.0.0.0", "::") else host  # where a client reaches it
             record = ServerRecord(host=shown, port=port, pid=os.getpid(), models=["base", *modules], since=now())
             run.write_server(record)
@@ -131,4 +134,4 @@ def serve(run: RunDir, host: str, port: int, device: str) -> int:
 
 def request_example(record: ServerRecord, model: str, prompt: str) -> str:
     body = json.dumps({"model": model, "prompt": prompt, "max_tokens": 32, "temperature": 0})
-    return f"curl http://{record.host}:{record.port}/v1/completions -H 'Content-Type: application/json' -d '{body}'"
+    return f"curl http://{record.host}:{record.port}/v1/completions -H 'Content-Type: application/json' -d {shlex.quote(body)}"
