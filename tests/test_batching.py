@@ -16,6 +16,7 @@ import json
 import pytest
 from conftest import SIZES, run_launch, tiny_recipe_text, write_recipe
 
+from launcher.models.loading import load_pretrained
 from launcher.train.batching import packed_batch
 from launcher.train.packing import TOLERANCE, cache_dir, choose_batching, packing_verdict
 
@@ -169,10 +170,9 @@ def tokenized_examples(tmp_path, tiny_assets, count: int) -> tuple[list[dict], o
 def lora_model(tiny_assets):
     import peft
     import torch
-    import transformers
 
     torch.manual_seed(0)
-    model = transformers.AutoModelForCausalLM.from_pretrained(str(tiny_assets["model"]), dtype=torch.float32)
+    model = load_pretrained(str(tiny_assets["model"]), torch.float32)
     config = peft.LoraConfig(task_type=peft.TaskType.CAUSAL_LM, r=4, lora_alpha=8, target_modules="all-linear")
     model = peft.get_peft_model(model, config)
     with torch.no_grad():  # B off zero, so the adapter takes part in the forward and has gradients into A

@@ -10,15 +10,16 @@ import torch
 from conftest import run_launch, tiny_recipe_text, write_recipe
 from safetensors.torch import load_file
 
+from launcher.models.loading import load_pretrained
+
 pytestmark = pytest.mark.e2e  # real processes end to end: the full tier
 
 
 def random_adapter(model_dir, out, seed: int, rank: int):
     import peft
-    from transformers import AutoModelForCausalLM
 
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    model = load_pretrained(model_dir, torch.float32)
     config = peft.LoraConfig(
         r=rank, lora_alpha=2 * rank, target_modules=["q_proj", "v_proj", "down_proj"], init_lora_weights=False
     )
@@ -28,9 +29,8 @@ def random_adapter(model_dir, out, seed: int, rank: int):
 
 def with_deltas(model_dir, adapters_and_weights):
     """The base model with sum(w * B @ A * alpha / r) added to each adapted weight, by hand."""
-    from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    model = load_pretrained(model_dir, torch.float32)
     weights = dict(model.named_parameters())
     for adapter, weight in adapters_and_weights:
         config = json.loads((adapter / "adapter_config.json").read_text())
@@ -45,7 +45,7 @@ def with_deltas(model_dir, adapters_and_weights):
 
 
 def test_cat_combination_equals_the_weighted_sum_of_deltas(tmp_path, tiny_assets):
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
     recipe = write_recipe(tmp_path, tiny_recipe_text(tiny_assets))
     first = random_adapter(tiny_assets["model"], tmp_path / "a", seed=1, rank=4)
@@ -71,9 +71,9 @@ def test_cat_combination_equals_the_weighted_sum_of_deltas(tmp_path, tiny_assets
 
     tokenizer = AutoTokenizer.from_pretrained(tiny_assets["model"])
     inputs = tokenizer(["Is this number even or odd?\n1234\n"], return_tensors="pt")
-    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "combined-merged", dtype=torch.float32).eval()
+    merged = load_pretrained(tmp_path / "combined-merged", torch.float32).eval()
     expected = with_deltas(tiny_assets["model"], [(first, 0.6), (second, 0.4)])
-    base = AutoModelForCausalLM.from_pretrained(tiny_assets["model"], dtype=torch.float32).eval()
+    base = load_pretrained(tiny_assets["model"], torch.float32).eval()
     with torch.no_grad():
         got, want, untouched = merged(**inputs).logits, expected(**inputs).logits, base(**inputs).logits
     assert (got - want).abs().max().item() <= 1e-5

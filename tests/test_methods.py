@@ -15,6 +15,7 @@ from conftest import REPO, run_launch, tiny_recipe_text, write_recipe
 
 from launcher.config.methods import names_where
 from launcher.config.recipe import load_recipe
+from launcher.models.loading import load_pretrained
 from launcher.rundir.runs import RunDir
 
 PROMPT_FAMILY = names_where(lambda m: m.prompt_learning)
@@ -74,7 +75,6 @@ def launch_seed(seed: str, tmp_path, tiny_assets):
 def test_each_method_trains_from_its_seed_recipe_and_its_adapter_reloads_to_the_trained_logits(seed, tmp_path, tiny_assets):
     import torch
     from safetensors.torch import load_file
-    from transformers import AutoModelForCausalLM
 
     from launcher.adapters.merge import PROBE_FILE
 
@@ -93,7 +93,7 @@ def test_each_method_trains_from_its_seed_recipe_and_its_adapter_reloads_to_the_
         assert not run.merged.exists() and "not merged" in result.stdout
         return
     expected = reload_logits(recipe, run.adapter, probe, quantized=False)
-    merged = AutoModelForCausalLM.from_pretrained(str(run.merged), dtype=torch.float32).eval()
+    merged = load_pretrained(str(run.merged), torch.float32).eval()
     with torch.no_grad():
         got = merged(input_ids=probe["input_ids"], attention_mask=probe["attention_mask"]).logits
     assert (got - expected).abs().max().item() <= 1e-5
@@ -101,7 +101,7 @@ def test_each_method_trains_from_its_seed_recipe_and_its_adapter_reloads_to_the_
         again = run_launch("merge", run.root, "--checkpoint", "4")
         assert again.returncode == 0, again.stdout + again.stderr
         expected = reload_logits(recipe, run.checkpoints / "checkpoint-4", probe, quantized=False)
-        early = AutoModelForCausalLM.from_pretrained(str(run.root / "merged-checkpoint-4"), dtype=torch.float32).eval()
+        early = load_pretrained(str(run.root / "merged-checkpoint-4"), torch.float32).eval()
         with torch.no_grad():
             got = early(input_ids=probe["input_ids"], attention_mask=probe["attention_mask"]).logits
         assert (got - expected).abs().max().item() <= 1e-5 and (expected - probe["logits"]).abs().max().item() > 1e-4

@@ -14,6 +14,8 @@ import pytest
 from conftest import REPO
 from seed_models import SEEDS, build_seed_model, require_upstream, seed_recipe
 
+from launcher.models.loading import load_pretrained
+
 
 @pytest.fixture(scope="module")
 def seed_dirs(tmp_path_factory):
@@ -138,11 +140,11 @@ def test_check_shows_the_role_tokens_as_single_tokens(seed_dirs):
 
 def test_own_decoding_loop_equals_generate_where_both_run(tiny_assets):
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
     from launcher.evaluate.decoding import decode
 
-    model = AutoModelForCausalLM.from_pretrained(tiny_assets["model"], dtype=torch.float32).eval()
+    model = load_pretrained(tiny_assets["model"], torch.float32).eval()
     tokenizer = AutoTokenizer.from_pretrained(tiny_assets["model"], padding_side="left")
     batch = tokenizer(["Is this number even or odd?\n7\n", "Is 12 even?\n", "odd"], return_tensors="pt", padding=True)
     ends = {"max_new_tokens": 12, "pad_token_id": tokenizer.pad_token_id, "eos_token_id": tokenizer.eos_token_id}

@@ -7,14 +7,15 @@ import json
 
 import pytest
 
+from launcher.models.loading import load_pretrained
+
 
 @pytest.fixture(scope="module")
 def sharded_base(tmp_path_factory, tiny_assets):
     import torch
-    from transformers import AutoModelForCausalLM
 
     out = tmp_path_factory.mktemp("sharded")
-    AutoModelForCausalLM.from_pretrained(tiny_assets["model"], dtype=torch.float32).save_pretrained(out, max_shard_size="100KB")
+    load_pretrained(tiny_assets["model"], torch.float32).save_pretrained(out, max_shard_size="100KB")
     assert len(json.loads((out / "model.safetensors.index.json").read_text())["weight_map"]) > 0
     return out
 
@@ -43,12 +44,11 @@ def adapter_configs():
 def test_streaming_merge_equals_merge_and_unload(kind, sharded_base, tmp_path):
     import peft
     import torch
-    from transformers import AutoModelForCausalLM
 
     from launcher.adapters.streaming_merge import shard_names, stream_merge
 
     torch.manual_seed(0)
-    model = peft.get_peft_model(AutoModelForCausalLM.from_pretrained(sharded_base, dtype=torch.float32), adapter_configs()[kind])
+    model = peft.get_peft_model(load_pretrained(sharded_base, torch.float32), adapter_configs()[kind])
     with torch.no_grad():  # move every adapter off its identity start, so the merge has something to do
         for name, param in model.named_parameters():
             if any(part in name for part in ("lora_B", "lora_E", "ia3_l")):
@@ -59,7 +59,7 @@ def test_streaming_merge_equals_merge_and_unload(kind, sharded_base, tmp_path):
         want = model.merge_and_unload()(input_ids=tokens).logits
     done = stream_merge(str(sharded_base), tmp_path / "adapter", tmp_path / "merged")
     assert done["shards"] == len(shard_names(sharded_base)) > 1 and done["merged_weights"] > 0
-    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged", dtype=torch.float32)
+    merged = load_pretrained(tmp_path / "merged", torch.float32)
     with torch.no_grad():
         got = merged(input_ids=tokens).logits
     assert (got - want).abs().max().item() <= 1e-5

@@ -9,6 +9,7 @@ import torch
 from conftest import run_launch, train_tiny
 
 from launcher.adapters.merge import validate_adapter
+from launcher.models.loading import load_pretrained
 from launcher.rundir.runs import RunDir
 
 pytestmark = pytest.mark.e2e  # real processes end to end: the full tier
@@ -58,15 +59,15 @@ def test_final_adapter_is_gathered_and_valid(finished_run):
 
 def test_merged_model_equals_base_plus_adapter(finished_run):
     from peft import PeftModel
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
     run, _, _, assets = finished_run
     tokenizer = AutoTokenizer.from_pretrained(run.merged)
     inputs = tokenizer(
         ["Is this number even or odd?\n1234\n", "Is this number even or odd?\n7\n"], return_tensors="pt", padding=True
     )
-    merged = AutoModelForCausalLM.from_pretrained(run.merged, dtype=torch.float32).eval()
-    base = AutoModelForCausalLM.from_pretrained(assets["model"], dtype=torch.float32)
+    merged = load_pretrained(run.merged, torch.float32).eval()
+    base = load_pretrained(assets["model"], torch.float32)
     with_adapter = PeftModel.from_pretrained(base, run.adapter).eval()
     with torch.no_grad():
         expected, got = with_adapter(**inputs).logits, merged(**inputs).logits
