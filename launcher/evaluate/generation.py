@@ -105,13 +105,24 @@ def reference_losses(model, tokenizer, examples: list[Example], recipe: Recipe) 
     results = []
     for start in range(0, len(examples), recipe.eval.batch_size):
         rows = [tokenize(e, tokenizer, recipe.data.max_length) for e in examples[start : start + recipe.eval.batch_size]]
-        width, pad = max(len(r["input_ids"]) for r in rows), tokenizer.pad_token_id
-        input_ids = torch.tensor([r["input_ids"] + [pad] * (width - len(r["input_ids"])) for r in rows])
+        batch = hf_batch(tokenizer, rows)
+        width = batch["input_ids"].shape[1]
         labels = torch.tensor([r["labels"] + [-100] * (width - len(r["labels"])) for r in rows])
-        attention = (torch.arange(width)[None, :] < torch.tensor([len(r["input_ids"]) for r in rows])[:, None]).long()
-        logits = model(input_ids=input_ids.to(model.device), attention_mask=attention.to(model.device)).logits.float().cpu()
+        inputs = {key: value.to(model.device) for key, value in batch.items()}
+        logits = model(**inputs).logits.float().cpu()
         logits = logits[:, -width:]  # prompt / p-tuning put their virtual tokens first
         shifted = labels[:, 1:]
         losses = torch.nn.functional.cross_entropy(logits[:, :-1].transpose(1, 2), shifted, ignore_index=-100, reduction="none")
         results += [(float(total), int(count)) for total, count in zip(losses.sum(1), (shifted != -100).sum(1))]
     return results
+
+
+def hf_batch(tokenizer, rows: list[dict]) -> dict:
+    """Tokenized rows as one right-padded batch: input_ids and attention_mask."""
+    import torch
+
+    width, pad = max(len(r["input_ids"]) for r in rows), tokenizer.pad_token_id
+    return {
+        "input_ids": torch.tensor([r["input_ids"] + [pad] * (width - len(r["input_ids"])) for r in rows]),
+        "attention_mask": torch.tensor([[1] * len(r["input_ids"]) + [0] * (width - len(r["input_ids"])) for r in rows]),
+    }

@@ -68,9 +68,7 @@ def next_token_logprobs(logits, input_ids, attention_mask) -> list[list[float]]:
     import torch
 
     logprobs = torch.log_softmax(logits.float(), dim=-1)[:, :-1]
-    picked = logprobs.gather(-1, input_ids[:, 1:, None].to(logprobs.device))[..., 0].cpu()
-    keep = (attention_mask[:, 1:] * attention_mask[:, :-1]).bool()
-    return [row[mask].tolist() for row, mask in zip(picked, keep)]
+    return at_real_positions(logprobs.gather(-1, input_ids[:, 1:, None].to(logprobs.device))[..., 0].cpu(), attention_mask)
 
 
 def best_logprobs(logits, attention_mask) -> list[list[float]]:
@@ -78,9 +76,13 @@ def best_logprobs(logits, attention_mask) -> list[list[float]]:
     but the last."""
     import torch
 
-    best = torch.log_softmax(logits.float(), dim=-1)[:, :-1].max(-1).values.cpu()
+    return at_real_positions(torch.log_softmax(logits.float(), dim=-1)[:, :-1].max(-1).values.cpu(), attention_mask)
+
+
+def at_real_positions(values, attention_mask) -> list[list[float]]:
+    """Per row, the values (one per next-token prediction) where both tokens are real, not padding."""
     keep = (attention_mask[:, 1:] * attention_mask[:, :-1]).bool()
-    return [row[mask].tolist() for row, mask in zip(best, keep)]
+    return [row[mask].tolist() for row, mask in zip(values, keep)]
 
 
 def saved_probe(adapter: str) -> SavedProbe | None:
@@ -138,13 +140,3 @@ def hf_logprobs(model, batch: dict) -> list[list[float]]:
         ).logits
     width = batch["input_ids"].shape[1]
     return next_token_logprobs(logits[:, -width:], batch["input_ids"], batch["attention_mask"])  # virtual tokens first
-
-
-def hf_batch(tokenizer, rows: list[dict]) -> dict:
-    import torch
-
-    width, pad = max(len(r["input_ids"]) for r in rows), tokenizer.pad_token_id
-    return {
-        "input_ids": torch.tensor([r["input_ids"] + [pad] * (width - len(r["input_ids"])) for r in rows]),
-        "attention_mask": torch.tensor([[1] * len(r["input_ids"]) + [0] * (width - len(r["input_ids"])) for r in rows]),
-    }

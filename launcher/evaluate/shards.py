@@ -15,9 +15,8 @@ from launcher.config.recipe import Recipe, validate_recipe
 from launcher.data.examples import Example, tokenize
 from launcher.evaluate import probe
 from launcher.evaluate.benchmarks import run_benchmarks
-from launcher.evaluate.generation import evaluate_examples, failure_text, peft_type_of, selected, with_adapters
+from launcher.evaluate.generation import evaluate_examples, failure_text, hf_batch, peft_type_of, selected, with_adapters
 from launcher.evaluate.plan import benchmarks_left
-from launcher.evaluate.probe import hf_batch
 from launcher.evaluate.vllm import answers, best_next_logprobs, fallback_lines, prompt_ids, split_systems, start_engine
 from launcher.models.loading import load_base_model, load_tokenizer, quiet_libraries
 from launcher.rundir.evaldir import BenchmarkRecord, BenchmarkSpec, EvalDir, EvalPlan, ShardMarker, System
@@ -40,10 +39,11 @@ def run_shard(out: Path, shard: int, device: str | None = None, started: float |
     quiet_libraries(device.split(":")[0])
     examples = [Example(**row) for row in folder.example_rows()]
     indices = list(range(shard, len(examples), plan.shards))
-    work = Work(folder, plan, recipe, [examples[i] for i in indices], indices, shard, started)
+    tokenizer = load_tokenizer(recipe, padding_side="left")
+    work = Work(folder, plan, recipe, tokenizer, [examples[i] for i in indices], indices, shard, started)
     served, prompts = [], []
     if recipe.eval.backend == "vllm" and pending and all(e.prompt for e in work.examples):
-        prompts = prompt_ids(load_tokenizer(recipe, padding_side="left"), work.examples)
+        prompts = prompt_ids(tokenizer, work.examples)
         served, work.hf_because = split_systems(recipe, pending, device, prompts)
         for line in fallback_lines(work.hf_because):
             print(line, flush=True)
@@ -59,6 +59,8 @@ class Work:
     folder: EvalDir
     plan: EvalPlan
     recipe: Recipe
+    tokenizer: object
+    """Left-padded, for generation; loaded once per shard."""
     examples: list[Example]
     indices: list[int]
     shard: int
@@ -92,7 +94,7 @@ def with_hf(work: Work, device: str, pending: list[System], benchmarking: list[S
     serve (saved); returns the rows and seconds of those it does, waiting for their answers."""
     import torch
 
-    recipe, tokenizer = work.recipe, load_tokenizer(work.recipe, padding_side="left")
+    recipe, tokenizer = work.recipe, work.tokenizer
     waiting = {}
     for group in by_peft_type(pending + benchmarking):  # peft holds adapters of one type in a model
         adapted = {s.name: s for s in group if s.adapter}  # each adapter loaded once
@@ -169,7 +171,7 @@ def answer_with_vllm(work: Work, waiting: dict, prompts: list[list[int]], device
 
     gc.collect()
     torch.cuda.empty_cache()
-    tokenizer = load_tokenizer(work.recipe, padding_side="left")
+    tokenizer = work.tokenizer
     engine = start_engine(work.recipe, [system.adapter for system in waiting if system.adapter], prompts, device)
     check_served_adapters(engine, tokenizer, work, list(waiting))
     for number, (system, (rows, seconds)) in enumerate(waiting.items(), start=1):

@@ -26,7 +26,6 @@ NO_VLLM = (
 
 
 def check_serveable(run: RunDir, port: int) -> None:
-    run.load_recipe()
     if not run.adapter.exists():
         raise UserError(f"{run.root}: no final adapter yet; finish training first (launch {run.recipe} --run-dir {run.root})")
     if importlib.util.find_spec("vllm") is None:
@@ -36,8 +35,8 @@ def check_serveable(run: RunDir, port: int) -> None:
 
 
 def serve_run(run: RunDir, executor_name: str, host: str | None, port: int, time_limit: str | None, console: Console) -> int:
+    recipe = run.load_recipe()  # first: a folder that is not a run dir is one line
     check_serveable(run, port)
-    recipe = run.load_recipe()
     executor = make_executor(executor_name, recipe, run.logs / "serve")
     host = host or ("0.0.0.0" if executor.on_other_machines else "127.0.0.1")
     resources = replace(stage_resources(recipe, "eval"), name=f"{recipe.name}-serve", stage="serve", tasks_per_node=1)
