@@ -146,16 +146,11 @@ def build_seed_model(seed: str, out: Path) -> Path:
     """A complete tiny model dir: files, then random weights written through the launcher's loader."""
     import torch
 
-    from launcher.models.loading import construct_model
+    from launcher.models.loading import random_model
 
     write_files(seed, out)
     torch.manual_seed(0)
-    init = {} if seed == "transnormer" else {"empty_init": False}  # ChatGLM's default skips init (weights from a checkpoint)
-    model = construct_model(str(out), torch.float32, **init)
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if "norm" in name and param.dim() == 1:  # ChatGLM's RMSNorm weights start as torch.empty
-                param.fill_(1.0)
+    model = random_model(str(out), torch.float32)
     assert all(param.isfinite().all() for param in model.parameters())
     model.save_pretrained(str(out))
     return out

@@ -68,7 +68,11 @@ class Quirks:
     the probe, launcher.train.packing, decides on the installed code, not this note)."""
     random_init: dict = field(default_factory=dict)
     """Keywords its __init__ needs to initialise random weights (ChatGLM skips init by default,
-    expecting a checkpoint): used where a model is built without one (the packing probe)."""
+    expecting a checkpoint): used where a model is built without one (the packing probe, test models)."""
+    empty_norms: bool = False
+    """Its norm weights start as torch.empty and its _init_weights does nothing (ChatGLM's RMSNorm): a
+    model built without a checkpoint sets them to 1, else it computes with whatever the memory held
+    (the packing probe once proved ChatGLM3 packs, on norm weights that happened to be zeros)."""
     notes: str = ""
 
 
@@ -103,6 +107,7 @@ REGISTRY: dict[str, Quirks] = {
         own_generation_loop=True,
         init_takes_device=True,
         random_init={"empty_init": False},
+        empty_norms=True,
         packing_note="its code builds one causal mask over the whole row from attention_mask (position ids only rotate)",
         notes="ChatGLM2/3 (THUDM, remote code): its tokenizer pads on the left only; linear modules "
         "query_key_value, dense, dense_h_to_4h, dense_4h_to_h",

@@ -102,18 +102,34 @@ def load_pretrained(name_or_path: str, dtype, revision: str | None = None, trust
     return model
 
 
-def construct_model(name_or_path: str, dtype=None, revision=None, trust_remote_code: bool = True, **init_kwargs):
-    """A model with random weights built from its config, its remote code repaired as for loading."""
+def construct_model(name_or_path: str, dtype=None, revision=None, trust_remote_code: bool = True, config=None, **init_kwargs):
+    """A model built from its config (or `config`, a changed copy), its remote code repaired as for
+    loading; its weights are whatever its __init__ leaves (random_model: random ones, for any code)."""
     from transformers import AutoModelForCausalLM
 
-    set_environment(model_type_of(name_or_path, revision))
-    config = load_config(name_or_path, revision, trust_remote_code)
+    config = config or load_config(name_or_path, revision, trust_remote_code)
+    set_environment(config.model_type)
     cls = model_class(config, name_or_path, revision, trust_remote_code)
     if cls is None:
         model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code, dtype=dtype)
     else:
         model = cls._from_config(config, dtype=dtype, **init_kwargs)
     apply_quirks(model)
+    return model
+
+
+def random_model(name_or_path: str, dtype=None, revision=None, trust_remote_code: bool = True, config=None):
+    """A model with random weights and no memory left uninitialised (seed torch first for the same ones)."""
+    import torch
+
+    config = config or load_config(name_or_path, revision, trust_remote_code)
+    quirks = quirks_for(config.model_type)
+    model = construct_model(name_or_path, dtype, revision, trust_remote_code, config, **quirks.random_init)
+    if quirks.empty_norms:
+        with torch.no_grad():
+            for name, param in model.named_parameters():
+                if "norm" in name.lower() and param.dim() == 1:
+                    param.fill_(1.0)
     return model
 
 
