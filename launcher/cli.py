@@ -4,9 +4,11 @@ launch RECIPE.toml [--set KEY=VALUE ...] [--run-dir DIR] [--dry-run] [--procs-pe
 launch check RECIPE.toml [--set KEY=VALUE ...]
 launch merge RUN_DIR [--checkpoint N] [--overwrite]
 launch eval RUN_DIR|ADAPTER_DIR ... [--data FILE] [--shards K] [--executor local|slurm] [--checkpoints all] [--benchmark TASK,...]
-launch status [RUN_DIR]
+launch sweep RECIPE.toml [--grid KEY=[V1,V2] ...] [--set KEY=VALUE ...] [--dry-run] [--yes]
+launch status [RUN_DIR|SWEEP_DIR]
+launch report SWEEP_DIR
 launch logs RUN_DIR [--rank N] [-f]
-launch cancel RUN_DIR
+launch cancel RUN_DIR|SWEEP_DIR
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from rich.markup import escape
 from launcher.adapters.combine import METHODS, combine_adapters
 from launcher.adapters.merge import merge_into_base, merge_run
 from launcher.config.recipe import PATTERN_FORMS, TIME_PATTERN, Recipe, load_recipe
+from launcher.config.sweep import CONFIRM_ABOVE
 from launcher.data.examples import read_training_set
 from launcher.errors import Interrupted, UserError
 from launcher.evaluate.plan import plan_evaluation, systems_of
@@ -38,14 +41,16 @@ from launcher.launch.pipeline import describe_dry_run, execute, metrics_table, p
 from launcher.launch.preflight import gpu_request_warning, run_preflight
 from launcher.launch.render import render_deepspeed, zero_stage
 from launcher.launch.serving import serve_run
+from launcher.launch.sweeping import cancel_sweep, finish_report, run_sweep, status_table, sweep_rows
 from launcher.models.loading import quiet_libraries_for
 from launcher.rundir import lifecycle
 from launcher.rundir.checkpoints import latest_complete_checkpoint
 from launcher.rundir.evaldir import EvalDir
 from launcher.rundir.runs import RunDir, default_run_dir, run_dirs_under, unused_name
+from launcher.rundir.sweepdir import SweepDir
 from launcher.tracking.trackers import dashboard_commands
 
-COMMANDS = ("run", "check", "merge", "eval", "serve", "status", "logs", "cancel")
+COMMANDS = ("run", "sweep", "check", "merge", "eval", "serve", "status", "report", "logs", "cancel")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -128,6 +133,36 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--detach", action="store_true", help="with SLURM: return after submitting instead of following the job")
     add_topology_arguments(run)
     run.set_defaults(handler=command_run)
+
+    sweep = commands.add_parser(
+        "sweep",
+        help="run a recipe's variants (a grid, a list, a random search) as one SLURM job array per stage",
+        description="Expand the recipe's [sweep] table and --grid flags into variants, validate and pre-flight every "
+        "one, render each into its run dir under runs/<name>/<variant>/, and submit them as one job array per stage "
+        "(locally: one after another). Re-running it submits only the variants that are not complete.",
+    )
+    add_recipe_arguments(sweep)
+    sweep.add_argument(
+        "--grid",
+        action="append",
+        default=[],
+        metavar="KEY=[V1,V2]",
+        help="sweep KEY over these values (TOML), crossed with the other --grid keys (repeatable)",
+    )
+    sweep.add_argument("--sweep-dir", type=Path, help="where the variants' run dirs go (default: runs/<recipe name>)")
+    sweep.add_argument("--dry-run", action="store_true", help="render every variant and the array script, and stop")
+    sweep.add_argument("--yes", action="store_true", help=f"queue more than {CONFIRM_ABOVE:,} variants")
+    sweep.add_argument("--executor", choices=["auto", *EXECUTOR_NAMES], default="auto", help="SLURM arrays or local runs")
+    add_topology_arguments(sweep)
+    sweep.set_defaults(handler=command_sweep)
+
+    report = commands.add_parser(
+        "report",
+        help="compare a sweep's variants (SWEEP/report.html)",
+        description="One table of the variants' held-out metrics and cost, their loss curves overlaid, the best marked.",
+    )
+    report.add_argument("sweep_dir", type=Path, metavar="SWEEP_DIR")
+    report.set_defaults(handler=command_report)
 
     check = commands.add_parser(
         "check",
@@ -302,13 +337,18 @@ FLAG_KEYS = {
 }
 
 
-def recipe_from(args: argparse.Namespace) -> Recipe:
+def recipe_overrides(args: argparse.Namespace) -> list[str]:
+    """--set items, then the topology flags as the keys they set."""
     overrides = list(args.overrides)
     for flag, key in FLAG_KEYS.items():
         value = getattr(args, flag, None)
         if value is not None:
             overrides.append(f"{key}={value}" if isinstance(value, int) else f"{key}={json.dumps(value)}")
-    return load_recipe(args.recipe, overrides)
+    return overrides
+
+
+def recipe_from(args: argparse.Namespace) -> Recipe:
+    return load_recipe(args.recipe, recipe_overrides(args))
 
 
 def command_run(args: argparse.Namespace, console: Console) -> int:
@@ -327,6 +367,15 @@ def command_run(args: argparse.Namespace, console: Console) -> int:
             describe_dry_run(run, console, run.sbatch if run.sbatch.exists() else None)
             return 0
         return 0 if execute(recipe, run, console, executor_name=executor, detach=args.detach) else 1
+
+
+def command_sweep(args: argparse.Namespace, console: Console) -> int:
+    overrides = recipe_overrides(args)
+    return run_sweep(args.recipe, args.grid, overrides, console, args.executor, args.sweep_dir, args.dry_run, args.yes)
+
+
+def command_report(args: argparse.Namespace, console: Console) -> int:
+    return finish_report(SweepDir(args.sweep_dir), console)
 
 
 def command_check(args: argparse.Namespace, console: Console) -> int:
@@ -502,6 +551,10 @@ def eval_targets(targets: list[Path], recipe: Path | None):
 
 def command_status(args: argparse.Namespace, console: Console) -> int:
 
+    if args.run_dir and SweepDir(args.run_dir).exists():
+        manifest = SweepDir(args.run_dir).manifest()
+        console.print(status_table(sweep_rows(SweepDir(args.run_dir)), manifest.best, manifest.metric))
+        return 0
     if args.run_dir:
         console.print(describe_run(RunDir(args.run_dir)), highlight=False)
         return 0
@@ -580,6 +633,8 @@ def command_serve(args: argparse.Namespace, console: Console) -> int:
 
 def command_cancel(args: argparse.Namespace, console: Console) -> int:
 
+    if SweepDir(args.run_dir).exists():
+        return cancel_sweep(SweepDir(args.run_dir), console)
     run = RunDir(args.run_dir)
     manifest = run.manifest()
     stages = [job_of(record, run.logs) for record in manifest.jobs[-1:] + manifest.chain]

@@ -7,6 +7,7 @@ line per problem instead of a traceback.
 
 from __future__ import annotations
 
+import copy
 import difflib
 import hashlib
 import json
@@ -472,12 +473,15 @@ def reference_markdown() -> str:
 PATH_KEYS = ("model.name_or_path", "data.train_file", "data.eval_file", "eval.data", "eval.benchmark_tasks_dir")
 
 
-def load_recipe(path: str | Path, overrides: list[str] = ()) -> Recipe:
-    """Read, override, resolve paths and validate a recipe; raise UserError on any problem."""
+def load_recipe(path: str | Path, overrides: list[str] = (), raw: dict[str, Any] | None = None) -> Recipe:
+    """Read, override, resolve paths and validate a recipe; raise UserError on any problem.
+    `raw`: the file's tables already read (a sweep reads its recipe once for all its variants)."""
     path = Path(path)
-    if not path.is_file():
-        raise UserError([f"{path}: recipe file not found"])
-    raw = read_toml(path)
+    if raw is None:
+        raw = read_recipe_tables(path)
+        if "sweep" in raw:
+            raise UserError([f"{path}: has a [sweep] table; run its variants with `launch sweep {path}`"])
+    raw = {key: value for key, value in copy.deepcopy(raw).items() if key != "sweep"}
     raw.setdefault("name", path.stem)
     _resolve_paths(raw, base=path.parent.resolve())
     for item in overrides:
@@ -486,6 +490,12 @@ def load_recipe(path: str | Path, overrides: list[str] = ()) -> Recipe:
     for item in overrides:  # flags win over the profile too
         _apply_override(raw, item)
     return validate_recipe(raw, source=str(path))
+
+
+def read_recipe_tables(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise UserError([f"{path}: recipe file not found"])
+    return read_toml(path)
 
 
 def resolve_automatic(recipe: Recipe) -> Recipe:
@@ -549,7 +559,7 @@ def _apply_override(raw: dict[str, Any], item: str) -> None:
     key = key.strip()
     if not sep or not key:
         raise UserError([f"--set {item}: expected KEY=VALUE, for example --set train.learning_rate=2e-4"])
-    _check_known_path(key)
+    check_key(key)
     try:
         value = tomllib.loads(f"v = {text}")["v"]
     except tomllib.TOMLDecodeError:
@@ -567,14 +577,15 @@ def _apply_override(raw: dict[str, Any], item: str) -> None:
     node[leaf] = value
 
 
-def _check_known_path(key: str) -> None:
+def check_key(key: str, flag: str = "--set") -> None:
+    """A recipe key path that exists (`flag KEY: unknown key; did you mean ...?` otherwise)."""
     model: type[BaseModel] = Recipe
     walked = []
     for part in key.split("."):
         fields = model.model_fields
         if part not in fields:
             where = ".".join(walked + [part])
-            raise UserError([f"--set {where}: unknown key{_suggestion(part, fields, walked)}"])
+            raise UserError([f"{flag} {where}: unknown key{_suggestion(part, fields, walked)}"])
         walked.append(part)
         annotation = fields[part].annotation
         if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):

@@ -60,6 +60,8 @@ class JobRecord(Record):
     ranks: int | None = None
     after: str | None = None
     """The job it waits for (afterok)."""
+    folder: str | None = None
+    """Where its executor keeps its files, when not the run's logs/<executor>/ (a sweep's array: the sweep's)."""
 
 
 class StageRecord(Record):

@@ -45,7 +45,8 @@ class Resources:
     all_or_nothing: bool = False
     """The tasks are ranks of one world: when one fails, the others are ended (they would wait in a collective)."""
     requeue_run: str | None = None
-    """A training run dir: on SLURM a crashed or stopped job is requeued to resume it (slurm.max_restarts)."""
+    """A training run dir (an array's: its members file, one run dir per element): on SLURM a crashed or
+    stopped job is requeued to resume it (slurm.max_restarts)."""
 
 
 class Job(ABC):
@@ -116,6 +117,29 @@ class Executor(ABC):
     def refusal(self, resources: Resources) -> str | None:
         """Why the scheduler would never run a job of `resources` (None: it would, or there is no scheduler)."""
         return None
+
+    runs_arrays = False
+    """It submits many jobs of one shape as one array (a sweep's variants): the methods below work."""
+
+    def submit_array(self, bodies: list, resources: Resources, parallel: int, after: str | None = None) -> list[Job]:
+        """One array, element i running bodies[i], at most `parallel` at once, each after element i of
+        the array `after`."""
+        raise NotImplementedError(f"{self.name} runs no job arrays")
+
+    def array_script(self, resources: Resources, count: int, parallel: int, after: str | None = None) -> str | None:
+        return None
+
+    def array_limit(self) -> int:
+        """The most elements one array may have."""
+        return 1
+
+    def array_states(self, array_ids: list[str]) -> dict[str, tuple[str, str]]:
+        """Element id -> (state, why it waits) of every element the scheduler still knows, in one query."""
+        return {}
+
+    def cancel_arrays(self, array_ids: list[str]) -> None:
+        """End every element of these arrays."""
+        raise NotImplementedError(f"{self.name} runs no job arrays")
 
 
 def task_index() -> int:

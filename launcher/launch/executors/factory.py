@@ -43,7 +43,7 @@ def queues_jobs(name: str) -> bool:
 
 def job_of(record: JobRecord, logs: Path) -> Job:
     """The handle of a job recorded in a manifest, whichever executor ran it."""
-    return REGISTRY[record.executor].job(record, Path(logs) / record.executor)
+    return REGISTRY[record.executor].job(record, Path(record.folder) if record.folder else Path(logs) / record.executor)
 
 
 def choose_executor(asked: str, recipe: Recipe, rendering_only: bool = False) -> str:

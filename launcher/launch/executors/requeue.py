@@ -2,6 +2,8 @@
 from the batch script's teardown, after a crash, up to slurm.max_restarts times.
 
     python -m launcher.launch.executors.requeue RUN_DIR EXIT_CODE     (the sbatch teardown runs this)
+    python -m launcher.launch.executors.requeue MEMBERS_FILE EXIT_CODE (an array: the element's run dir is line
+                                                                         $SLURM_ARRAY_TASK_ID of the file)
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from pathlib import Path
 
 from launcher.rundir import lifecycle
 from launcher.rundir.runs import RunDir, State, allocation
+from launcher.rundir.sweepdir import member_of_array
 
 
 def requeue_self() -> bool:
@@ -45,7 +48,12 @@ def after_job_step(run: RunDir, exit_code: int) -> str:
     return "requeued" if requeue_self() else "failed (requeue refused)"
 
 
+def run_of(target: Path) -> RunDir:
+    """The run dir the teardown is about: the path itself, or this array element's line of a members file."""
+    return member_of_array(target, int(os.environ["SLURM_ARRAY_TASK_ID"])) if target.is_file() else RunDir(target)
+
+
 if __name__ == "__main__":
-    outcome = after_job_step(RunDir(Path(sys.argv[1])), int(sys.argv[2]))
+    outcome = after_job_step(run_of(Path(sys.argv[1])), int(sys.argv[2]))
     print(f"job step: {outcome}")
     sys.exit(0 if outcome == "ok" or outcome.startswith("requeued") else 1)

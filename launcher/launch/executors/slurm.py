@@ -205,37 +205,90 @@ class SlurmExecutor(Executor):
         if not shutil.which("srun"):  # submitit's own check would be a traceback
             raise UserError(
                 "--executor slurm: srun is not on PATH here, and the job script is made with it; "
-                "render or submit from a cluster's login node, or use --executor local"
+                "submit from a cluster's login node (a --dry-run renders the script anywhere), or use --executor local"
             )
         executor = submitit.SlurmExecutor(folder=str(self.folder.resolve()))
+        executor.update_parameters(**self.job_parameters(resources, after and f"afterok:{after.id}"))
+        return executor
+
+    def job_parameters(self, resources: Resources, dependency: str | None = None) -> dict:
         parameters = self.parameters(resources)
-        if after is not None:
-            parameters["dependency"] = f"afterok:{after.id}"
+        if dependency is not None:
+            parameters["dependency"] = dependency
             # When the job it waits for fails for good, this one ends at once instead of waiting forever.
             parameters["additional_parameters"]["kill_on_invalid_dep"] = "yes"
-        executor.update_parameters(**parameters)
-        return executor
+        return parameters
 
     def submit(self, body, resources: Resources, after: Job | None = None) -> SlurmJob:
         job = self.submitit_executor(resources, after).submit(SlurmTask(body))
-        return SlurmJob(
-            JobRecord(
-                executor=self.name,
-                id=str(job.job_id),
-                stage=resources.stage,
-                submitted=now(),
-                nodes=resources.nodes,
-                ranks=resources.nodes * resources.tasks_per_node,
-                after=after.id if after else None,
-            ),
-            self.folder,
+        return SlurmJob(self.record(str(job.job_id), resources, after.id if after else None), self.folder)
+
+    def record(self, job_id: str, resources: Resources, after: str | None, folder: Path | None = None) -> JobRecord:
+        return JobRecord(
+            executor=self.name,
+            id=job_id,
+            stage=resources.stage,
+            submitted=now(),
+            nodes=resources.nodes,
+            ranks=resources.nodes * resources.tasks_per_node,
+            after=after,
+            folder=str(folder) if folder else None,
         )
+
+    def submit_array(self, bodies: list, resources: Resources, parallel: int, after: str | None = None) -> list[SlurmJob]:
+        """One job array, element i running bodies[i] on `resources` (a whole multi-node job each), at
+        most `parallel` at once; with `after` (an array's id) element i waits for that array's element i
+        to succeed (aftercorr). Callers keep len(bodies) within max_array_size()."""
+        import submitit
+
+        executor = self.submitit_executor(resources)
+        executor.update_parameters(array_parallelism=parallel)
+        if after is not None:
+            executor.update_parameters(**self.job_parameters(resources, f"aftercorr:{after}"))
+        jobs: list[submitit.Job] = []
+        with executor.batch():
+            for body in bodies:
+                jobs.append(executor.submit(SlurmTask(body)))
+        return [
+            SlurmJob(
+                self.record(str(job.job_id), resources, f"{after}_{i}" if after else None, self.folder.resolve()), self.folder
+            )
+            for i, job in enumerate(jobs)
+        ]
+
+    runs_arrays = True
+
+    def array_limit(self) -> int:
+        return max_array_size()
+
+    def array_states(self, array_ids: list[str]) -> dict[str, tuple[str, str]]:
+        if not array_ids:
+            return {}
+        out = scheduler(["squeue", "-h", "-r", "-j", ",".join(array_ids), "-o", "%i|%T|%r"])
+        states = {}
+        for line in out.stdout.splitlines():
+            parts = line.strip().split("|")
+            if len(parts) == 3:
+                states[parts[0]] = (parts[1], parts[2])
+        return states
+
+    def cancel_arrays(self, array_ids: list[str]) -> None:
+        if array_ids:
+            done = scheduler(["scancel", *array_ids])
+            if done.returncode != 0:
+                raise UserError(f"scancel {' '.join(array_ids)} failed: {done.stderr.strip()}")
+
+    def array_script(self, resources: Resources, count: int, parallel: int, after: str | None = None) -> str:
+        """The sbatch script of a `count`-element array (what submit_array submits), rendered anywhere."""
+        parameters = self.job_parameters(resources, after and f"aftercorr:{after}")
+        return sbatch_text(self.folder, parameters | {"map_count": count, "array_parallelism": parallel})
 
     def job(self, record: JobRecord) -> SlurmJob:
         return SlurmJob(record, self.folder)
 
     def submission_script(self, resources: Resources) -> str:
-        return rendered_script(self.submitit_executor(resources))
+        """The training job's sbatch script, as the login node would submit it (no srun needed to render it)."""
+        return sbatch_text(self.folder, self.job_parameters(resources))
 
     def refusal(self, resources: Resources) -> str | None:
         """sbatch --test-only on the job's script: SLURM's own verdict in a second, nothing queued."""
@@ -251,12 +304,27 @@ class SlurmExecutor(Executor):
         return errors[-1] if errors else (result.stderr.strip().splitlines() or ["no reason given"])[-1]
 
 
-def rendered_script(executor) -> str:
-    """The sbatch script a submitit SlurmExecutor submits, with %j for the job id.
+def sbatch_text(folder: Path, parameters: dict) -> str:
+    """The sbatch script submitit submits for these parameters, with %j (%A_%a in an array) for the id.
 
     submitit has no public call for it; this is the one place that uses its private renderer
     (tests/test_executors.py checks it against the installed submitit)."""
-    return executor._make_submission_file_text(executor._submitit_command_str, "%j")
+    from submitit.slurm.slurm import _make_sbatch_string
+
+    where = Path(folder).resolve()
+    command = " ".join([shlex.quote(sys.executable), "-u -m submitit.core._submit", shlex.quote(str(where))])
+    return _make_sbatch_string(command=command, folder=where, **parameters)
+
+
+@functools.cache
+def max_array_size() -> int:
+    """The cluster's MaxArraySize (an array's indices stay below it); SLURM's default 1001 when unknown."""
+    if slurm_available():
+        out = scheduler(["scontrol", "show", "config"]).stdout
+        found = re.search(r"^MaxArraySize\s*=\s*(\d+)", out, re.MULTILINE)
+        if found:
+            return int(found.group(1))
+    return 1001
 
 
 def require_slurm(why: str) -> None:
