@@ -639,3 +639,63 @@ def test_launch_serve_runs_as_a_slurm_job_answers_on_its_node_and_launch_cancel_
         rest, _ = server.communicate(timeout=180)
     assert server.returncode == 0 and "ended CANCELLED" in rest, rest
     assert run.server() is None and run.manifest().state == "completed"  # ending its server leaves the run as it was
+
+
+def wait_until_idle(timeout_s: float = 600) -> None:
+    """Until the dev cluster's queue is empty (every array element ended)."""
+    deadline = time.time() + timeout_s
+    while subprocess.run(["squeue", "-h"], capture_output=True, text=True).stdout.strip():
+        assert time.time() < deadline, subprocess.run(["squeue"], capture_output=True, text=True).stdout
+        time.sleep(1)
+
+
+def test_a_sweep_is_one_array_a_cancelled_element_resumes_alone_and_the_best_is_marked(dev_cluster, tmp_path, tiny_assets):
+    """A 2 x 2 grid as one array of 2-node runs, 2 at a time; one element scancelled mid-training; the same
+    sweep command again submits only that variant, which resumes from its checkpoint with the losses of an
+    uninterrupted run; the comparison lists all four and marks the best held-out loss."""
+    text = tiny_recipe_text(tiny_assets, extra="[merge]\nenabled = false\n").replace("max_steps = 12", "max_steps = 16")
+    recipe = write_recipe(tmp_path, text.replace("save_steps = 5", "save_steps = 4"))
+    grid = ["--grid", "train.learning_rate=[1e-3,5e-3]", "--grid", "peft.r=[4,8]"]
+    sweep = ["sweep", recipe, *grid, "--nodes", "2", "--procs-per-node", "1", "--profile", "dev"]
+    straight = run_launch(
+        recipe, "--run-dir", tmp_path / "straight", "--executor", "local", "--procs-per-node", "2",
+        "--set", "train.learning_rate=1e-3", "--set", "peft.r=8", "--set", "eval.enabled=false",
+    )  # fmt: skip
+    assert straight.returncode == 0, straight.stdout + straight.stderr
+    (tmp_path / "sweep.toml").write_text(recipe.read_text() + "[sweep]\nmax_parallel = 2\n")
+    sweep[1] = tmp_path / "sweep.toml"
+
+    first = run_launch(*sweep, cwd=tmp_path)
+    assert first.returncode == 0, first.stdout + first.stderr
+    assert re.search(r"submitted train array \d+ \(4 variants, at most 2 at once\)", first.stdout), first.stdout
+    folder = tmp_path / "runs" / "tiny"
+    victim = RunDir(folder / "lr=0.001,r=8")
+    element = job_id_of(victim)
+    assert re.fullmatch(r"\d+_1", element), element  # the array's element 1
+    wait_for_rows(victim, 7)  # past checkpoint-4
+    subprocess.run(["scancel", element], check=True)
+    wait_until_idle()
+    status = run_launch("status", folder, cwd=tmp_path).stdout
+    assert status.count("completed") == 3 and "its job ended" in status, status
+
+    again = run_launch(*sweep, cwd=tmp_path)
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert again.stdout.count(": complete, kept") == 3, again.stdout
+    assert re.search(r"submitted train array \d+ \(1 variants", again.stdout), again.stdout
+    wait_until_idle()
+    rows, want = rows_per_step(victim), rows_per_step(RunDir(tmp_path / "straight"))
+    assert sorted(rows) == list(range(1, 17)) and len(rows[5]) == 2  # steps 5.. ran twice: resumed from checkpoint-4
+    assert max(abs(rows[s][-1]["loss"] - want[s][-1]["loss"]) / abs(want[s][-1]["loss"]) for s in want) <= 1e-4
+    assert "resuming from" in victim.rank_log(0).read_text()
+
+    report = run_launch("report", folder, cwd=tmp_path)
+    assert report.returncode == 0, report.stdout + report.stderr
+    runs = [RunDir(p.parent) for p in sorted(folder.glob("*/manifest.json"))]
+    held_out = {run.root.name: run.evaluation.results().systems["adapter"]["loss"] for run in runs}
+    best = min(held_out, key=held_out.get)
+    assert len(held_out) == 4 and all(run.manifest().state == "completed" for run in runs)
+    assert json.loads((folder / "sweep.json").read_text())["best"]["variant"] == best
+    assert (
+        f"best: {best} (held-out loss" in report.stdout
+        and f"<tr class=best><td>{best} *</td>" in (folder / "report.html").read_text()
+    )

@@ -189,6 +189,7 @@ def parse_grid_flags(items: list[str]) -> dict[str, list]:
             values = tomllib.loads(f"v = {text}")["v"]
         except tomllib.TOMLDecodeError:
             raise UserError([f"--grid {item}: {text!r} is not a TOML value or list, e.g. [1e-4,3e-4] or ['a','b']"]) from None
+        check_key(key.strip(), flag="--grid")
         grid[key.strip()] = values if isinstance(values, list) else [values]
     return grid
 

@@ -14,7 +14,7 @@ from launcher.config.recipe import Recipe
 from launcher.evaluate.report import new_figure, save
 from launcher.rundir.files import write_atomic
 from launcher.rundir.runs import RunDir
-from launcher.rundir.sweepdir import BestRecord, SweepDir, VariantRecord
+from launcher.rundir.sweepdir import BestRecord, SweepDir, VariantRecord, sweep_of
 
 METRICS = ("loss", "perplexity", "exact_match", "bleu4", "rouge1", "rouge2", "rougeL")
 
@@ -165,3 +165,25 @@ def loss_curves(folder: SweepDir, rows: list[VariantRow]) -> Path | None:
     axes.set(xlabel="step", title="training loss")
     axes.legend(fontsize=6)
     return save(figure, folder.loss_plot)
+
+
+def publish_comparison(folder: SweepDir, rows: list[VariantRow]) -> BestRecord | None:
+    """The best variant recorded in sweep.json and report.html rewritten (under the sweep's lock)."""
+    manifest = folder.manifest()
+    best = best_of(rows, manifest.metric, manifest.mode)
+    folder.set_best(best)
+    write_sweep_report(folder, rows, best)
+    return best
+
+
+def refresh_after_variant(run: RunDir) -> None:
+    """A variant's last stage ended in its job: the sweep's comparison is brought up to date, from the
+    run dirs alone (best effort: a failure here never fails the variant, whose run is complete)."""
+    folder = sweep_of(run)
+    if folder is None:
+        return
+    try:
+        publish_comparison(folder, [variant_row(v, r) for v, r in folder.runs()])
+        print(f"sweep report: {folder.report_html}")
+    except Exception as err:  # noqa: BLE001  (the comparison is a view; `launch report` writes it again)
+        print(f"sweep report not refreshed ({type(err).__name__}: {err}); run launch report {folder.root}")

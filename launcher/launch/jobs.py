@@ -16,6 +16,7 @@ from launcher.config.hardware import resolve_device
 from launcher.evaluate.plan import plan_evaluation, systems_of
 from launcher.evaluate.results import finish_if_complete, shard_markers
 from launcher.evaluate.shards import run_shard
+from launcher.evaluate.sweep_report import refresh_after_variant
 from launcher.launch.executors.base import STOP_SIGNAL, task_index
 from launcher.models.loading import quiet_libraries_for
 from launcher.rundir import lifecycle
@@ -37,6 +38,8 @@ class TrainJob:
         stop_flag()  # first thing: a stop signal during start-up is acted on at the first step
 
         code = main([self.run_dir], last_stage=self.last_stage)
+        if code == 0 and self.last_stage and task_index() == 0 and RunDir(Path(self.run_dir)).adapter.exists():
+            refresh_after_variant(RunDir(Path(self.run_dir)))
         # A stop signal after the last step has nothing left to save. Python resets its own handlers
         # to the default (terminate) while shutting down, so ignore it: a late signal must not turn
         # a finished rank into a "crash" that requeues the job.
@@ -66,6 +69,8 @@ class MergeJob:
             f"peak RSS {record.peak_rss_mib if record else '?'} MiB)"
         )
         lifecycle.stage_finished(run, "merge", self.last_stage)
+        if self.last_stage:
+            refresh_after_variant(run)
         return 0
 
 
@@ -90,6 +95,8 @@ class EvalJob:
             run = RunDir(Path(self.run_dir))
             lifecycle.stage_finished(run, "eval", self.last_stage, result_record(out))
             print(f"report: {run.evaluation.report_html}")
+            if self.last_stage:
+                refresh_after_variant(run)
         return 0
 
     def plan_run_evaluation(self) -> None:

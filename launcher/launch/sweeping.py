@@ -21,7 +21,7 @@ from launcher.config.recipe import Recipe, load_recipe, read_recipe_tables, read
 from launcher.config.sweep import CONFIRM_ABOVE, SweepSection, Variant, expand, flatten, parse_grid_flags, parse_sweep
 from launcher.data.examples import read_training_set
 from launcher.errors import UserError
-from launcher.evaluate.sweep_report import VariantRow, best_of, table, variant_row, write_sweep_report
+from launcher.evaluate.sweep_report import VariantRow, publish_comparison, table, variant_row
 from launcher.launch.executors.base import TERMINAL_STATES, Executor
 from launcher.launch.executors.factory import choose_executor, job_of, make_executor
 from launcher.launch.pipeline import (
@@ -112,16 +112,17 @@ def at(planned: list[Planned], root: Path) -> list[Planned]:
 
 def refuse_changed_runs(planned: list[Planned]) -> None:
     """A variant's run dir that holds a run of another recipe is never touched: the sweep's recipe changed."""
-    problems = []
-    for p in planned:
-        if p.run.manifest_path.is_file() and p.run.manifest().recipe_hash != p.recipe.fingerprint():
-            changed = [key for key, _, _ in differences(read_toml(p.run.recipe), p.recipe.to_dict())]
-            problems.append(
-                f"variant {p.variant.name}: {p.run.root} was trained with another recipe ({', '.join(changed[:4]) or 'resolved values'} "
-                f"changed); a sweep never changes a variant's run: restore the recipe, or sweep into a new --sweep-dir"
-            )
-    if problems:
-        raise UserError(problems[:ERRORS_SHOWN])
+    changed = [p for p in planned if p.run.manifest_path.is_file() and p.run.manifest().recipe_hash != p.recipe.fingerprint()]
+    if not changed:
+        return
+    first = changed[0]
+    keys = [key for key, _, _ in differences(read_toml(first.run.recipe), first.recipe.to_dict())]
+    others = f" (and {len(changed) - 1} more variants)" if len(changed) > 1 else ""
+    raise UserError(
+        f"variant {first.variant.name}{others}: {first.run.root} was trained with another recipe "
+        f"({', '.join(keys[:4]) or 'resolved values'} changed); a sweep never changes a variant's run: restore the "
+        f"recipe, or sweep into a new --sweep-dir"
+    )
 
 
 def preflight_key(recipe: Recipe) -> str:
@@ -344,7 +345,10 @@ def variant_state(run: RunDir, states: dict[str, tuple[str, str]]) -> tuple[str,
             if state == "PENDING":
                 return "pending" + (f" ({record.stage})" if record.stage != "train" else ""), record.id, reason
             return str(manifest.state), record.id, ""
-    return str(manifest.state), records[-1].id if records else "", ""
+    state = str(manifest.state)
+    if State(state) in lifecycle.TRAINING_NOW and not job_active(run, states):  # scancelled, or a node died
+        state += ", its job ended (the same sweep command resumes it)"
+    return state, records[-1].id if records else "", ""
 
 
 def run_sweep(
@@ -438,9 +442,8 @@ def finish_report(folder: SweepDir, console: Console) -> int:
     """The comparison: report.html written, the best variant recorded in sweep.json and named."""
     manifest = folder.manifest()
     rows = sweep_rows(folder)
-    best = best_of(rows, manifest.metric, manifest.mode)
-    folder.set_best(best)
-    path = write_sweep_report(folder, rows, best)
+    best = publish_comparison(folder, rows)
+    path = folder.report_html
     console.print(status_table(rows, best, manifest.metric))
     if best:
         console.print(
