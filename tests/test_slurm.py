@@ -649,8 +649,8 @@ def wait_until_idle(timeout_s: float = 600) -> None:
         time.sleep(1)
 
 
-def test_a_sweep_is_one_array_a_cancelled_element_resumes_alone_and_the_best_is_marked(dev_cluster, tmp_path, tiny_assets):
-    """A 2 x 2 grid as one array of 2-node runs, 2 at a time; one element scancelled mid-training; the same
+def test_a_sweep_runs_as_job_arrays_a_cancelled_element_resumes_alone_and_the_best_is_marked(dev_cluster, tmp_path, tiny_assets):
+    """A 2 x 2 grid as job arrays of 2-node runs, 2 at a time; one element scancelled mid-training; the same
     sweep command again submits only that variant, which resumes from its checkpoint with the losses of an
     uninterrupted run; the comparison lists all four and marks the best held-out loss."""
     text = tiny_recipe_text(tiny_assets, extra="[merge]\nenabled = false\n").replace("max_steps = 12", "max_steps = 16")
@@ -667,7 +667,13 @@ def test_a_sweep_is_one_array_a_cancelled_element_resumes_alone_and_the_best_is_
 
     first = run_launch(*sweep, cwd=tmp_path)
     assert first.returncode == 0, first.stdout + first.stderr
-    assert re.search(r"submitted train array \d+ \(4 variants, at most 2 at once\)", first.stdout), first.stdout
+    # The dev cluster's MaxArraySize is 3: the four variants go out as two arrays, each chained to its eval array.
+    arrays = re.findall(r"submitted train array (\d+) \((\d) variants, at most 2 at once\)", first.stdout)
+    assert [count for _, count in arrays] == ["3", "1"], first.stdout
+    assert (
+        len(re.findall(r"submitted eval array \d+ \(\d variants, at most 2 at once, each after its element of", first.stdout))
+        == 2
+    )
     folder = tmp_path / "runs" / "tiny"
     victim = RunDir(folder / "lr=0.001,r=8")
     element = job_id_of(victim)
@@ -684,9 +690,11 @@ def test_a_sweep_is_one_array_a_cancelled_element_resumes_alone_and_the_best_is_
     assert re.search(r"submitted train array \d+ \(1 variants", again.stdout), again.stdout
     wait_until_idle()
     rows, want = rows_per_step(victim), rows_per_step(RunDir(tmp_path / "straight"))
-    assert sorted(rows) == list(range(1, 17)) and len(rows[5]) == 2  # steps 5.. ran twice: resumed from checkpoint-4
+    resumed = re.search(r"resuming from \S+checkpoint-(\d+) \(step", victim.rank_log(0).read_text())
+    assert resumed and int(resumed.group(1)) >= 4, victim.rank_log(0).read_text()[-2000:]
+    second = min(step for step, per_step in rows.items() if any(row["attempt"] == 2 for row in per_step))
+    assert sorted(rows) == list(range(1, 17)) and second == int(resumed.group(1)) + 1  # it went on from its checkpoint
     assert max(abs(rows[s][-1]["loss"] - want[s][-1]["loss"]) / abs(want[s][-1]["loss"]) for s in want) <= 1e-4
-    assert "resuming from" in victim.rank_log(0).read_text()
 
     report = run_launch("report", folder, cwd=tmp_path)
     assert report.returncode == 0, report.stdout + report.stderr

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import pytest
 from conftest import run_launch, tiny_recipe_text, write_recipe
@@ -137,6 +138,8 @@ def test_a_random_search_of_three_runs_compares_and_marks_the_best_and_a_rerun_t
     page = folder.report_html.read_text()
     assert all(name in page for name in held_out) and f"<tr class=best><td>{best} *</td>" in page
     assert "train.learning_rate" in page and "peft.r" in page and "CPU-h" in page and "data:image/png;base64," in page
+    assert "<th onclick='sortBy(" in page and ">MFU<" in page
+    assert all(row["mfu"] > 0 for run in runs for row in run.metrics.rows())  # measured against this CPU's peak
     rows = {run.root.name: run.metrics.count() for run in runs}
 
     again = run_launch("sweep", recipe, "--executor", "local", cwd=tmp_path)
@@ -146,3 +149,23 @@ def test_a_random_search_of_three_runs_compares_and_marks_the_best_and_a_rerun_t
     status = run_launch("status", folder.root, cwd=tmp_path)
     assert status.returncode == 0 and status.stdout.count("completed") == 3, status.stdout
     assert json.loads(folder.manifest_path.read_text())["best"]["variant"] == best
+
+
+def test_the_variants_log_side_by_side_in_the_trackers(tmp_path, tiny_assets, monkeypatch):
+    """One W&B group (and one MLflow experiment) per sweep; TensorBoard reads every variant under the sweep dir."""
+    from launcher.tracking.trackers import environment
+
+    monkeypatch.chdir(tmp_path)
+    for name in ("WANDB_RUN_GROUP", "MLFLOW_EXPERIMENT_NAME"):
+        monkeypatch.delenv(name, raising=False)
+    recipe = sweep_recipe(tmp_path, tiny_assets)
+    tracked = ["--set", 'train.report_to=["tensorboard", "wandb", "mlflow"]']
+    assert main(["sweep", str(recipe), "--dry-run", "--grid", "peft.r=[4,8]", *tracked]) == 0
+    plain_recipe = recipe.with_name("plain.toml")
+    plain_recipe.write_text(recipe.read_text().replace('name = "tiny"', 'name = "plain"'))
+    assert main([str(plain_recipe), "--dry-run", *tracked]) == 0
+    envs = [environment(run.load_recipe(), run) for _, run in SweepDir(tmp_path / "runs" / "tiny").runs()]
+    assert [e["WANDB_RUN_GROUP"] for e in envs] == ["tiny", "tiny"] and {e["MLFLOW_EXPERIMENT_NAME"] for e in envs} == {"tiny"}
+    assert all(Path(e["TENSORBOARD_LOGGING_DIR"]).parent.parent == (tmp_path / "runs" / "tiny").resolve() for e in envs)
+    plain = RunDir(tmp_path / "runs" / "plain")
+    assert "WANDB_RUN_GROUP" not in environment(plain.load_recipe(), plain)

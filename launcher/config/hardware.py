@@ -61,3 +61,30 @@ def _gpu_capabilities() -> tuple[float, ...]:
     except (OSError, subprocess.TimeoutExpired):
         return ()
     return tuple(float(line) for line in out.split() if line.replace(".", "", 1).isdigit())
+
+
+# Dense bf16 (fp16 for V100) tensor-core peaks from the vendors' datasheets, TFLOP/s per GPU: the
+# denominator of MFU. Matched against torch.cuda.get_device_name(), first match wins; a GPU not listed
+# gets no MFU (tokens/s only). CPUs: measured on the machine (launcher.train.throughput).
+GPU_PEAK_TFLOPS = (
+    ("H200", 989.4),
+    ("H100 PCIe", 756.0),
+    ("H100", 989.4),
+    ("GH200", 989.4),
+    ("B200", 2250.0),
+    ("A100", 312.0),
+    ("A800", 312.0),
+    ("L40S", 362.1),
+    ("L40", 181.0),
+    ("L4", 121.0),
+    ("A10G", 70.0),
+    ("A10", 125.0),
+    ("V100", 125.0),
+    ("RTX 4090", 165.2),
+    ("RTX 3090", 71.0),
+)
+
+
+def gpu_peak_flops(device_name: str) -> float | None:
+    """The listed dense peak of this GPU in FLOP/s, or None when it is not in the table."""
+    return next((tflops * 1e12 for name, tflops in GPU_PEAK_TFLOPS if name in device_name), None)

@@ -32,6 +32,7 @@ class VariantRow:
     device_hours: float | None = None
     device: str = "CPU"
     tokens_per_s_per_device: float | None = None
+    mfu: float | None = None
     job: str = ""
     waiting: str = ""
 
@@ -54,9 +55,13 @@ def variant_row(variant: VariantRecord, run: RunDir, state: str = "", job: str =
     if manifest.train is not None:
         row.wall_s = manifest.train.wall_s
         row.device_hours = manifest.train.wall_s * devices / 3600
-    speeds = [r["tokens_per_second"] for r in rows[1:] if r.get("tokens_per_second")]  # the first row holds start-up
+    steady = rows[1:]  # the first row holds start-up
+    speeds = [r["tokens_per_second"] for r in steady if r.get("tokens_per_second")]
     if speeds:
         row.tokens_per_s_per_device = sum(speeds) / len(speeds) / recipe.world_size()
+    utilisation = [r["mfu"] for r in steady if r.get("mfu") is not None]
+    if utilisation:
+        row.mfu = sum(utilisation) / len(utilisation)
     return row
 
 
@@ -89,7 +94,7 @@ def table(rows: list[VariantRow], best: BestRecord | None, compact_metric: str |
     keys = [] if compact_metric else swept_keys(rows)
     metrics = [m for m in METRICS if any(m in r.metrics for r in rows) and (not compact_metric or m == compact_metric)]
     device = rows[0].device if rows else "CPU"
-    header = ["variant", *keys, "state", "step", "train loss", *metrics, "wall s", f"{device}-h", "tok/s/dev", "job"]
+    header = ["variant", *keys, "state", "step", "train loss", *metrics, "wall s", f"{device}-h", "tok/s/dev", "MFU", "job"]
     lines = [header]
     for r in rows:
         mark = " *" if best and r.name == best.variant else ""
@@ -99,13 +104,17 @@ def table(rows: list[VariantRow], best: BestRecord | None, compact_metric: str |
             + [text(r.values.get(k)) for k in keys]
             + [state, f"{r.step}/{r.total}" if r.step is not None else "—", number(r.train_loss)]
             + [number(r.metrics.get(m)) for m in metrics]
-            + [number(r.wall_s), number(r.device_hours), number(r.tokens_per_s_per_device), r.job or "—"]
+            + [number(r.wall_s), number(r.device_hours), number(r.tokens_per_s_per_device), percent(r.mfu), r.job or "—"]
         )
     return lines
 
 
 def text(value: object) -> str:
     return "—" if value is None else str(value)
+
+
+def percent(fraction: float | None) -> str:
+    return "—" if fraction is None else f"{100 * fraction:.2g}%"
 
 
 def number(value: float | None) -> str:

@@ -45,11 +45,12 @@ def follow_training(run: RunDir, job_state: Callable[[], str | None], console: C
         MofNCompleteColumn(),
         TextColumn("loss {task.fields[loss]}"),
         TextColumn("{task.fields[speed]} tok/s"),
+        TextColumn("MFU {task.fields[mfu]}"),
         TextColumn("ETA"),
         TimeRemainingColumn(),
     ]
     with Progress(*columns, console=console, transient=False) as bar:
-        task = bar.add_task("starting", total=None, loss="-", speed="-")
+        task = bar.add_task("starting", total=None, loss="-", speed="-", mfu="-")
         while True:
             state = job_state()
             bar.update(task, description="training" if last and state == "running" else state or "ended")
@@ -62,10 +63,16 @@ def follow_training(run: RunDir, job_state: Callable[[], str | None], console: C
                     total=row["max_steps"],
                     loss=f"{row['loss']:.4f}",
                     speed=f"{row['tokens_per_second']:.0f}",
+                    mfu=percent(row.get("mfu")),
                 )
             if state is None:
                 return last
             time.sleep(poll_s)
+
+
+def percent(fraction: float | None) -> str:
+    """MFU as a percentage ("-" where the device's peak is unknown)."""
+    return "-" if fraction is None else f"{100 * fraction:.1f}%"
 
 
 def failed_ranks(run: RunDir, lines: int = 25) -> list[tuple[Path, str, list[str]]]:

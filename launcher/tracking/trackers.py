@@ -26,9 +26,16 @@ from launcher.rundir.checkpoints import checkpoint_step
 from launcher.rundir.evaldir import EvalPlan, EvalResults
 from launcher.rundir.files import write_atomic
 from launcher.rundir.runs import RunDir
+from launcher.rundir.sweepdir import sweep_of
 
 PACKAGES = {"tensorboard": "tensorboard", "wandb": "wandb", "mlflow": "mlflow", "trackio": "trackio"}
-OURS = ("TENSORBOARD_LOGGING_DIR", "WANDB_RUN_ID", "WANDB_RESUME", "MLFLOW_RUN_ID")  # the run's identity: always set
+OURS = (
+    "TENSORBOARD_LOGGING_DIR",
+    "WANDB_RUN_ID",
+    "WANDB_RESUME",
+    "WANDB_RUN_GROUP",
+    "MLFLOW_RUN_ID",
+)  # the run's identity: always set
 
 
 def trackers(recipe: Recipe) -> list[str]:
@@ -96,6 +103,9 @@ def environment(recipe: Recipe, run: RunDir) -> dict[str, str]:
     if "wandb" in used:
         env |= {"WANDB_DIR": str(run.root), "WANDB_PROJECT": recipe.name, "WANDB_RUN_ID": wandb_run_id(run)}
         env["WANDB_RESUME"] = "allow"
+        sweep = sweep_of(run)
+        if sweep is not None:  # a sweep's variants side by side: one W&B group (MLflow: one experiment, recipe.name)
+            env["WANDB_RUN_GROUP"] = sweep.root.name
     if "mlflow" in used:
         env |= {"MLFLOW_EXPERIMENT_NAME": recipe.name}
         if "MLFLOW_TRACKING_URI" not in os.environ:  # a file store in the run dir (MLflow 3 asks to allow it)

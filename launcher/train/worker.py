@@ -39,6 +39,7 @@ from launcher.train.batching import SampleLoggingCollator
 from launcher.train.buildlocks import use_environment_extension_cache, watch_build_locks
 from launcher.train.packing import choose_batching
 from launcher.train.rendezvous import check_in, smoke_all_reduce, topology_line, world_from_env
+from launcher.train.throughput import flops_per_token, mfu, peak_flops
 
 
 def main(argv: list[str] | None = None, last_stage: bool = False) -> int:
@@ -135,8 +136,9 @@ def training_arguments(recipe: Recipe, run: RunDir, layout: str, knobs):
     )
 
 
-def metrics_logger(run: RunDir, attempt: int):
-    """A Trainer callback writing one JSON row per logged step to logs/train_metrics.jsonl (rank 0)."""
+def metrics_logger(run: RunDir, attempt: int, efficiency: tuple[int, float, float | None] = (1, 0.0, None)):
+    """A Trainer callback writing one JSON row per logged step to logs/train_metrics.jsonl (rank 0);
+    `efficiency` = (world size, FLOPs per token, one device's peak FLOP/s) for the row's MFU."""
     from transformers import TrainerCallback
 
     class MetricsLogger(TrainerCallback):
@@ -156,6 +158,7 @@ def metrics_logger(run: RunDir, attempt: int):
                 return
             clock, tokens = time.time(), state.num_input_tokens_seen
             previous, self.last = self.last, (clock, tokens)
+            speed = (tokens - previous[1]) / max(clock - previous[0], 1e-9)
             row = {
                 "step": state.global_step,
                 "max_steps": state.max_steps,
@@ -164,7 +167,8 @@ def metrics_logger(run: RunDir, attempt: int):
                 "learning_rate": logs.get("learning_rate"),
                 "grad_norm": logs.get("grad_norm"),
                 "tokens_seen": tokens,
-                "tokens_per_second": (tokens - previous[1]) / max(clock - previous[0], 1e-9),
+                "tokens_per_second": speed,
+                "mfu": mfu(speed, *efficiency),
                 "time": clock,
                 "attempt": attempt,
             }
@@ -210,9 +214,13 @@ def train(recipe: Recipe, run: RunDir, rank: int, records: list[dict]) -> bool:
     local = int(os.environ.get("LOCAL_RANK", "0"))
     place = f"cuda:{local}" if device == "cuda" else "cpu"
     model = load_training_model(recipe, planned_steps(recipe, len(dataset)), place, knobs.attention)
+    efficiency = (recipe.world_size(), flops_per_token(model), None)
     if rank == 0:
         trainable, total = model.get_nb_trainable_parameters()
         print(f"trainable parameters {trainable} of {total}")
+        peak, source = peak_flops(place, model.dtype)
+        efficiency = (recipe.world_size(), efficiency[1], peak)
+        print(f"MFU counts {efficiency[1]:.3g} FLOPs per token against {peak or 0:.3g} FLOP/s per device ({source})")
         if recipe.peft.lora_init in MOVES_THE_BASE and not run.initial_adapter.exists():
             save_initial_adapter(model, run)
     guard = checkpoint_guard(run.checkpoints, recipe.train.save_total_limit, stop)
@@ -221,7 +229,7 @@ def train(recipe: Recipe, run: RunDir, rank: int, records: list[dict]) -> bool:
         args=args,
         train_dataset=dataset,
         data_collator=SampleLoggingCollator(tokenizer, run.logs / f"samples_rank{rank}.jsonl", attempt, layout),
-        callbacks=[metrics_logger(run, attempt), guard, recipe_logger(recipe, run)],
+        callbacks=[metrics_logger(run, attempt, efficiency), guard, recipe_logger(recipe, run)],
     )
     if recipe.peft.spec.training_callback:  # AdaLoRA's rank allocator
         trainer.add_callback(recipe.peft.spec.training_callback(trainer))
