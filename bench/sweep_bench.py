@@ -45,7 +45,7 @@ def main() -> None:
     recipe = args.out / "bench.toml"
     recipe.write_text(
         f'name = "bench"\n[model]\nname_or_path = "{assets["model"]}"\n[data]\ntrain_file = "{assets["train_file"]}"\n'
-        f"eval_fraction = 0.1\nmax_length = 64\n[train]\nmax_steps = 20\nreport_to = \"none\"\n"
+        f'eval_fraction = 0.1\nmax_length = 64\n[train]\nmax_steps = 20\nreport_to = "none"\n'
         f"[sweep]\nrandom = {{ count = {args.count}, seed = 0, space = {{ {SPACE} }} }}\n"
     )
     os.chdir(args.out)

@@ -42,13 +42,13 @@ from launcher.launch.preflight import gpu_request_warning, run_preflight
 from launcher.launch.progress import percent
 from launcher.launch.render import render_deepspeed, zero_stage
 from launcher.launch.serving import serve_run
-from launcher.launch.sweeping import cancel_sweep, finish_report, run_sweep, status_table, sweep_rows
+from launcher.launch.sweeping import cancel_sweep, finish_report, run_sweep, status_table, sweep_rows, sweep_summary
 from launcher.models.loading import quiet_libraries_for
 from launcher.rundir import lifecycle
 from launcher.rundir.checkpoints import latest_complete_checkpoint
 from launcher.rundir.evaldir import EvalDir
 from launcher.rundir.runs import RunDir, default_run_dir, run_dirs_under, unused_name
-from launcher.rundir.sweepdir import SweepDir
+from launcher.rundir.sweepdir import SweepDir, sweep_dirs_under
 from launcher.tracking.trackers import dashboard_commands
 
 COMMANDS = ("run", "sweep", "check", "merge", "eval", "serve", "status", "report", "logs", "cancel")
@@ -560,8 +560,11 @@ def command_status(args: argparse.Namespace, console: Console) -> int:
         console.print(describe_run(RunDir(args.run_dir)), highlight=False)
         return 0
     roots = run_dirs_under(Path("runs"))
-    if not roots:
+    sweeps = sweep_dirs_under(Path("runs"))
+    if not roots and not sweeps:
         console.print("no runs under runs/")
+    for folder in sweeps:
+        console.print(sweep_summary(folder), highlight=False)
     unreadable = []
     for root in roots:
         try:

@@ -29,7 +29,6 @@ def test_a_grid_a_list_and_a_random_search_expand_to_named_variants():
     grid = expand(parse_sweep({"grid": {"train": {"learning_rate": [1e-4, 3e-4]}, "peft.r": [8, 16]}}))
     assert [v.name for v in grid] == ["lr=1e-4,r=8", "lr=1e-4,r=16", "lr=3e-4,r=8", "lr=3e-4,r=16"]
     assert grid[3].overrides == {"train.learning_rate": 3e-4, "peft.r": 16}
-    assert grid[3].override_lines() == ["train.learning_rate=0.0003", "peft.r=16"]
 
     crossed = expand(
         parse_sweep(
@@ -60,6 +59,7 @@ def test_a_grid_a_list_and_a_random_search_expand_to_named_variants():
         (["--grid", 'peft.r=[8, "sixteen"]'], ("variant r=sixteen: peft.r: must be a positive integer",)),
         (["--grid", f"train.seed={list(range(100))}", "--grid", f"eval.seed={list(range(100))}"], ("10,000 variants", "--yes")),
         ([], ("no [sweep] table and no --grid",)),
+        (["--grid", "peft.r=[4,8]", "--set", "peft.r=4"], ("peft.r: both swept and fixed by --set",)),
     ],
 )
 def test_a_bad_sweep_is_one_line_and_nothing_is_rendered(arguments, words, tmp_path, tiny_assets, capsys, monkeypatch):
@@ -83,6 +83,14 @@ def test_bad_sweep_tables_and_a_sweep_given_to_launch_are_one_line(tmp_path, tin
     recipe = sweep_recipe(tmp_path, tiny_assets, '[sweep]\ngrid = { "peft.r" = [4, 8] }', name="swept")
     one_line(capsys, main([str(recipe), "--dry-run"]), "has a [sweep] table", f"launch sweep {recipe}")
     assert not (tmp_path / "runs").exists()
+    single = sweep_recipe(tmp_path, tiny_assets, name="single")
+    assert main([str(single), "--dry-run"]) == 0  # runs/single is a run's
+    capsys.readouterr()
+    one_line(
+        capsys, main(["sweep", str(single), "--dry-run", "--grid", "peft.r=[4,8]"]), "runs/single: is a run dir", "--sweep-dir"
+    )
+    left = {p.name for p in (tmp_path / "runs" / "single").iterdir()}
+    assert "sweep.json" not in left and not any("=" in name for name in left)  # the run dir is untouched
 
 
 def test_a_dry_run_renders_every_variant_and_the_array_script_without_slurm(tmp_path, tiny_assets, monkeypatch):

@@ -473,9 +473,12 @@ def reference_markdown() -> str:
 PATH_KEYS = ("model.name_or_path", "data.train_file", "data.eval_file", "eval.data", "eval.benchmark_tasks_dir")
 
 
-def load_recipe(path: str | Path, overrides: list[str] = (), raw: dict[str, Any] | None = None) -> Recipe:
+def load_recipe(
+    path: str | Path, overrides: list[str] = (), raw: dict[str, Any] | None = None, values: dict[str, Any] | None = None
+) -> Recipe:
     """Read, override, resolve paths and validate a recipe; raise UserError on any problem.
-    `raw`: the file's tables already read (a sweep reads its recipe once for all its variants)."""
+    `raw`: the file's tables already read (a sweep reads its recipe once for all its variants);
+    `values`: KEY -> value set as if written in the file (a sweep's variant: paths relative to the recipe)."""
     path = Path(path)
     if raw is None:
         raw = read_recipe_tables(path)
@@ -483,6 +486,8 @@ def load_recipe(path: str | Path, overrides: list[str] = (), raw: dict[str, Any]
             raise UserError([f"{path}: has a [sweep] table; run its variants with `launch sweep {path}`"])
     raw = {key: value for key, value in copy.deepcopy(raw).items() if key != "sweep"}
     raw.setdefault("name", path.stem)
+    for key, value in (values or {}).items():
+        _set_key(raw, key, copy.deepcopy(value))
     _resolve_paths(raw, base=path.parent.resolve())
     for item in overrides:
         _apply_override(raw, item)
@@ -568,6 +573,10 @@ def _apply_override(raw: dict[str, Any], item: str) -> None:
         value = text  # TOML dates and times (01:00:00) are strings to us
     if key in PATH_KEYS and isinstance(value, str) and _looks_like_path(value):
         value = str(Path(value).expanduser().resolve())  # --set paths are relative to the cwd
+    _set_key(raw, key, value)
+
+
+def _set_key(raw: dict[str, Any], key: str, value: Any) -> None:
     *parents, leaf = key.split(".")
     node = raw
     for part in parents:

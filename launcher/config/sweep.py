@@ -110,10 +110,6 @@ class Variant:
     overrides: dict[str, Any]
     """KEY -> value, applied over the recipe as --set does."""
 
-    def override_lines(self) -> list[str]:
-        """The overrides as `--set` items (values as TOML, which JSON's scalars and lists are)."""
-        return [f"{key}={json.dumps(value)}" for key, value in self.overrides.items()]
-
 
 def parse_sweep(table: Any, where: str = "sweep") -> SweepSection:
     """The [sweep] table, checked: known recipe keys, non-empty value lists, sound ranges."""

@@ -89,11 +89,15 @@ def plan_sweep(
             ]
         )
     base = load_recipe(recipe_path, overrides, raw=raw)
+    fixed = {item.partition("=")[0].strip() for item in overrides}
+    both = sorted(fixed & {key for variant in variants for key in variant.overrides})
+    if both:
+        raise UserError([f"{both[0]}: both swept and fixed by --set (which would win for every variant); drop one"])
     root = Path("runs") / base.name
     planned, problems = [], []
     for variant in variants:
         try:
-            recipe = load_recipe(recipe_path, overrides + variant.override_lines(), raw=raw)
+            recipe = load_recipe(recipe_path, overrides, raw=raw, values=variant.overrides)
         except UserError as err:
             problems += [f"variant {variant.name}: {line}" for line in err.lines]
             continue
@@ -282,6 +286,9 @@ def run_locally(todo: list[tuple[Planned, list[Stage]]], console: Console) -> li
         with run_dir_in_use(p.run.root, f"launch sweep ({p.variant.name})") as root:
             if not execute(p.recipe, RunDir(root), console, executor_name="local"):
                 failed.append(p.variant.name)
+                if RunDir(root).manifest().state == State.CANCELLED:  # launch cancel SWEEP: the rest waits too
+                    console.print("cancelled: the sweep stops here; the same command goes on with what is left")
+                    break
     return failed
 
 
@@ -364,6 +371,8 @@ def run_sweep(
     """`launch sweep`: plan, check, render and submit every variant not complete yet."""
     sweep, planned, root = plan_sweep(recipe_path, grid_flags, overrides, yes)
     folder = SweepDir(sweep_dir or root)
+    if RunDir(folder.root).manifest_path.is_file():
+        raise UserError(f"{folder.root}: is a run dir (of `launch {recipe_path}`), not a sweep's; pass --sweep-dir DIR")
     planned = at(planned, folder.root)
     refuse_changed_runs(planned)
     executor = choose_executor(executor_name, planned[0].recipe, rendering_only=dry_run)
@@ -463,3 +472,15 @@ def status_table(rows: list[VariantRow], best, metric: str) -> Table:
     for line in lines[1:]:
         shown.add_row(*line)
     return shown
+
+
+def sweep_summary(folder: SweepDir) -> str:
+    """One line for `launch status` over runs/: how many variants stand where, and the best so far."""
+    manifest = folder.manifest()
+    counts: dict[str, int] = {}
+    for _, run in folder.runs():
+        state = str(run.manifest().state) if run.manifest_path.is_file() else "not rendered"
+        counts[state] = counts.get(state, 0) + 1
+    states = ", ".join(f"{count} {state}" for state, count in sorted(counts.items()))
+    best = f"; best {manifest.best.variant} ({manifest.best.metric} {manifest.best.value:.4g})" if manifest.best else ""
+    return f"{folder.root}: sweep of {len(manifest.variants)} variants: {states}{best}; launch status {folder.root}"

@@ -119,6 +119,11 @@ class SweepDir:
             write_atomic(self.manifest_path, manifest.model_dump_json(indent=2, exclude_none=True) + "\n")
 
 
+def sweep_dirs_under(folder: Path) -> list[SweepDir]:
+    """The sweep dirs directly inside `folder`, by name."""
+    return [SweepDir(path.parent) for path in sorted(Path(folder).glob(f"*/{SweepDir(Path()).manifest_path.name}"))]
+
+
 def sweep_of(run: RunDir) -> SweepDir | None:
     """The sweep a run dir belongs to (its parent holds sweep.json), or None."""
     parent = SweepDir(run.root.resolve().parent)
