@@ -76,10 +76,20 @@ def test_bad_sweep_tables_and_a_sweep_given_to_launch_are_one_line(tmp_path, tin
         '[sweep]\nrandom = { count = 2, space = { "peft.r" = { normal = [1, 2] } } }': "give one of log-uniform, uniform, int-uniform, choice",
         "[sweep]\nmax_parallel = 0": "sweep.max_parallel: Input should be greater than 0",
         '[sweep]\nvariants = [{ name = "a b", "peft.r" = 4 }]': 'sweep.variants[0].name: "a b" is not a plain name',
+        '[sweep]\ngrid = { "peft.r" = [4, 8] }\nstrategy = "halving"': "sweep.rungs: halving needs rungs",
+        '[sweep]\ngrid = { "peft.r" = [4, 8] }\nstrategy = "halving"\nrungs = [3, 6]': "does not reach past the last halving rung (step 6)",
     }
     for number, (table, words) in enumerate(cases.items()):
         recipe = sweep_recipe(tmp_path, tiny_assets, table, name=f"bad{number}")
         one_line(capsys, main(["sweep", str(recipe), "--dry-run"]), words)
+    halving = sweep_recipe(
+        tmp_path, tiny_assets, '[sweep]\ngrid = { "peft.r" = [4, 8] }\nstrategy = "halving"\nrungs = [3]', name="h"
+    )
+    one_line(
+        capsys,
+        main(["sweep", str(halving), "--dry-run", "--executor", "slurm"]),
+        'strategy = "halving" runs its variants on this machine',
+    )
     recipe = sweep_recipe(tmp_path, tiny_assets, '[sweep]\ngrid = { "peft.r" = [4, 8] }', name="swept")
     one_line(capsys, main([str(recipe), "--dry-run"]), "has a [sweep] table", f"launch sweep {recipe}")
     assert not (tmp_path / "runs").exists()
@@ -177,3 +187,39 @@ def test_the_variants_log_side_by_side_in_the_trackers(tmp_path, tiny_assets, mo
     assert all(Path(e["TENSORBOARD_LOGGING_DIR"]).parent.parent == (tmp_path / "runs" / "tiny").resolve() for e in envs)
     plain = RunDir(tmp_path / "runs" / "plain")
     assert "WANDB_RUN_GROUP" not in environment(plain.load_recipe(), plain)
+
+
+@pytest.mark.e2e
+def test_halving_prunes_the_worse_half_at_its_rung_and_the_rest_resume_from_there(tmp_path, tiny_assets):
+    rates = "[1e-4, 1e-3, 5e-3, 1e-2]"
+    recipe = sweep_recipe(
+        tmp_path, tiny_assets, f'[sweep]\ngrid = {{ "train.learning_rate" = {rates} }}\nstrategy = "halving"\nrungs = [3]'
+    )
+    first = run_launch("sweep", recipe, "--executor", "local", "--set", "eval.max_examples=8", cwd=tmp_path)
+    assert first.returncode == 0, first.stdout + first.stderr
+    folder = SweepDir(tmp_path / "runs" / "tiny")
+    (rung,) = folder.manifest().rungs
+    at_rung = {run.root.name: run.rung_eval(3) for _, run in folder.runs()}
+    losses = {
+        name: json.loads((out / "metrics.json").read_text())["systems"]["checkpoint-3"]["loss"] for name, out in at_rung.items()
+    }
+    assert rung.step == 3 and rung.losses == pytest.approx(losses)
+    assert sorted(rung.kept) == sorted(sorted(losses, key=losses.get)[:2]) and len(rung.pruned) == 2
+    assert rung.saved_device_hours > 0 and f"halving at step 3: kept {rung.kept[0]}" in first.stdout
+    for name in rung.pruned:  # stopped for good at the rung; its checkpoint kept
+        run = folder.run(name)
+        assert run.manifest().state == "pruned" and (run.checkpoint(3) / "launcher-complete.json").exists()
+        assert not run.adapter.exists() and run.metrics.last()["step"] == 3
+    for name in rung.kept:  # went on from the rung's checkpoint to the end
+        run = folder.run(name)
+        assert run.manifest().state == "completed" and [r["step"] for r in run.metrics.rows()] == [1, 2, 3, 4, 5, 6]
+        assert (
+            f"resuming from {run.checkpoint(3).resolve()}" in run.rank_log(0).read_text()
+            or "checkpoint-3 (step 3)" in run.rank_log(0).read_text()
+        )
+    assert folder.manifest().best.variant in rung.kept and "halving at step 3" in folder.report_html.read_text()
+
+    again = run_launch("sweep", recipe, "--executor", "local", "--set", "eval.max_examples=8", cwd=tmp_path)
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert again.stdout.count("pruned at a halving rung, kept") == 2 and again.stdout.count(": complete, kept") == 2
+    assert len(folder.manifest().rungs) == 1  # the rung was decided once

@@ -6,6 +6,8 @@
     random = { count = 20, seed = 0, space = { "train.learning_rate" = { log-uniform = [1e-5, 1e-3] },
                                               "peft.r" = { choice = [8, 16, 32] } } }
     max_parallel = 4            # SLURM: array elements running at once (--array=0-N%K)
+    strategy = "halving"        # optional: successive halving at these steps (train.max_steps beyond the last)
+    rungs = [50, 100]
     metric = "loss"             # the held-out metric that picks the best variant
     mode = "min"
 
@@ -55,6 +57,10 @@ class SweepSection(BaseModel):
     random: RandomSearch | None = None
     max_parallel: int = Field(4, gt=0)
     """SLURM: how many array elements run at once (the %K of --array=0-N%K)."""
+    strategy: Literal["all", "halving"] = "all"
+    """all: every variant trains to its end; halving: successive halving over `rungs` (local runs)."""
+    rungs: list[int] = []
+    """halving: the steps at which the variants' held-out losses are compared and the worse half stops."""
     metric: str = "loss"
     """The held-out metric of the adapter that picks the best variant (loss, perplexity, exact_match, bleu4, rouge1, ...)."""
     mode: Literal["min", "max"] = "min"
@@ -134,6 +140,8 @@ def parse_sweep(table: Any, where: str = "sweep") -> SweepSection:
     if sweep.random:
         for key, spec in sweep.random.space.items():
             problems += key_problems(key, f"{where}.random.space") + distribution_problems(key, spec, f"{where}.random.space")
+    if sweep.strategy == "halving" and (not sweep.rungs or sweep.rungs != sorted(set(sweep.rungs)) or sweep.rungs[0] <= 0):
+        problems.append(f"{where}.rungs: halving needs rungs, rising steps above 0, e.g. rungs = [50, 100]; got {sweep.rungs}")
     if not (sweep.grid or sweep.variants or sweep.random):
         problems.append(f"{where}: no variants; give a grid, a list of variants or a random search")
     if problems:

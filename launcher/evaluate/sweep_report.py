@@ -14,7 +14,7 @@ from launcher.config.recipe import Recipe
 from launcher.evaluate.report import new_figure, save
 from launcher.rundir.files import write_atomic
 from launcher.rundir.runs import RunDir
-from launcher.rundir.sweepdir import BestRecord, SweepDir, VariantRecord, sweep_of
+from launcher.rundir.sweepdir import BestRecord, RungRecord, SweepDir, VariantRecord, sweep_of
 
 METRICS = ("loss", "perplexity", "exact_match", "bleu4", "rouge1", "rouge2", "rougeL")
 
@@ -137,6 +137,7 @@ def write_sweep_report(folder: SweepDir, rows: list[VariantRow], best: BestRecor
         if best
         else f"no variant has a held-out {folder.manifest().metric} yet"
     )
+    rungs = "".join(f"<p>{html.escape(rung_line(r))}</p>" for r in folder.manifest().rungs)
     image = f'<img alt="loss" src="data:image/png;base64,{base64.b64encode(plot.read_bytes()).decode()}">' if plot else ""
     script = (
         "function sortBy(c){const t=document.getElementById('v'),r=[...t.rows].slice(1),"
@@ -152,7 +153,7 @@ def write_sweep_report(folder: SweepDir, rows: list[VariantRow], best: BestRecor
     page = (
         f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title><style>{style}</style>"
         f"<script>{script}</script></head><body><h1>{html.escape(title)}</h1><p>{html.escape(verdict)}; "
-        f"written {time.strftime('%Y-%m-%d %H:%M:%S %Z')}; click a column to sort</p>{image}"
+        f"written {time.strftime('%Y-%m-%d %H:%M:%S %Z')}; click a column to sort</p>{rungs}{image}"
         f"<table id='v'><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table></body></html>"
     )
     write_atomic(folder.report_html, page)
@@ -196,3 +197,15 @@ def refresh_after_variant(run: RunDir) -> None:
         print(f"sweep report: {folder.report_html}")
     except Exception as err:  # noqa: BLE001  (the comparison is a view; `launch report` writes it again)
         print(f"sweep report not refreshed ({type(err).__name__}: {err}); run launch report {folder.root}")
+
+
+def rung_line(record: RungRecord) -> str:
+    """ "halving at step 50: kept a (1.2), b (1.3); pruned c (1.9), d (2.4); saved 3.1 device-hours" """
+
+    def named(names: list[str]) -> str:
+        return ", ".join(f"{n} ({record.losses[n]:.4g})" if n in record.losses else f"{n} (failed)" for n in names)
+
+    return (
+        f"halving at step {record.step}: kept {named(record.kept)}; pruned {named(record.pruned) or 'none'}; "
+        f"saved {record.saved_device_hours:.3g} device-hours"
+    )

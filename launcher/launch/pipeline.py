@@ -31,7 +31,7 @@ from launcher.rundir import lifecycle
 from launcher.rundir.checkpoints import checkpoint_step, is_complete, latest_complete_checkpoint, rewind_to, step_of
 from launcher.rundir.evaldir import EvalDir, EvalResults
 from launcher.rundir.files import write_atomic
-from launcher.rundir.runs import RunDir, archive, claim_run_dir, in_use, make_run_root
+from launcher.rundir.runs import RunDir, State, archive, claim_run_dir, in_use, make_run_root
 from launcher.tracking.trackers import dashboard_commands
 
 
@@ -186,9 +186,11 @@ def describe_dry_run(run: RunDir, console: Console, script: Path | None) -> None
         console.print("workers would start with:\n  " + " ".join(worker_command(run)), highlight=False)
 
 
-def execute(recipe: Recipe, run: RunDir, console: Console, executor_name: str = "local", detach: bool = False) -> bool:
-    """Submit the stages still to do, each after the one before; unless detached, follow them to
-    their end. True on success."""
+def execute(
+    recipe: Recipe, run: RunDir, console: Console, executor_name: str = "local", detach: bool = False, training_only: bool = False
+) -> bool:
+    """Submit the stages still to do, each after the one before (`training_only`: training alone, a
+    halving rung's); unless detached, follow them to their end. True on success (or a pause at a rung)."""
     started = time.time()
     executor = make_executor(executor_name, recipe, run.logs)
     if recipe.merge.enabled and not recipe.peft.spec.merges:
@@ -196,7 +198,7 @@ def execute(recipe: Recipe, run: RunDir, console: Console, executor_name: str = 
             f"not merged: {recipe.peft.method} learns virtual tokens, not weight deltas, so there is "
             f"nothing to merge; the adapter in {run.adapter} is the export (load it with PeftModel)"
         )
-    stages = stages_to_do(recipe, run)
+    stages = stages_to_do(recipe, run)[:1] if training_only else stages_to_do(recipe, run)
     refuse_what_the_scheduler_would_not_run(executor, stages)
     jobs = submit(executor, stages, run, console)
     if jobs:
@@ -215,6 +217,8 @@ def execute(recipe: Recipe, run: RunDir, console: Console, executor_name: str = 
             if job.active():
                 job.cancel()
         return False
+    if training_only:
+        return True
     if jobs and jobs[0][0] == "train":
         first = run.metrics.rows()[:1]
         run.update_manifest(launch_to_first_step_s=round(first[0]["time"] - started, 1) if first else None)
@@ -351,6 +355,9 @@ def follow(run: RunDir, jobs: list[tuple[str, Job]], console: Console) -> bool:
             reason = report_failure(run, console, fallback_log=job.log(0))
             record_failure(run, f"{stage} job {job.id} ended {watcher.state}" + (f": {reason}" if reason else ""), console)
             return False
+        if stage == "train" and not run.adapter.exists() and run.manifest().state == State.PAUSED:
+            console.print(f"paused at its halving rung, step {run.pause_step()}", highlight=False)
+            return True
         if stage == "train" and not run.adapter.exists():
             console.print(
                 f"training stopped at a checkpoint (stop signal) before the end; run the same command "

@@ -21,7 +21,8 @@ from launcher.config.recipe import Recipe, load_recipe, read_recipe_tables, read
 from launcher.config.sweep import CONFIRM_ABOVE, SweepSection, Variant, expand, flatten, parse_grid_flags, parse_sweep
 from launcher.data.examples import read_training_set
 from launcher.errors import UserError
-from launcher.evaluate.sweep_report import VariantRow, publish_comparison, table, variant_row
+from launcher.evaluate.plan import plan_evaluation
+from launcher.evaluate.sweep_report import VariantRow, devices_of, publish_comparison, rung_line, table, variant_row
 from launcher.launch.executors.base import TERMINAL_STATES, Executor
 from launcher.launch.executors.factory import choose_executor, job_of, make_executor
 from launcher.launch.pipeline import (
@@ -30,13 +31,16 @@ from launcher.launch.pipeline import (
     prepare,
     refuse_what_the_scheduler_would_not_run,
     run_dir_in_use,
+    run_evaluation,
     stages_to_do,
 )
 from launcher.launch.preflight import run_preflight
 from launcher.rundir import lifecycle
+from launcher.rundir.checkpoints import is_complete
+from launcher.rundir.evaldir import System
 from launcher.rundir.files import write_atomic
 from launcher.rundir.runs import RunDir, State, differences, now
-from launcher.rundir.sweepdir import ArrayRecord, SweepDir, SweepManifest, VariantRecord, write_members
+from launcher.rundir.sweepdir import ArrayRecord, RungRecord, SweepDir, SweepManifest, VariantRecord, write_members
 
 # Keys whose value no pre-flight check reads: variants differing only in these share one pre-flight.
 PREFLIGHT_BLIND = (
@@ -169,28 +173,29 @@ def preflight_sweep(planned: list[Planned], console: Console) -> int:
 def record_sweep(
     folder: SweepDir, recipe_path: Path, overrides: list[str], sweep: SweepSection, planned: list[Planned], executor: str
 ) -> None:
-    """sweep.json: the variants so far and these (a changed grid adds its new ones), before anything is queued."""
+    """sweep.json: the variants so far and these (a changed grid adds its new ones), before anything is
+    queued; what earlier commands recorded (arrays, rungs, the best) is kept."""
     old = folder.manifest() if folder.exists() else None
     known = {v.name: v for v in (old.variants if old else [])}
     for p in planned:
         known.setdefault(
             p.variant.name, VariantRecord(name=p.variant.name, overrides=p.variant.overrides, run_dir=p.variant.name)
         )
-    folder.write(
-        SweepManifest(
-            name=planned[0].recipe.name,
-            recipe=str(Path(recipe_path).resolve()),
-            base_overrides=list(overrides),
-            created=old.created if old else now(),
-            metric=sweep.metric,
-            mode=sweep.mode,
-            max_parallel=sweep.max_parallel,
-            executor=executor,
-            variants=list(known.values()),
-            arrays=old.arrays if old else [],
-            best=old.best if old else None,
+    settings = {
+        "recipe": str(Path(recipe_path).resolve()),
+        "base_overrides": list(overrides),
+        "metric": sweep.metric,
+        "mode": sweep.mode,
+        "max_parallel": sweep.max_parallel,
+        "executor": executor,
+        "variants": list(known.values()),
+    }
+    if old is None:
+        folder.write(SweepManifest(name=planned[0].recipe.name, created=now(), **settings))
+    else:
+        folder.write(
+            SweepManifest.model_validate(old.model_dump() | settings | {"variants": [v.model_dump() for v in known.values()]})
         )
-    )
 
 
 def render_variants(planned: list[Planned]) -> None:
@@ -208,6 +213,9 @@ def to_submit(planned: list[Planned]) -> tuple[list[tuple[Planned, list[Stage]]]
         manifest = p.run.manifest()
         if manifest.state == State.COMPLETED:
             kept.append(f"{p.variant.name}: complete, kept")
+            continue
+        if manifest.state == State.PRUNED:
+            kept.append(f"{p.variant.name}: pruned at a halving rung, kept as it stopped")
             continue
         records = manifest.jobs[-1:] + manifest.chain
         if any(job_of(record, p.run.logs).active() for record in records):
@@ -376,6 +384,8 @@ def run_sweep(
     planned = at(planned, folder.root)
     refuse_changed_runs(planned)
     executor = choose_executor(executor_name, planned[0].recipe, rendering_only=dry_run)
+    if sweep.strategy == "halving":
+        refuse_unfit_for_halving(planned, sweep, executor)
     if not dry_run:
         checks = preflight_sweep(planned, console)
         console.print(f"pre-flight: {len(planned)} variants valid ({checks} distinct checks)", highlight=False)
@@ -387,6 +397,8 @@ def run_sweep(
     )
     if dry_run:
         return describe_sweep_dry_run(folder, planned, sweep, executor, console)
+    if sweep.strategy == "halving":
+        return run_halving(folder, planned, sweep, console)
     todo, kept = to_submit(planned)
     for line in kept:
         console.print(f"  {line}", highlight=False)
@@ -454,6 +466,8 @@ def finish_report(folder: SweepDir, console: Console) -> int:
     best = publish_comparison(folder, rows)
     path = folder.report_html
     console.print(status_table(rows, best, manifest.metric))
+    for record in manifest.rungs:
+        console.print(rung_line(record), highlight=False)
     if best:
         console.print(
             f"best: {best.variant} (held-out {best.metric} {best.value:.4g}, {best.mode}); run dir {folder.run(best.variant).root}",
@@ -484,3 +498,93 @@ def sweep_summary(folder: SweepDir) -> str:
     states = ", ".join(f"{count} {state}" for state, count in sorted(counts.items()))
     best = f"; best {manifest.best.variant} ({manifest.best.metric} {manifest.best.value:.4g})" if manifest.best else ""
     return f"{folder.root}: sweep of {len(manifest.variants)} variants: {states}{best}; launch status {folder.root}"
+
+
+def refuse_unfit_for_halving(planned: list[Planned], sweep: SweepSection, executor: str) -> None:
+    if make_executor(executor, planned[0].recipe, Path()).runs_arrays:
+        raise UserError(
+            'sweep.strategy = "halving" runs its variants on this machine for now (a rung waits for every variant); '
+            'use --executor local, or strategy = "all" for job arrays'
+        )
+    short = [p for p in planned if p.recipe.train.max_steps <= sweep.rungs[-1]]
+    if short:
+        raise UserError(
+            f"variant {short[0].variant.name}: train.max_steps = {short[0].recipe.train.max_steps} does not reach past the "
+            f"last halving rung (step {sweep.rungs[-1]}); set train.max_steps above it"
+        )
+
+
+def run_halving(folder: SweepDir, planned: list[Planned], sweep: SweepSection, console: Console) -> int:
+    """Successive halving: every variant still in trains to the rung's step and pauses there (a complete
+    checkpoint); their held-out losses there are compared and the worse half is pruned; after the last
+    rung the rest train to their end. A rung decided before (sweep.json) is not decided again."""
+    alive = [p for p in planned if p.run.manifest().state not in (State.PRUNED, State.COMPLETED)]
+    done = [p for p in planned if p.run.manifest().state == State.COMPLETED]
+    for step in sweep.rungs:
+        record = next((r for r in folder.manifest().rungs if r.step == step), None)
+        if record is None and alive:
+            record = decide_rung(folder, alive, step, {p.variant.name: rung_loss(p, step, console) for p in alive}, console)
+        if record is not None:
+            alive = [p for p in alive if p.variant.name in record.kept]
+    for p in alive:
+        p.run.pause_at(None)
+    stopped = [p for p in planned if p.run.manifest().state == State.PRUNED]
+    todo, kept = to_submit(alive + done + stopped)
+    for line in kept:
+        console.print(f"  {line}", highlight=False)
+    failed = run_locally(todo, console)
+    code = finish_report(folder, console)
+    return 1 if failed else code
+
+
+def rung_loss(p: Planned, step: int, console: Console) -> float | None:
+    """The variant's held-out loss at checkpoint-`step`, trained there first if need be (None: it failed)."""
+    checkpoint = p.run.checkpoint(step)
+    if not is_complete(checkpoint):
+        p.run.pause_at(step)
+        console.rule(f"rung step {step}: {p.variant.name}")
+        with run_dir_in_use(p.run.root, f"launch sweep ({p.variant.name}, rung {step})") as root:
+            if not execute(p.recipe, RunDir(root), console, executor_name="local", training_only=True):
+                return None
+    if not is_complete(checkpoint):
+        return None
+    name = f"checkpoint-{step}"
+    out = p.run.rung_eval(step)
+    plan_evaluation(p.recipe, [System(name=name, adapter=str(checkpoint.resolve()))], out)
+    result = run_evaluation(p.recipe, out, "local", console)
+    return None if result is None else result.systems[name].get("loss")
+
+
+def decide_rung(
+    folder: SweepDir, alive: list[Planned], step: int, losses: dict[str, float | None], console: Console
+) -> RungRecord:
+    """The better half (rounded up) by held-out loss goes on; the rest is pruned, and what they would
+    have cost from here to their end is what the rung saved."""
+    ranked = sorted(alive, key=lambda p: (losses[p.variant.name] is None, losses[p.variant.name] or 0.0))
+    keep = ranked[: (len(ranked) + 1) // 2]
+    pruned = [p for p in ranked if p not in keep]
+    saved = 0.0
+    for p in pruned:
+        if p.run.manifest().state == State.PAUSED:
+            lifecycle.pruned(p.run)
+        saved += remaining_device_hours(p, step)
+    record = RungRecord(
+        step=step,
+        losses={name: loss for name, loss in losses.items() if loss is not None},
+        kept=[p.variant.name for p in keep],
+        pruned=[p.variant.name for p in pruned],
+        saved_device_hours=saved,
+    )
+    folder.add_rung(record)
+    console.print(rung_line(record), highlight=False)
+    return record
+
+
+def remaining_device_hours(p: Planned, step: int) -> float:
+    """Device-hours the variant would have trained from `step` to its last step, at its own measured pace."""
+    rows = p.run.metrics.rows()
+    if len(rows) < 2 or rows[-1]["step"] == rows[0]["step"]:
+        return 0.0
+    per_step = (rows[-1]["time"] - rows[0]["time"]) / (rows[-1]["step"] - rows[0]["step"])
+    _, devices = devices_of(p.recipe)
+    return max(p.recipe.train.max_steps - step, 0) * per_step * devices / 3600

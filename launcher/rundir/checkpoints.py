@@ -148,9 +148,10 @@ class PlanComplete(Exception):
         super().__init__(f"step {step} is the last of the plan")
 
 
-def checkpoint_guard(run_checkpoints: Path, keep: int | None, stop: StopFlag):
+def checkpoint_guard(run_checkpoints: Path, keep: int | None, stop: StopFlag, pause_at: int | None = None):
     """Trainer callback: marks each checkpoint complete once every rank wrote it; on a stop
-    signal, saves at the step boundary and ends training (the worker then requeues)."""
+    signal, saves at the step boundary and ends training (the worker then requeues). At step
+    `pause_at` (a sweep's halving rung) it saves and ends the same way, and the run pauses there."""
     import torch.distributed as dist
     from transformers import TrainerCallback
 
@@ -160,6 +161,7 @@ def checkpoint_guard(run_checkpoints: Path, keep: int | None, stop: StopFlag):
 
     class CheckpointGuard(TrainerCallback):
         stopped_at: int | None = None
+        paused_at: int | None = None
 
         def on_train_begin(self, args, state, control, **kwargs):
             # Trainer would take one more step after resuming at the plan's last one (mid-epoch).
@@ -169,6 +171,10 @@ def checkpoint_guard(run_checkpoints: Path, keep: int | None, stop: StopFlag):
         def on_step_end(self, args, state, control, **kwargs):
             if ranks_agree(stop.raised, args.device):
                 self.stopped_at = state.global_step
+                control.should_save = True
+                control.should_training_stop = True
+            elif state.global_step == pause_at:  # the same on every rank: no collective needed
+                self.paused_at = state.global_step
                 control.should_save = True
                 control.should_training_stop = True
 

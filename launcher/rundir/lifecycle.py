@@ -35,6 +35,8 @@ MAY_FOLLOW: dict[State, set[State]] = {
     State.EVALUATED: TRAINING_NOW | {State.TRAINED, State.MERGED, State.EVALUATED, State.FAILED},
     State.FAILED: set(State),
     State.CANCELLED: set(State),
+    State.PAUSED: {State.TRAINING},
+    State.PRUNED: {State.PAUSED},
 }
 LATE_EVENTS = {State.TRAINED, State.PREEMPTED, State.REQUEUED, State.MERGED, State.EVALUATED}
 """What a cancelled run's own jobs may still report (and the cancel then wins over)."""
@@ -104,6 +106,18 @@ def stopped(run: RunDir) -> None:
     with run.editing_manifest() as manifest:
         if manifest.state in MAY_FOLLOW[State.STOPPED]:
             move(manifest, State.STOPPED)
+
+
+def paused(run: RunDir) -> None:
+    """The ranks saved a complete checkpoint at the run's halving rung (pause.json) and ended."""
+    with run.editing_manifest() as manifest:
+        move(manifest, State.PAUSED)
+
+
+def pruned(run: RunDir) -> None:
+    """Its rung's verdict: worse than the better half; it trains no further (its checkpoint stays)."""
+    with run.editing_manifest() as manifest:
+        move(manifest, State.PRUNED, by_launch=True)
 
 
 def cancelled(run: RunDir) -> None:

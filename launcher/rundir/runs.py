@@ -43,6 +43,10 @@ class State(StrEnum):
     COMPLETED = "completed"
     FAILED = "failed"
     CANCELLED = "cancelled"
+    PAUSED = "paused"
+    """At a sweep's halving rung: a complete checkpoint there, waiting for the rung's verdict."""
+    PRUNED = "pruned"
+    """Stopped for good at a halving rung (worse than half of its rung); its checkpoint is kept."""
 
 
 class Record(BaseModel):
@@ -415,6 +419,22 @@ class RunDir:
     adapter_staging = property(lambda self: self.root / "adapter.partial")
     eval_plan_lock = property(lambda self: self.root / ".eval-plan.lock")
     server_path = property(lambda self: self.root / "server.json")
+    pause_path = property(lambda self: self.root / "pause.json")  # a halving rung: {"step": N}, training pauses there
+
+    def rung_eval(self, step: int) -> Path:
+        """The held-out evaluation of checkpoint-N at a halving rung."""
+        return self.root / f"eval-rung-{step}"
+
+    def pause_step(self) -> int | None:
+        with suppress(OSError, ValueError, KeyError, TypeError):
+            return int(json.loads(self.pause_path.read_text())["step"])
+        return None
+
+    def pause_at(self, step: int | None) -> None:
+        if step is None:
+            self.pause_path.unlink(missing_ok=True)
+        else:
+            write_atomic(self.pause_path, json.dumps({"step": step}) + "\n")
 
     def write_server(self, record: ServerRecord) -> None:
         write_atomic(self.server_path, record.model_dump_json(indent=2) + "\n")

@@ -51,6 +51,17 @@ class BestRecord(Record):
     mode: str
 
 
+class RungRecord(Record):
+    """One halving rung: every variant that reached `step`, by held-out loss there; the worse half stopped."""
+
+    step: int
+    losses: dict[str, float]
+    kept: list[str]
+    pruned: list[str]
+    saved_device_hours: float
+    """What the pruned variants would have spent training from here to their last step (at their own speed)."""
+
+
 class SweepManifest(Record):
     name: str
     recipe: str
@@ -65,6 +76,7 @@ class SweepManifest(Record):
     variants: list[VariantRecord] = []
     arrays: list[ArrayRecord] = []
     best: BestRecord | None = None
+    rungs: list[RungRecord] = []
 
 
 class SweepDir:
@@ -110,6 +122,12 @@ class SweepDir:
         with exclusive(self.root / ".sweep.lock"):
             manifest = self.manifest()
             manifest.arrays.append(record)
+            write_atomic(self.manifest_path, manifest.model_dump_json(indent=2, exclude_none=True) + "\n")
+
+    def add_rung(self, record: RungRecord) -> None:
+        with exclusive(self.root / ".sweep.lock"):
+            manifest = self.manifest()
+            manifest.rungs.append(record)
             write_atomic(self.manifest_path, manifest.model_dump_json(indent=2, exclude_none=True) + "\n")
 
     def set_best(self, best: BestRecord | None) -> None:

@@ -223,7 +223,7 @@ def train(recipe: Recipe, run: RunDir, rank: int, records: list[dict]) -> bool:
         print(f"MFU counts {efficiency[1]:.3g} FLOPs per token against {peak or 0:.3g} FLOP/s per device ({source})")
         if recipe.peft.lora_init in MOVES_THE_BASE and not run.initial_adapter.exists():
             save_initial_adapter(model, run)
-    guard = checkpoint_guard(run.checkpoints, recipe.train.save_total_limit, stop)
+    guard = checkpoint_guard(run.checkpoints, recipe.train.save_total_limit, stop, pause_at=run.pause_step())
     trainer = trainer_class(recipe)(
         model=model,
         args=args,
@@ -240,6 +240,11 @@ def train(recipe: Recipe, run: RunDir, rank: int, records: list[dict]) -> bool:
         print(f"{resume.name} is the plan's last step ({done.step}): nothing left to train; publishing its adapter")
     if guard.stopped_at is not None:
         stopped(run, rank, guard.stopped_at)
+        return False
+    if guard.paused_at is not None:
+        if rank == 0:
+            lifecycle.paused(run)
+            print(f"halving rung: saved a complete checkpoint at step {guard.paused_at}; paused for the rung's verdict")
         return False
     save_final_adapter(trainer, run, rank, probe=trained_probe(trainer, dataset, tokenizer))
     return True
