@@ -50,7 +50,6 @@ PREFLIGHT_BLIND = (
     "train.weight_decay",
     "train.max_grad_norm",
     "train.seed",
-    "train.save_steps",
     "train.save_total_limit",
     "train.logging_steps",
     "peft.alpha",
@@ -97,6 +96,9 @@ def plan_sweep(
     both = sorted(fixed & {key for variant in variants for key in variant.overrides})
     if both:
         raise UserError([f"{both[0]}: both swept and fixed by --set (which would win for every variant); drop one"])
+    cluster = sorted({key for variant in variants for key in variant.overrides if key.startswith("slurm.")})
+    if cluster:
+        raise UserError([f"{cluster[0]}: cannot be swept (a job array has one set of SLURM settings); run one sweep per value"])
     root = Path("runs") / base.name
     planned, problems = [], []
     for variant in variants:
@@ -107,10 +109,13 @@ def plan_sweep(
             continue
         planned.append(Planned(variant, recipe, RunDir(root / variant.name)))
     if problems:
-        raise UserError(
-            problems[:ERRORS_SHOWN] + ([f"... and {len(problems) - ERRORS_SHOWN} more"] if len(problems) > ERRORS_SHOWN else [])
-        )
+        raise UserError(capped(problems))
     return sweep, planned, root
+
+
+def capped(problems: list[str]) -> list[str]:
+    """The first ERRORS_SHOWN lines, and how many more there are."""
+    return problems[:ERRORS_SHOWN] + ([f"... and {len(problems) - ERRORS_SHOWN} more"] if len(problems) > ERRORS_SHOWN else [])
 
 
 def at(planned: list[Planned], root: Path) -> list[Planned]:
@@ -164,9 +169,7 @@ def preflight_sweep(planned: list[Planned], console: Console) -> int:
     for line in sorted({w for report in checks.values() for w in report.warnings}):
         console.print(f"warning {line}", highlight=False, markup=False)
     if problems:
-        raise UserError(
-            problems[:ERRORS_SHOWN] + ([f"... and {len(problems) - ERRORS_SHOWN} more"] if len(problems) > ERRORS_SHOWN else [])
-        )
+        raise UserError(capped(problems))
     return len(checks)
 
 
@@ -206,8 +209,22 @@ def render_variants(planned: list[Planned]) -> None:
             prepare(p.recipe, root, quiet, make_executor("local", p.recipe, p.run.logs))
 
 
-def to_submit(planned: list[Planned]) -> tuple[list[tuple[Planned, list[Stage]]], list[str]]:
-    """(variant, its stages still to do) for each variant to submit; and a line for each left as it is."""
+def live_elements(folder: SweepDir) -> dict[str, tuple[str, str]]:
+    """Every array element the scheduler still knows, by element id and by variant name (one query):
+    sweep.json records an array the moment sbatch answers, before the variants' manifests name it."""
+    manifest = folder.manifest()
+    states = sweep_executor(folder).array_states(sorted({a.id for a in manifest.arrays}))
+    for array in manifest.arrays:
+        for index, name in enumerate(array.members):
+            state = states.get(f"{array.id}_{index}")
+            if state and state[0] not in TERMINAL_STATES:
+                states[f"variant:{name}"] = state
+    return states
+
+
+def to_submit(planned: list[Planned], states: dict[str, tuple[str, str]]) -> tuple[list[tuple[Planned, list[Stage]]], list[str]]:
+    """(variant, its stages still to do) for each variant to submit; and a line for each left as it is.
+    `states`: live_elements (the sweep's queued and running array elements)."""
     todo, kept = [], []
     for p in planned:
         manifest = p.run.manifest()
@@ -217,8 +234,7 @@ def to_submit(planned: list[Planned]) -> tuple[list[tuple[Planned, list[Stage]]]
         if manifest.state == State.PRUNED:
             kept.append(f"{p.variant.name}: pruned at a halving rung, kept as it stopped")
             continue
-        records = manifest.jobs[-1:] + manifest.chain
-        if any(job_of(record, p.run.logs).active() for record in records):
+        if f"variant:{p.variant.name}" in states or job_active(p.run, states):
             kept.append(f"{p.variant.name}: {manifest.state}, its job is still queued or running; left alone")
             continue
         stages = stages_to_do(p.recipe, p.run)
@@ -255,7 +271,7 @@ def submit_chain(
             lifecycle.training(p.run)
         else:
             lifecycle.relaunched_after_training(p.run)
-    after, records = None, {p.variant.name: [] for p, _ in members}
+    after = None
     for position, stage in enumerate(members[0][1]):
         resources = replace(
             stage.resources,
@@ -273,16 +289,22 @@ def submit_chain(
             highlight=False,
         )
         for (p, _), job in zip(members, jobs):
-            records[p.variant.name].append(job.record)
+            record_job(p.run, job.record, first_of_chain=position == 0)
         after = array_id
-    for p, _ in members:
-        with p.run.editing_manifest() as manifest:
-            made = records[p.variant.name]
-            if made[0].stage == "train":
-                manifest.jobs.append(made[0])
-                made = made[1:]
-            manifest.chain = made
     return len(members[0][1])
+
+
+def record_job(run: RunDir, record, first_of_chain: bool) -> None:
+    """The element's job in its variant's manifest, as a single run records its jobs: training in jobs,
+    the stages after it in chain (a new chain starts with the chain's first job)."""
+    with run.editing_manifest() as manifest:
+        if record.stage == "train":
+            manifest.jobs.append(record)
+            manifest.chain = []
+        elif first_of_chain:
+            manifest.chain = [record]
+        else:
+            manifest.chain.append(record)
 
 
 def run_locally(todo: list[tuple[Planned, list[Stage]]], console: Console) -> list[str]:
@@ -399,7 +421,7 @@ def run_sweep(
         return describe_sweep_dry_run(folder, planned, sweep, executor, console)
     if sweep.strategy == "halving":
         return run_halving(folder, planned, sweep, console)
-    todo, kept = to_submit(planned)
+    todo, kept = to_submit(planned, live_elements(folder))
     for line in kept:
         console.print(f"  {line}", highlight=False)
     if not todo:
@@ -529,7 +551,7 @@ def run_halving(folder: SweepDir, planned: list[Planned], sweep: SweepSection, c
     for p in alive:
         p.run.pause_at(None)
     stopped = [p for p in planned if p.run.manifest().state == State.PRUNED]
-    todo, kept = to_submit(alive + done + stopped)
+    todo, kept = to_submit(alive + done + stopped, {})
     for line in kept:
         console.print(f"  {line}", highlight=False)
     failed = run_locally(todo, console)
