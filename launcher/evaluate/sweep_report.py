@@ -35,6 +35,8 @@ class VariantRow:
     mfu: float | None = None
     job: str = ""
     waiting: str = ""
+    curve: list[tuple[int, float]] = field(default_factory=list)
+    """(step, training loss) of every logged step: the report's overlaid curves."""
 
 
 def variant_row(variant: VariantRecord, run: RunDir, state: str = "", job: str = "", waiting: str = "") -> VariantRow:
@@ -44,6 +46,7 @@ def variant_row(variant: VariantRecord, run: RunDir, state: str = "", job: str =
     manifest = run.manifest()
     row = VariantRow(variant.name, variant.overrides, state or str(manifest.state), job=job, waiting=waiting)
     rows = run.metrics.rows()
+    row.curve = [(r["step"], r["loss"]) for r in rows]
     if rows:
         last = rows[-1]
         row.step, row.total, row.train_loss = last["step"], last.get("max_steps"), last.get("loss")
@@ -162,14 +165,13 @@ def write_sweep_report(folder: SweepDir, rows: list[VariantRow], best: BestRecor
 
 def loss_curves(folder: SweepDir, rows: list[VariantRow]) -> Path | None:
     """Every variant's training loss per step on one axes (log scale when it spans more than a decade)."""
-    curves = {r.name: folder.run(r.name).metrics.rows() for r in rows if folder.run(r.name).metrics_log.exists()}
-    curves = {name: points for name, points in curves.items() if points}
+    curves = {r.name: r.curve for r in rows if r.curve}
     if not curves:
         return None
     figure, (axes,) = new_figure()
     for name, points in curves.items():
-        axes.plot([p["step"] for p in points], [p["loss"] for p in points], label=name)
-    losses = [p["loss"] for points in curves.values() for p in points if p["loss"] > 0]
+        axes.plot([step for step, _ in points], [loss for _, loss in points], label=name)
+    losses = [loss for points in curves.values() for _, loss in points if loss > 0]
     if losses and max(losses) > 10 * min(losses):
         axes.set_yscale("log")
     axes.set(xlabel="step", title="training loss")

@@ -195,10 +195,10 @@ def record_sweep(
     }
     if old is None:
         folder.write(SweepManifest(name=planned[0].recipe.name, created=now(), **settings))
-    else:
-        folder.write(
-            SweepManifest.model_validate(old.model_dump() | settings | {"variants": [v.model_dump() for v in known.values()]})
-        )
+        return
+    with folder.editing() as manifest:
+        for key, value in settings.items():
+            setattr(manifest, key, value)
 
 
 def render_variants(planned: list[Planned]) -> None:
@@ -367,8 +367,9 @@ def job_active(run: RunDir, states: dict[str, tuple[str, str]]) -> bool:
 
 
 def in_array(record) -> bool:
-    """An element of a sweep's array (the scheduler has forgotten it when it is not in the array's states)."""
-    return record.folder is not None and "_" in record.id
+    """An element of a sweep's array (the scheduler has forgotten it when it is not in the array's states):
+    only arrays record their folder."""
+    return record.folder is not None
 
 
 def variant_state(run: RunDir, states: dict[str, tuple[str, str]]) -> tuple[str, str, str]:

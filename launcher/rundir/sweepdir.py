@@ -16,6 +16,7 @@ by its jobs), so status, cancel, report and a re-run work after the login node's
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -89,6 +90,7 @@ class SweepDir:
     array_script = property(lambda self: self.root / "sweep.sbatch")  # what --dry-run renders: the training array's script
     logs = property(lambda self: self.root / "logs")
     arrays = property(lambda self: self.root / "arrays")
+    lock = property(lambda self: self.root / ".sweep.lock")
 
     def exists(self) -> bool:
         return self.manifest_path.is_file()
@@ -114,27 +116,34 @@ class SweepDir:
             ) from None
 
     def write(self, manifest: SweepManifest) -> None:
+        """A new sweep's sweep.json."""
         self.root.mkdir(parents=True, exist_ok=True)
-        with exclusive(self.root / ".sweep.lock"):
-            write_atomic(self.manifest_path, manifest.model_dump_json(indent=2, exclude_none=True) + "\n")
+        with exclusive(self.lock):
+            self.save(manifest)
+
+    @contextmanager
+    def editing(self):
+        """Read, change and write sweep.json under its lock: the login node's command and the variants'
+        jobs (each refreshing the best) never lose each other's changes."""
+        with exclusive(self.lock):
+            manifest = self.manifest()
+            yield manifest
+            self.save(SweepManifest.model_validate(manifest.model_dump()))
+
+    def save(self, manifest: SweepManifest) -> None:
+        write_atomic(self.manifest_path, manifest.model_dump_json(indent=2, exclude_none=True) + "\n")
 
     def add_array(self, record: ArrayRecord) -> None:
-        with exclusive(self.root / ".sweep.lock"):
-            manifest = self.manifest()
+        with self.editing() as manifest:
             manifest.arrays.append(record)
-            write_atomic(self.manifest_path, manifest.model_dump_json(indent=2, exclude_none=True) + "\n")
 
     def add_rung(self, record: RungRecord) -> None:
-        with exclusive(self.root / ".sweep.lock"):
-            manifest = self.manifest()
+        with self.editing() as manifest:
             manifest.rungs.append(record)
-            write_atomic(self.manifest_path, manifest.model_dump_json(indent=2, exclude_none=True) + "\n")
 
     def set_best(self, best: BestRecord | None) -> None:
-        with exclusive(self.root / ".sweep.lock"):
-            manifest = self.manifest()
+        with self.editing() as manifest:
             manifest.best = best
-            write_atomic(self.manifest_path, manifest.model_dump_json(indent=2, exclude_none=True) + "\n")
 
 
 def sweep_dirs_under(folder: Path) -> list[SweepDir]:
