@@ -279,7 +279,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     serving.add_argument("run_dir", type=Path, metavar="RUN_DIR")
     serving.add_argument("--executor", choices=EXECUTOR_NAMES, default="local", help="where the server runs")
-    serving.add_argument("--port", type=int, default=8000, help="the port it listens on (default 8000)")
+    serving.add_argument(
+        "--port", type=int, help="the port it listens on (default: 8000, or a free one when another process holds 8000)"
+    )
     serving.add_argument("--host", help="the address it listens on (default 127.0.0.1 locally, 0.0.0.0 on SLURM)")
     serving.add_argument("--time", metavar="HH:MM:SS", help="the SLURM job's time limit (default eval.time)")
     serving.set_defaults(handler=command_serve)

@@ -11,6 +11,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -188,6 +189,26 @@ def free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         return probe.getsockname()[1]
+
+
+def models_server(cards: list[dict], port: int = 0):
+    """A real HTTP server (in a thread) answering /v1/models with `cards`, as vLLM's server would."""
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    class Models(BaseHTTPRequestHandler):
+        def do_GET(self):  # noqa: N802  (http.server's name)
+            body = json.dumps({"object": "list", "data": cards}).encode() if self.path == "/v1/models" else b"{}"
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", port), Models)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return server
 
 
 def lines_until(process: subprocess.Popen, start: str) -> list[str]:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -224,3 +225,17 @@ def test_an_evaluation_killed_midway_is_finished_by_the_relaunch_with_the_same_m
     assert again.returncode == 0, again.stdout + again.stderr
     want, got = (json.loads((run.eval / "metrics.json").read_text()) for run in (clean, killed))
     assert got["systems"] == want["systems"] and got["examples"] == want["examples"]
+
+
+def test_four_local_runs_started_at_once_all_train_with_the_same_losses(straight):
+    """Each run's ranks meet on the one port its executor held for it (no port chosen and let go, as
+    the check-in's MASTER_PORT + 1 once was): four at once, eight ranks on this machine, all train."""
+    recipe, uninterrupted = straight
+    runs = [RunDir(uninterrupted.root.with_name(f"at-once-{i}")) for i in range(4)]
+    launches = [start_launch(recipe, run.root) for run in runs]
+    outputs = [launch.communicate(timeout=900)[0] for launch in launches]
+    assert [launch.returncode for launch in launches] == [0] * 4, "\n".join(outputs)
+    ports = {re.search(r"master 127\.0\.0\.1:(\d+)", run.rank_log(0).read_text()).group(1) for run in runs}
+    assert len(ports) == 4
+    want = losses(uninterrupted, STEPS)
+    assert all(losses(run, STEPS) == want for run in runs)

@@ -5,14 +5,16 @@ from __future__ import annotations
 import fcntl
 import json
 import os
+import random
 import re
 import shlex
 import signal
+import socket
 import subprocess
 import sys
 import time
 import urllib.request
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 
 import pytest
@@ -160,6 +162,54 @@ def test_two_nodes_train_and_match_a_local_run(dev_cluster, tmp_path, tiny_asset
     on_slurm, on_local = losses(tmp_path / "slurm"), losses(tmp_path / "local")
     assert len(on_slurm) == len(on_local) == 12
     assert max(abs(a - b) / abs(b) for a, b in zip(on_slurm, on_local)) <= 1e-4
+
+
+def submitits_master_port(job_id: str) -> int:
+    """The MASTER_PORT submitit derives for a job (helpers.TorchDistributedEnvironment)."""
+    return random.Random(job_id).randint(20000, 60000)
+
+
+def test_a_two_node_run_whose_master_port_is_taken_meets_on_a_derived_one_and_trains(dev_cluster, tmp_path, tiny_assets):
+    """MASTER_PORT on SLURM comes from the job id; here another process holds it on n1 (this machine)
+    for each of the next job ids: rank 0 listens on a port derived from the allocation instead, and
+    rank 1, on the other node, finds it there (passing over the holder, which never answers)."""
+    probe = subprocess.run(["sbatch", "--parsable", "--output", "/dev/null", "--wrap", "true"], capture_output=True, text=True, timeout=60)
+    assert probe.returncode == 0, probe.stderr
+    last = int(probe.stdout.strip().split(";")[0])
+    held = {}
+    try:
+        for job in range(last + 1, last + 12):  # the cluster is ours while the test holds its lock
+            with suppress(OSError):
+                sock = socket.socket()
+                sock.bind(("0.0.0.0", submitits_master_port(str(job))))
+                sock.listen()
+                held[str(job)] = sock
+        recipe = write_recipe(tmp_path, tiny_recipe_text(tiny_assets))
+        run = RunDir(tmp_path / "run")
+        sets = ["merge.enabled=false", "eval.enabled=false"]
+        result = run_launch(
+            recipe,
+            "--run-dir",
+            run.root,
+            "--nodes",
+            "2",
+            "--procs-per-node",
+            "1",
+            "--profile",
+            "dev",
+            *[x for s in sets for x in ("--set", s)],
+        )
+        assert result.returncode == 0, result.stdout + result.stderr
+    finally:
+        for sock in held.values():
+            sock.close()
+    job = job_id_of(run)
+    assert job in held, f"job {job}: not one of the jobs whose port was held ({sorted(held)})"
+    taken = submitits_master_port(job)
+    rank0, rank1 = run.rank_log(0).read_text(), run.rank_log(1).read_text()
+    assert f"master n1:{taken}" in rank0 and f"rendezvous: ports [{taken}] are in use on n1; listening on " in rank0
+    assert f"rendezvous: port {taken} on n1 is held by something that is not a store: passed over" in rank1
+    assert "topology: 2 nodes, 2 ranks, backend gloo" in rank0 and len(losses(run.root)) == 12
 
 
 def test_the_transnormer_seed_recipe_on_two_nodes(dev_cluster, tmp_path):

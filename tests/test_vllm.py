@@ -20,14 +20,16 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import re
 import signal
 import urllib.request
+from contextlib import contextmanager
 
 import pytest
 from conftest import (
-    free_port,
     in_vllm_env,
     lines_until,
+    models_server,
     needs_vllm_env,
     run_launch,
     start_in_vllm_env,
@@ -38,6 +40,7 @@ from conftest import (
 
 from launcher.evaluate.vllm import adapter_refusal, kv_cache_size, max_lora_rank
 from launcher.launch.executors.local import processes_running
+from launcher.serve.server import DEFAULT_PORT
 
 AGREEMENT = 0.95
 
@@ -180,30 +183,53 @@ def test_what_vllm_cannot_serve_is_said_in_one_line_and_answered_by_hf(evaluatio
     assert "([], {'base': \"vLLM's CPU attention has no kernel for head size 16 (it has 32, 64," in done.stdout
 
 
+@contextmanager
+def impostor_on(port: int):
+    """Another process's server on `port` answering like another run's vLLM (nothing when the port is
+    taken already: then someone else's listener plays the part)."""
+    try:
+        server = models_server([{"id": "base", "root": "/elsewhere"}, {"id": "adapter", "root": "/elsewhere/adapter"}], port)
+    except OSError:
+        yield
+        return
+    try:
+        yield
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
 @pytest.mark.e2e
 @needs_vllm_env
 @pytest.mark.xdist_group("vllm")
 def test_launch_serve_answers_with_the_trained_adapter_over_http_and_ends_on_ctrl_c(runs, evaluations):
+    """No --port, and port 8000 held by another process's server that answers /health and /v1/models
+    (as another run's server would): launch serve takes a free port and says which."""
     lora, _ = runs
     (_, hf_rows, _, out) = evaluations["hf"]
-    port = free_port()
-    server = start_in_vllm_env("serve", lora.root, "--port", port)
-    said = []
-    try:
-        said = lines_until(server, "serving on ")
-        assert f"serving on http://127.0.0.1:{port}/v1 (OpenAI-compatible): models base, adapter, checkpoint-5" in "".join(said)
-        assert lora.server().models == ["base", "adapter", "checkpoint-5", "checkpoint-10", "checkpoint-12"]
-        examples = [json.loads(line) for line in (out / "examples.jsonl").read_text().splitlines()][:4]
-        for example, row in zip(examples, hf_rows):
-            body = json.dumps({"model": "adapter", "prompt": example["prompt"], "max_tokens": 3, "temperature": 0}).encode()
-            request = urllib.request.Request(
-                f"http://127.0.0.1:{port}/v1/completions", body, {"Content-Type": "application/json"}
+    with impostor_on(DEFAULT_PORT):
+        server = start_in_vllm_env("serve", lora.root)
+        said = []
+        try:
+            said = lines_until(server, "serving on ")
+            where = re.search(
+                r"serving on http://127\.0\.0\.1:(\d+)/v1 \(OpenAI-compatible\): models base, adapter, checkpoint-5",
+                "".join(said),
             )
-            with urllib.request.urlopen(request, timeout=60) as reply:
-                assert json.load(reply)["choices"][0]["text"].strip() == row["lora/adapter"]  # the trained adapter's answer
-    finally:
-        server.send_signal(signal.SIGINT)
-        rest, _ = server.communicate(timeout=120)
+            assert where and int(where.group(1)) != DEFAULT_PORT, "".join(said)
+            port = int(where.group(1))
+            assert lora.server().models == ["base", "adapter", "checkpoint-5", "checkpoint-10", "checkpoint-12"]
+            examples = [json.loads(line) for line in (out / "examples.jsonl").read_text().splitlines()][:4]
+            for example, row in zip(examples, hf_rows):
+                body = json.dumps({"model": "adapter", "prompt": example["prompt"], "max_tokens": 3, "temperature": 0}).encode()
+                request = urllib.request.Request(
+                    f"http://127.0.0.1:{port}/v1/completions", body, {"Content-Type": "application/json"}
+                )
+                with urllib.request.urlopen(request, timeout=60) as reply:
+                    assert json.load(reply)["choices"][0]["text"].strip() == row["lora/adapter"]  # the trained adapter's answer
+        finally:
+            server.send_signal(signal.SIGINT)
+            rest, _ = server.communicate(timeout=120)
     assert server.returncode == 0 and "stopped the server" in rest, "".join(said) + rest
     assert lora.server() is None and not processes_running(str(port))  # the server (its --port argument) is gone
 

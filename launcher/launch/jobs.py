@@ -115,7 +115,8 @@ class EvalJob:
 class ServeJob:
     """vLLM's OpenAI-compatible server on the run's base model and adapters, until the job is ended."""
 
-    def __init__(self, run_dir: str, host: str, port: int):
+    def __init__(self, run_dir: str, host: str, port: int | None):
+        """`port` None: the server picks one (8000 when free)."""
         self.run_dir, self.host, self.port = run_dir, host, port
 
     def __call__(self) -> int:

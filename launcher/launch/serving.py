@@ -17,7 +17,7 @@ from launcher.launch.jobs import ServeJob
 from launcher.launch.pipeline import stage_resources
 from launcher.launch.progress import print_tail
 from launcher.rundir.runs import RunDir, ServerRecord
-from launcher.serve.server import request_example
+from launcher.serve.server import pick_port, request_example
 
 NO_VLLM = (
     "launch serve: vllm is not installed in this environment; build the vLLM environment with requirements/vllm-env "
@@ -25,20 +25,24 @@ NO_VLLM = (
 )
 
 
-def check_serveable(run: RunDir, port: int) -> None:
+def check_serveable(run: RunDir, port: int | None) -> None:
     if not run.adapter.exists():
         raise UserError(f"{run.root}: no final adapter yet; finish training first (launch {run.recipe} --run-dir {run.root})")
     if importlib.util.find_spec("vllm") is None:
         raise UserError(NO_VLLM)
-    if not 1024 <= port <= 65535:
+    if port is not None and not 1024 <= port <= 65535:
         raise UserError(f"--port {port}: not a port a server of yours can listen on; choose one of 1024-65535")
 
 
-def serve_run(run: RunDir, executor_name: str, host: str | None, port: int, time_limit: str | None, console: Console) -> int:
+def serve_run(
+    run: RunDir, executor_name: str, host: str | None, port: int | None, time_limit: str | None, console: Console
+) -> int:
     recipe = run.load_recipe()  # first: a folder that is not a run dir is one line
     check_serveable(run, port)
     executor = make_executor(executor_name, recipe, run.logs / "serve")
     host = host or ("0.0.0.0" if executor.on_other_machines else "127.0.0.1")
+    if port is not None and not executor.on_other_machines:
+        pick_port(host, port)  # refused here, before the job, when another process holds it on this machine
     resources = replace(stage_resources(recipe, "eval"), name=f"{recipe.name}-serve", stage="serve", tasks_per_node=1)
     resources = replace(resources, time_minutes=minutes(time_limit)) if time_limit else resources
     run.clear_server()  # a server killed with SIGKILL could not remove its record

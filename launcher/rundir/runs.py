@@ -567,6 +567,18 @@ def allocation() -> str:
     return f"{os.environ.get('SLURM_JOB_ID')}.{os.environ.get('SLURM_RESTART_COUNT', '0')}"
 
 
+# Set by an executor in its tasks' environment, read by the training ranks' rendezvous.
+MASTER_FD_VARIABLE = "LAUNCHER_MASTER_FD"
+"""Task 0's listening socket for the rendezvous store, bound and held by the executor that started it (local)."""
+START_TOKEN_VARIABLE = "LAUNCHER_START_TOKEN"
+"""The same in every task of one start of a job, another in the next (local: the job id)."""
+
+
+def start_token() -> str:
+    """This start of the job, alike on all its tasks: the executor's token, else the SLURM allocation."""
+    return os.environ.get(START_TOKEN_VARIABLE) or allocation()
+
+
 def now() -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%S%z")
 

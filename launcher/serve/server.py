@@ -29,6 +29,8 @@ from launcher.rundir.runs import RunDir, ServerRecord, now
 
 READY_TIMEOUT_S = 600
 END_GRACE_S = 5  # within the local executor's 10 s between SIGTERM and SIGKILL of the task
+DEFAULT_PORT = 8000
+PORT_TRIES = 3
 SEQUENCES = 64
 """Requests the server's KV cache holds at once, each at the full context."""
 
@@ -76,12 +78,46 @@ def server_command(recipe: Recipe, modules: dict[str, str], host: str, port: int
     return command
 
 
-def answers_health(port: int) -> bool:
+def serves_this_run(port: int, base: str, modules: dict[str, str]) -> bool:
+    """The server on `port` answers and is ours: it serves this run's base model and adapter folders
+    (another server that took the port would answer /health too)."""
     try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as reply:
-            return reply.status == 200
-    except OSError:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/v1/models", timeout=2) as reply:
+            served = {card.get("id"): card.get("root") for card in json.load(reply).get("data", [])}
+    except (OSError, ValueError):
         return False
+    return served.get("base") == base and all(served.get(name) == folder for name, folder in modules.items())
+
+
+def port_free(host: str, port: int) -> bool:
+    """Whether a server could bind `port` on `host` now (as vLLM binds: SO_REUSEADDR, so a closed
+    connection's TIME_WAIT does not count)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((host, port))
+        except OSError:
+            return False
+    return True
+
+
+def pick_port(host: str, asked: int | None) -> int:
+    """The port asked for (refused in one line when another process holds it), else DEFAULT_PORT when
+    free, else one the OS finds free."""
+    if asked is not None:
+        if not port_free(host, asked):
+            raise UserError(
+                f"--port {asked}: another process listens on it on {socket.gethostname()}; choose another port, or "
+                f"leave --port out and launch serve picks a free one"
+            )
+        return asked
+    if port_free(host, DEFAULT_PORT):
+        return DEFAULT_PORT
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family) as sock:
+        sock.bind((host, 0))
+        return sock.getsockname()[1]
 
 
 def end(server: subprocess.Popen) -> None:
@@ -95,8 +131,10 @@ def end(server: subprocess.Popen) -> None:
             return
 
 
-def serve(run: RunDir, host: str, port: int, device: str) -> int:
-    """Run the server until a signal ends this task (or the server ends on its own)."""
+def serve(run: RunDir, host: str, port: int | None, device: str) -> int:
+    """Run the server until a signal ends this task (or the server ends on its own). `port` None: the
+    first free of DEFAULT_PORT and ports the OS picks; a port another process takes while vLLM starts
+    (between the choice and vLLM's bind) is given up for another, PORT_TRIES times in all."""
     recipe = run.load_recipe()
     refusal = engine_refusal(recipe, device, [[0] * recipe.data.max_length])
     if refusal:
@@ -104,32 +142,52 @@ def serve(run: RunDir, host: str, port: int, device: str) -> int:
     modules, refused = lora_modules(run)
     for line in refused:
         print(line, flush=True)
-    server = subprocess.Popen(server_command(recipe, modules, host, port, device), start_new_session=True)
+    running: list[subprocess.Popen] = []
     ending = []
 
     def stop(number, frame) -> None:
         ending.append(number)
         run.clear_server()  # first: the task may be killed before the server has ended
-        end(server)
+        for server in running:
+            end(server)
 
     for number in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR2):  # SIGUSR2: a job's stop signal
         signal.signal(number, stop)
     try:
-        deadline = time.time() + READY_TIMEOUT_S
-        while server.poll() is None and not answers_health(port) and time.time() < deadline:
-            time.sleep(1)
-        if server.poll() is None and not answers_health(port):
-            raise RuntimeError(f"vLLM's server did not answer on port {port} within {READY_TIMEOUT_S} s")
-        if server.poll() is None:
-            shown = socket.gethostname() if host in ("0.0.0.0", "::") else host  # where a client reaches it
-            record = ServerRecord(host=shown, port=port, pid=os.getpid(), models=["base", *modules], since=now())
-            run.write_server(record)
-            print(f"serving on {record.host}:{port}: models {', '.join(record.models)}", flush=True)
-        code = server.wait()
+        for tries_left in reversed(range(PORT_TRIES)):
+            chosen = pick_port(host, port)
+            running[:] = [subprocess.Popen(server_command(recipe, modules, host, chosen, device), start_new_session=True)]
+            if until_serving(running[0], chosen, recipe.model.name_or_path, modules):
+                record = ServerRecord(host=where(host), port=chosen, pid=os.getpid(), models=["base", *modules], since=now())
+                run.write_server(record)
+                print(f"serving on {record.host}:{chosen}: models {', '.join(record.models)}", flush=True)
+                break
+            if ending or port is not None or port_free(host, chosen) or not tries_left:
+                break  # it ended for another reason than a port taken meanwhile: its log says why
+            print(f"port {chosen} was taken by another process while vLLM started; trying another", flush=True)
+        code = running[0].wait()
     finally:
-        end(server)
+        for server in running:
+            end(server)
         run.clear_server()
     return 0 if ending else code
+
+
+def until_serving(server: subprocess.Popen, port: int, base: str, modules: dict[str, str]) -> bool:
+    """True once the server answers as this run's; False when it ended first."""
+    deadline = time.time() + READY_TIMEOUT_S
+    while server.poll() is None:
+        if serves_this_run(port, base, modules):
+            return True
+        if time.time() > deadline:
+            raise RuntimeError(f"vLLM's server did not answer on port {port} within {READY_TIMEOUT_S} s")
+        time.sleep(1)
+    return False
+
+
+def where(host: str) -> str:
+    """Where a client reaches a server listening on `host`."""
+    return socket.gethostname() if host in ("0.0.0.0", "::") else host
 
 
 def request_example(record: ServerRecord, model: str, prompt: str) -> str:

@@ -38,7 +38,7 @@ from launcher.tracking.trackers import recipe_logger, trackers, tracking_environ
 from launcher.train.batching import SampleLoggingCollator
 from launcher.train.buildlocks import use_environment_extension_cache, watch_build_locks
 from launcher.train.packing import choose_batching
-from launcher.train.rendezvous import check_in, smoke_all_reduce, topology_line, world_from_env
+from launcher.train.rendezvous import rendezvous, smoke_all_reduce, topology_line, world_from_env
 from launcher.train.throughput import flops_per_token, mfu, peak_flops
 
 
@@ -60,7 +60,7 @@ def main(argv: list[str] | None = None, last_stage: bool = False) -> int:
             f"rank {rank} of {world['world_size']} on node {world['node']} (local rank {world['local_rank']}, "
             f"pid {os.getpid()}), master {world['master_addr']}:{world['master_port']}"
         )
-        records = check_in(world, recipe.world_size())
+        records = rendezvous(world, recipe.world_size(), backend(recipe))
         fail_if_asked(rank)
         if run.adapter.exists():  # an earlier attempt trained and saved it
             print("the final adapter exists: training is done")
@@ -311,16 +311,20 @@ def trained_probe(trainer, dataset, tokenizer) -> dict:
     }
 
 
-def init_deepspeed_comm(recipe: Recipe) -> None:
-    """Hand the process group TrainingArguments made to DeepSpeed's comm layer.
+def backend(recipe: Recipe) -> str:
+    return "gloo" if resolve_device(recipe.distributed.device) == "cpu" else "nccl"
 
-    With use_cpu, accelerate opens a plain gloo group and DeepSpeed's own comm layer stays
-    uninitialised; ZeRO-3's sharded loading (zero.Init) then sees a world of one and
-    rejects the batch sizes. Initialising it here wraps the existing group.
+
+def init_deepspeed_comm(recipe: Recipe) -> None:
+    """Hand the process group the rendezvous formed to DeepSpeed's comm layer.
+
+    With use_cpu, accelerate leaves DeepSpeed's own comm layer uninitialised; ZeRO-3's sharded
+    loading (zero.Init) then sees a world of one and rejects the batch sizes. Initialising it here
+    wraps the existing group.
     """
     import deepspeed
 
-    deepspeed.init_distributed(dist_backend="gloo" if resolve_device(recipe.distributed.device) == "cpu" else "nccl")
+    deepspeed.init_distributed(dist_backend=backend(recipe))
 
 
 def resume_point(run: RunDir, rank: int) -> Path | None:

@@ -42,7 +42,7 @@ from launcher.launch.executors.base import (
     Resources,
     task_threads,
 )
-from launcher.rundir.runs import JobRecord, now
+from launcher.rundir.runs import MASTER_FD_VARIABLE, START_TOKEN_VARIABLE, JobRecord, now
 
 GRACE_S = 5.0  # after a task failed, before the others are stopped
 TERM_GRACE_S = 10.0  # after SIGTERM, before SIGKILL
@@ -50,10 +50,13 @@ ORPHAN_GRACE_S = 60.0  # a task whose parent is gone: time to save a checkpoint 
 PARENT_VARIABLE = "LAUNCHER_PARENT_PID"
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+def held_listener() -> socket.socket:
+    """A socket listening on a free loopback port, for task 0's rendezvous store: bound here and
+    passed on open, so no other process can take the port between its choice and its use."""
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    sock.listen(128)  # a rank connecting before task 0's store takes it over waits in the backlog
+    return sock
 
 
 class LocalJob(Job):
@@ -117,6 +120,7 @@ class LocalJob(Job):
         return processes_running(str(self.body_file))
 
     def _start(self) -> None:
+        listener = held_listener()
         environment = (
             os.environ
             | TASK_ENVIRONMENT
@@ -125,22 +129,29 @@ class LocalJob(Job):
                 "WORLD_SIZE": str(self.tasks),
                 "LOCAL_WORLD_SIZE": str(self.tasks),
                 "MASTER_ADDR": "127.0.0.1",
-                "MASTER_PORT": str(free_port()),
+                "MASTER_PORT": str(listener.getsockname()[1]),
+                START_TOKEN_VARIABLE: self.id,
+                PARENT_VARIABLE: str(os.getpid()),
             }
         )
         self.processes = []
-        for task in range(self.tasks):
-            group = {"process_group": 0 if task == 0 else self.processes[0].pid}  # one group of its own
-            with open(self.log(task), "ab") as log:
-                self.processes.append(
-                    subprocess.Popen(
-                        [sys.executable, "-m", "launcher.launch.executors.local", str(self.body_file)],
-                        stdout=log,
-                        stderr=subprocess.STDOUT,
-                        **group,
-                        env=environment | {"RANK": str(task), "LOCAL_RANK": str(task), PARENT_VARIABLE: str(os.getpid())},
+        with listener:  # task 0 holds its own copy; this process's closes once it started
+            for task in range(self.tasks):
+                group = {"process_group": 0 if task == 0 else self.processes[0].pid}  # one group of its own
+                held = {"pass_fds": [listener.fileno()]} if task == 0 else {}
+                variables = {"RANK": str(task), "LOCAL_RANK": str(task)}
+                variables |= {MASTER_FD_VARIABLE: str(listener.fileno())} if task == 0 else {}
+                with open(self.log(task), "ab") as log:
+                    self.processes.append(
+                        subprocess.Popen(
+                            [sys.executable, "-m", "launcher.launch.executors.local", str(self.body_file)],
+                            stdout=log,
+                            stderr=subprocess.STDOUT,
+                            **group,
+                            **held,
+                            env=environment | variables,
+                        )
                     )
-                )
 
     def _stop_the_rest(self) -> None:
         self.failed_at = self.failed_at or time.time()
