@@ -18,7 +18,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
 
-from launcher.config import methods, templates
+from launcher.config import methods, objectives, templates
 from launcher.config.hardware import resolve_device, resolve_dtype
 from launcher.errors import UserError
 
@@ -73,8 +73,8 @@ class DataSection(Section):
     """Held-out data for the final evaluation; when unset, `eval_fraction` of train_file is held out."""
     eval_fraction: float = Field(0.1, ge=0.0, lt=1.0)
     """Fraction of train_file held out for evaluation when eval_file is not given."""
-    format: Literal["alpaca", "prompt-response", "text", "messages"] = "alpaca"
-    """Row format: alpaca (instruction/input/output), prompt-response (+ history; AdGen's content/summary), text, messages."""
+    format: Literal[objectives.SFT_FORMATS + objectives.PREFERENCE_FORMATS] = "alpaca"
+    """Row format: alpaca (instruction/input/output), prompt-response (+ history; AdGen's content/summary), text, messages; preference (dpo)."""
     instruction_column: str = "instruction"
     """alpaca: column holding the instruction."""
     input_column: str = "input"
@@ -91,6 +91,10 @@ class DataSection(Section):
     """text: column holding the text to learn whole (english_quotes: "quote")."""
     messages_column: str = "messages"
     """messages: column holding a list of {role, content} (system, then user / assistant turns)."""
+    chosen_column: str = "chosen"
+    """preference: column holding the preferred answer (text, or messages ending with the assistant's)."""
+    rejected_column: str = "rejected"
+    """preference: column holding the dispreferred answer to the same prompt (text, or messages)."""
     system_prompt: str | None = None
     """System text put before every prompt (chatml, transnormer, chatglm3, plain and tokenizer templates)."""
     template: Literal[templates.NAMES] = "plain"
@@ -196,6 +200,8 @@ class PeftSection(Section):
 
 
 class TrainSection(Section):
+    objective: Literal[objectives.NAMES] = "sft"
+    """What the adapter learns: sft (next-token loss on the response), dpo (preference pairs, data.format = "preference")."""
     learning_rate: float = Field(2e-4, gt=0)
     """Peak learning rate."""
     epochs: float = Field(1.0, gt=0)
@@ -234,6 +240,11 @@ class TrainSection(Section):
     """Experiment trackers (one name or a list): tensorboard (RUN/tensorboard/, offline), wandb, mlflow, trackio (in the run dir by default), or "none"."""
     seed: int = Field(42, ge=0, le=SEED_MAX)
     """Seed of model init, adapter init and data order."""
+
+    @property
+    def objective_spec(self) -> objectives.Objective:
+        """This objective's entry in the objective registry."""
+        return objectives.objective(self.objective)
 
     @field_validator("report_to", mode="before")
     @classmethod
@@ -423,6 +434,12 @@ class Recipe(Section):
     slurm: SlurmSection = SlurmSection()
     _chosen: dict[str, str] = PrivateAttr(default_factory=dict)
     """key -> why: the values "auto" was resolved to on this machine (validate_recipe), for pre-flight to say."""
+
+    @model_validator(mode="after")
+    def _objective_takes_the_data(self):
+        for problem in objectives.problems(self.train.objective, self.data.format):
+            raise ValueError(problem)
+        return self
 
     def world_size(self) -> int:
         return self.distributed.nodes * self.distributed.procs_per_node
@@ -681,6 +698,8 @@ def _describe(error: dict[str, Any]) -> str:
         message = message[:1].lower() + message[1:]
     if kind == "value_error":
         key = message.split(":", 1)[0]
+        if not loc and "." in key:  # a rule across sections names its key path itself
+            return message
         if key in _section_at(loc).model_fields:  # a section's own check names its key: section.key: ...
             return f"{where}.{message}"
         return message if message.startswith(f"{where}.") else f"{where}: {message}"

@@ -11,11 +11,12 @@ from __future__ import annotations
 import hashlib
 import json
 import random
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 from launcher.config import templates
+from launcher.config.objectives import PREFERENCE_FORMATS
 from launcher.config.recipe import DataSection, Recipe
 from launcher.config.templates import render
 from launcher.errors import UserError
@@ -32,6 +33,7 @@ class Example:
     suffix: str = ""  # the template's end-of-turn text after the response (trained on, not shown)
     joint: bool = False  # tokenized as one text, the prompt's tokens counted apart (the template authors' way)
     special_tokens: bool = True  # the tokenizer adds its special tokens (False: the rendered prompt holds them)
+    rejected: str | None = None  # preference data: the dispreferred answer (the response is the chosen one)
 
 
 class BadRow(Exception):
@@ -109,7 +111,7 @@ def _hub_rows(name: str, data: DataSection) -> list[tuple[str, Any]]:
 # ---------------------------------------------------------------- rows -> examples
 
 
-def _text(row: dict, column: str, data: DataSection, key: str, required: bool = True) -> str:
+def _text(row: dict, column: str, data: DataSection | None, key: str, required: bool = True) -> str:
     value = row.get(column)
     if value is None or (isinstance(value, float) and value != value):  # missing, or NaN from pandas
         value = ""
@@ -174,13 +176,93 @@ def _messages(row: dict, data: DataSection) -> tuple[str | None, list[tuple[str,
     return system, pairs[:-1], pairs[-1][0], pairs[-1][1]
 
 
+def preference(row: Any, data: DataSection) -> tuple[str | None, list[tuple[str, str]], str, str, str]:
+    """(system, earlier turns, query, chosen, rejected) of a preference row. The prompt is text or a
+    message list ending with the user's turn; each answer is text or messages ending with the
+    assistant's. Without a prompt, the answers are whole conversations that share all but their last
+    turn, which is then the prompt (as in Anthropic's HH data)."""
+    if not isinstance(row, dict):
+        raise BadRow(f"expected an object with columns, got {type(row).__name__}")
+    chosen_before, chosen = _answer(row, data.chosen_column, "chosen_column")
+    rejected_before, rejected = _answer(row, data.rejected_column, "rejected_column")
+    prompt = _given(row.get(data.prompt_column))
+    if prompt is None:
+        if not chosen_before:
+            raise BadRow(f"column {data.prompt_column!r} is missing or empty (set data.prompt_column if it has another name)")
+        if chosen_before != rejected_before:
+            raise BadRow(
+                "the chosen and rejected conversations differ before their last answer, so they answer different prompts"
+            )
+        turns = chosen_before
+    elif isinstance(prompt, list):
+        turns = _message_pairs(prompt, data.prompt_column)
+    elif isinstance(prompt, str):
+        turns = [("user", prompt)]
+    else:
+        raise BadRow(f"column {data.prompt_column!r} holds {type(prompt).__name__}, not text or messages")
+    if any(before and before != turns for before in (chosen_before, rejected_before)):
+        raise BadRow(f"an answer holds a conversation that is not column {data.prompt_column!r}'s; give the answers alone")
+    if chosen.strip() == rejected.strip():
+        raise BadRow("chosen and rejected are the same answer: nothing to prefer")
+    system, history, query = _prompt_of(turns, data)
+    return system, history, query, chosen, rejected
+
+
+def _given(value: Any) -> Any:
+    """A cell's value, None when it is missing or empty (pandas' NaN included); arrays as lists."""
+    value = value.tolist() if hasattr(value, "tolist") else value
+    if value is None or (isinstance(value, float) and value != value) or (isinstance(value, (str, list)) and not value):
+        return None
+    return None if isinstance(value, str) and not value.strip() else value
+
+
+def _answer(row: dict, column: str, key: str) -> tuple[list[tuple[str, str]], str]:
+    """(the conversation before it, the answer's text) of one side of a preference pair."""
+    value = row.get(column)
+    value = value.tolist() if hasattr(value, "tolist") else value
+    if isinstance(value, list) and value:
+        turns = _message_pairs(value, column)
+        if turns[-1][0] != "assistant":
+            raise BadRow(f"column {column!r}: the messages must end with the assistant's answer")
+        if not turns[-1][1].strip():
+            raise BadRow(f"column {column!r}: the assistant's answer is empty")
+        return turns[:-1], turns[-1][1]
+    return [], _text(row, column, None, key)
+
+
+def _message_pairs(messages: list, column: str) -> list[tuple[str, str]]:
+    """[(role, content)] of a {role, content} list."""
+    if not all(isinstance(m, dict) and m.get("role") in ("system", "user", "assistant") for m in messages):
+        raise BadRow(f"column {column!r} must be text or a list of {{role, content}} messages (system, user, assistant)")
+    return [(m["role"], str(m.get("content") or "")) for m in messages]
+
+
+def _prompt_of(turns: list[tuple[str, str]], data: DataSection) -> tuple[str | None, list[tuple[str, str]], str]:
+    """(system, earlier turns, query) of a conversation that ends with the user's turn."""
+    system = data.system_prompt
+    if turns and turns[0][0] == "system":
+        system, turns = turns[0][1], turns[1:]
+    roles = [role for role, _ in turns]
+    if not turns or len(turns) % 2 == 0 or roles != (["user", "assistant"] * len(turns))[: len(turns)]:
+        raise BadRow("the prompt's messages must alternate user / assistant and end with the user's turn")
+    if not turns[-1][1].strip():
+        raise BadRow("the prompt's last user message is empty")
+    texts = [content for _, content in turns]
+    return system, list(zip(texts[0:-1:2], texts[1::2])), texts[-1]
+
+
 def to_example(row: Any, data: DataSection, tokenizer=None) -> Example:
     if isinstance(row, BadRow):
         raise row
-    system, history, query, response, instruction = conversation(row, data)
+    rejected = None
+    if data.format in PREFERENCE_FORMATS:
+        system, history, query, response, rejected = preference(row, data)
+        instruction = ""
+    else:
+        system, history, query, response, instruction = conversation(row, data)
     prompt, suffix = render(data.template, system, history, query, tokenizer, instruction)
     template = templates.REGISTRY[data.template]
-    return Example(prompt=prompt, response=response, suffix=suffix, joint=template.joint, special_tokens=template.special_tokens)
+    return Example(prompt, response, suffix, joint=template.joint, special_tokens=template.special_tokens, rejected=rejected)
 
 
 def load_examples(source: str, data: DataSection, tokenizer=None) -> tuple[list[Example], int]:
@@ -240,6 +322,51 @@ def tokenize(example: Example, tokenizer, max_length: int) -> dict[str, Any]:
     return {"input_ids": input_ids, "labels": labels, "truncated": len(prompt_ids) + len(response_ids) > max_length}
 
 
+def tokenize_pair(example: Example, tokenizer, max_length: int) -> dict[str, Any]:
+    """A preference pair as TRL's preference collator takes it: the prompt's tokens once, then each
+    answer's (its end-of-turn text and EOS included), each side tokenized as `tokenize` does an SFT
+    example. Where a template tokenizes prompt and answer as one text, the prompt is the tokens both
+    sides share. Prompt + answer is cut to max_length on each side; `truncated`: either side was."""
+    sides = [
+        tokenize(replace(example, response=answer), tokenizer, max_length=10**9)
+        for answer in (example.response, example.rejected)
+    ]
+    prompt_lengths = [sum(label == IGNORE_INDEX for label in side["labels"]) for side in sides]
+    shared = 0
+    for a, b in zip(sides[0]["input_ids"][: min(prompt_lengths)], sides[1]["input_ids"]):
+        if a != b:
+            break
+        shared += 1
+    prompt_ids = sides[0]["input_ids"][:shared]
+    chosen, rejected = (side["input_ids"][shared:] for side in sides)
+    room = max(max_length - len(prompt_ids), 0)
+    return {
+        "prompt_ids": prompt_ids[:max_length],
+        "chosen_ids": chosen[:room],
+        "rejected_ids": rejected[:room],
+        "truncated": len(prompt_ids) + max(len(chosen), len(rejected)) > max_length,
+    }
+
+
+def tokenized(example: Example, tokenizer, max_length: int) -> dict[str, Any]:
+    """An example's training row: an SFT example's input ids and labels, or a preference pair's ids."""
+    return (tokenize_pair if example.rejected is not None else tokenize)(example, tokenizer, max_length)
+
+
+def row_tokens(row: dict) -> int:
+    """Tokens one row feeds the model (a pair: the prompt with each answer)."""
+    if "input_ids" in row:
+        return len(row["input_ids"])
+    return 2 * len(row["prompt_ids"]) + len(row["chosen_ids"]) + len(row["rejected_ids"])
+
+
+def learns_nothing(row: dict) -> bool:
+    """Truncation left it no trained token (a pair: no token of one of its answers)."""
+    if "labels" in row:
+        return all(label == IGNORE_INDEX for label in row["labels"])
+    return not row["chosen_ids"] or not row["rejected_ids"]
+
+
 def cache_key(recipe: Recipe, tokenizer_dir: str) -> str:
     digest = hashlib.sha256()
     for path in [recipe.data.train_file, recipe.data.eval_file]:
@@ -264,13 +391,13 @@ def build_train_dataset(recipe: Recipe, tokenizer, cache_dir: Path) -> tuple[Any
     target = cache_dir / cache_key(recipe, recipe.model.name_or_path)
     if not (target / "stats.json").exists():
         split = split_examples(recipe, tokenizer)
-        rows = [tokenize(e, tokenizer, recipe.data.max_length) | {"index": i} for i, e in enumerate(split.train)]
+        rows = [tokenized(e, tokenizer, recipe.data.max_length) | {"index": i} for i, e in enumerate(split.train)]
         for row in rows:
-            row["length"] = len(row["input_ids"])  # data.batching = "grouped" sorts by it
+            row["length"] = row_tokens(row)  # data.batching = "grouped" sorts by it
         stats = {
             "examples": len(rows),
             "truncated": sum(r.pop("truncated") for r in rows),
-            "tokens": sum(len(r["input_ids"]) for r in rows),
+            "tokens": sum(r["length"] for r in rows),
             "skipped_rows": split.skipped,
         }
         staging = staging_for(target)
@@ -314,14 +441,14 @@ def read_training_set(recipe: Recipe, samples: int = 5) -> TrainingSetReport:
     if split.skipped:
         line += f"; {split.skipped} bad rows skipped"
     if tokenizer is not None:
-        rows = [tokenize(e, tokenizer, recipe.data.max_length) for e in split.train]
+        rows = [tokenized(e, tokenizer, recipe.data.max_length) for e in split.train]
         cut = sum(r["truncated"] for r in rows)
-        line += f"; {sum(len(r['input_ids']) for r in rows)} tokens, {cut} truncated to data.max_length={recipe.data.max_length}"
-        empty = sum(all(label == IGNORE_INDEX for label in r["labels"]) for r in rows)
+        line += f"; {sum(row_tokens(r) for r in rows)} tokens, {cut} truncated to data.max_length={recipe.data.max_length}"
+        empty = sum(learns_nothing(r) for r in rows)
         if empty:
             report.errors.append(
-                f"data.max_length: {empty} of {len(rows)} examples keep no response token after "
-                f"truncation to {recipe.data.max_length} (nothing to learn from them); raise it"
+                f"data.max_length: {empty} of {len(rows)} examples keep no {'token of an answer' if 'prompt_ids' in rows[0] else 'response token'} "
+                f"after truncation to {recipe.data.max_length} (nothing to learn from them); raise it"
             )
         elif cut:
             report.warnings.append(
@@ -334,10 +461,19 @@ def read_training_set(recipe: Recipe, samples: int = 5) -> TrainingSetReport:
 
 
 def show_sample(number: int, row: dict, tokenizer) -> str:
-    """A tokenized example as the model sees it: masked (prompt) and trained (response) parts apart."""
+    """A tokenized example as the model sees it: masked (prompt) and trained (response) parts apart;
+    a preference pair's prompt and its two answers."""
+    text = lambda ids: json.dumps(tokenizer.decode(ids, skip_special_tokens=False), ensure_ascii=False)  # noqa: E731
+    if "prompt_ids" in row:
+        return (
+            f"sample {number}: prompt {len(row['prompt_ids'])} tokens, chosen {len(row['chosen_ids'])}, "
+            f"rejected {len(row['rejected_ids'])}{' (truncated)' if row['truncated'] else ''}\n"
+            f"  prompt   (not trained): {text(row['prompt_ids'])}\n"
+            f"  chosen   (preferred):   {text(row['chosen_ids'])}\n"
+            f"  rejected (dispreferred): {text(row['rejected_ids'])}"
+        )
     masked = [t for t, label in zip(row["input_ids"], row["labels"]) if label == IGNORE_INDEX]
     trained = [t for t, label in zip(row["input_ids"], row["labels"]) if label != IGNORE_INDEX]
-    text = lambda ids: json.dumps(tokenizer.decode(ids, skip_special_tokens=False), ensure_ascii=False)  # noqa: E731
     pieces = " | ".join(
         json.dumps(str(piece), ensure_ascii=False)[1:-1] for piece in tokenizer.convert_ids_to_tokens(row["input_ids"][:12])
     )

@@ -83,6 +83,9 @@ def compatibility_problems(recipe: Recipe, stage: int, model_type: str | None) -
         )
     if checkpointing and not quirks.gradient_checkpointing_works:
         warnings.append(f"train.gradient_checkpointing: {model_type}'s code ignores it, so it saves no memory")
+    goal = recipe.train.objective_spec
+    if goal.not_built:
+        errors.append(f'train.objective: "{goal.name}" is not supported yet: {goal.not_built}; train with "sft"')
     return errors, warnings
 
 
