@@ -30,6 +30,12 @@ def parity_rows(count: int, seed: int = 0) -> list[dict[str, str]]:
     return rows
 
 
+def preference_pairs(rows: list[dict[str, str]]) -> list[dict[str, str]]:
+    """The parity rows as preference pairs: the right answer chosen, the wrong one rejected."""
+    flip = {"even": "odd", "odd": "even"}
+    return [{"prompt": f"{r['instruction']}\n{r['input']}", "chosen": r["output"], "rejected": flip[r["output"]]} for r in rows]
+
+
 def write_jsonl(rows: list[dict], path: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
@@ -111,8 +117,9 @@ def build_quickstart_assets(out_dir: Path) -> dict[str, Path]:
     out_dir = Path(out_dir)
     rows = parity_rows(1200, seed=0)
     train = write_jsonl(rows, out_dir / "parity" / "train.jsonl")
+    pairs = write_jsonl(preference_pairs(rows), out_dir / "parity" / "preferences.jsonl")
     model = build_tiny_llama(out_dir / "tiny-llama", corpus_of(rows))
-    return {"model": model, "train_file": train}
+    return {"model": model, "train_file": train, "preferences": pairs}
 
 
 if __name__ == "__main__":

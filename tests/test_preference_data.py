@@ -36,13 +36,14 @@ WHOLE_CONVERSATIONS = {  # no prompt column: the turns before the last answer ar
 
 
 def preference_recipe(tmp_path, assets, train_file, data_keys: str = "", objective: str = "dpo"):
+    """A recipe file (named after its objective) of the tests' tiny recipe on preference data."""
     text = tiny_recipe_text(assets)
     for line in data_keys.splitlines():  # a key given here replaces the tiny recipe's own
         text = "\n".join(kept for kept in text.splitlines() if not kept.startswith(line.split("=")[0])) + "\n"
     text = text.replace(
         f'train_file = "{assets["train_file"]}"', f'train_file = "{train_file}"\nformat = "preference"\n{data_keys}'
     )
-    return write_recipe(tmp_path, text.replace("[train]\n", f'[train]\nobjective = "{objective}"\n'))
+    return write_recipe(tmp_path, text.replace("[train]\n", f'[train]\nobjective = "{objective}"\n'), f"{objective}.toml")
 
 
 def write_jsonl(path, rows):
@@ -163,15 +164,30 @@ def test_pairs_are_tokenized_once_and_cached_beside_the_sft_cache(tmp_path, tiny
     assert again["chosen_ids"] == dataset["chosen_ids"] and len(list(cache.iterdir())) == 2
 
 
-def test_an_objective_that_does_not_take_the_data_is_one_line_and_dpo_is_refused_until_it_trains(tmp_path, tiny_assets):
+def test_what_an_objective_cannot_do_is_one_line_before_the_queue(tmp_path, tiny_assets):
     path = write_jsonl(tmp_path / "prefs.jsonl", [PAIR] * 20)
-    sft = run_launch("check", preference_recipe(tmp_path, tiny_assets, path, objective="sft"))
-    assert sft.returncode == 2 and sft.stderr.strip().splitlines() == [
-        'error: data.format: "preference" rows do not fit train.objective = "sft" (next-token loss on the response: it '
-        'takes alpaca / prompt-response / text / messages); set train.objective = "dpo"'
-    ]
-    dpo = run_launch("check", preference_recipe(tmp_path, tiny_assets, path), "--show-samples", "1")
-    assert dpo.returncode == 2, dpo.stdout + dpo.stderr
-    assert "data: 18 training, 2 held-out examples (preference, template plain)" in dpo.stdout
-    assert 'rejected (dispreferred): "odd' in dpo.stdout
-    assert 'train.objective: "dpo" is not supported yet' in dpo.stdout + dpo.stderr
+    dpo = preference_recipe(tmp_path, tiny_assets, path)
+    refused = {
+        (preference_recipe(tmp_path, tiny_assets, path, objective="sft"),): 'data.format: "preference" rows do not fit '
+        'train.objective = "sft" (next-token loss on the response: it takes alpaca / prompt-response / text / messages); '
+        'set train.objective = "dpo"',
+        (dpo, "--set", "peft.method=adalora"): 'peft.method: train.objective = "dpo" is not supported with adalora yet; '
+        "use lora / qlora / lora-8bit",
+        (dpo, "--set", "peft.lora_init=pissa"): "peft.lora_init: pissa moves part of the base weights into the adapter, "
+        'so the adapter disabled (train.objective = "dpo"\'s reference) is no longer the base; use "default" or "gaussian"',
+        (dpo, "--set", "preference.loss_weights=[0.5]", "--set", "preference.loss_type=['sigmoid','sft']"): (
+            "preference.loss_weights: 1 weights for 2 loss types ['sigmoid', 'sft']; give one weight per loss type"
+        ),
+        (dpo, "--set", "data.batching=packed"): 'data.batching: "packed" cannot work here (train.objective = "dpo" pads '
+        'its pairs (TRL has no packed preference batches)); use "grouped" (or "auto")',
+    }
+    sft = write_recipe(tmp_path, tiny_recipe_text(tiny_assets) + "[preference]\nbeta = 0.2\n", "plain-sft.toml")
+    refused[(sft,)] = 'preference.beta belongs to train.objective = "dpo", not "sft"; remove it or change train.objective'
+    for args, line in refused.items():
+        result = run_launch("check", *args)
+        said = " ".join((result.stdout + result.stderr).split())
+        assert result.returncode == 2 and line in said and "Traceback" not in said, said
+    checked = run_launch("check", dpo, "--show-samples", "1")
+    assert checked.returncode == 0, checked.stdout + checked.stderr
+    assert "data: 18 training, 2 held-out examples (preference, template plain)" in checked.stdout
+    assert 'rejected (dispreferred): "odd' in checked.stdout

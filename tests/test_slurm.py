@@ -173,7 +173,9 @@ def test_a_two_node_run_whose_master_port_is_taken_meets_on_a_derived_one_and_tr
     """MASTER_PORT on SLURM comes from the job id; here another process holds it on n1 (this machine)
     for each of the next job ids: rank 0 listens on a port derived from the allocation instead, and
     rank 1, on the other node, finds it there (passing over the holder, which never answers)."""
-    probe = subprocess.run(["sbatch", "--parsable", "--output", "/dev/null", "--wrap", "true"], capture_output=True, text=True, timeout=60)
+    probe = subprocess.run(
+        ["sbatch", "--parsable", "--output", "/dev/null", "--wrap", "true"], capture_output=True, text=True, timeout=60
+    )
     assert probe.returncode == 0, probe.stderr
     last = int(probe.stdout.strip().split(";")[0])
     held = {}

@@ -123,15 +123,15 @@ def test_the_cli_refuses_a_gpu_only_kernel_on_cpu_with_exit_2(tmp_path, tiny_ass
 
 
 def test_lora_plus_gives_b_its_ratio_of_the_learning_rate(tmp_path, tiny_assets):
-    from transformers import TrainingArguments
+    from transformers import Trainer, TrainingArguments
 
     from launcher.models.loading import load_training_model
-    from launcher.train.worker import trainer_class
+    from launcher.train.trainers import with_lora_plus
 
     recipe = load_recipe(write_recipe(tmp_path, tiny_recipe_text(tiny_assets)), ["peft.lora_plus_ratio=16.0"])
     model = load_training_model(recipe, 12, "cpu")
     args = TrainingArguments(output_dir=str(tmp_path / "out"), learning_rate=3e-3, use_cpu=True, report_to="none")
-    optimizer = trainer_class(recipe)(model=model, args=args).create_optimizer()
+    optimizer = with_lora_plus(Trainer, recipe)(model=model, args=args).create_optimizer()
     names = {id(p): n for n, p in model.named_parameters()}
     rates = {("lora_B" in names[id(p)]): group["lr"] for group in optimizer.param_groups for p in group["params"]}
     assert rates == {False: 3e-3, True: pytest.approx(16 * 3e-3)}

@@ -261,6 +261,33 @@ class TrainSection(Section):
         return value
 
 
+class PreferenceSection(Section):
+    """Keys of the preference objectives (train.objective = "dpo")."""
+
+    beta: float = Field(0.1, gt=0)
+    """dpo: how far the policy may move from the reference (higher: closer to it); IPO's regulariser."""
+    loss_type: list[Literal[objectives.DPO_LOSSES]] = ["sigmoid"]
+    """dpo: TRL's DPO loss (one name or a list, combined with loss_weights): sigmoid, ipo, robust, hinge, ..."""
+    loss_weights: list[float] | None = None
+    """dpo: the weight of each loss_type when several are combined (unset: 1.0 each)."""
+    label_smoothing: float = Field(0.0, ge=0, lt=0.5)
+    """dpo: robust / exo_pair losses: the probability that a pair's preference is flipped."""
+
+    @field_validator("loss_type", mode="before")
+    @classmethod
+    def _one_or_a_list(cls, value: Any) -> Any:
+        return [value] if isinstance(value, str) else value
+
+    @model_validator(mode="after")
+    def _a_weight_per_loss(self):
+        if self.loss_weights is not None and len(self.loss_weights) != len(self.loss_type):
+            raise ValueError(
+                f"preference.loss_weights: {len(self.loss_weights)} weights for {len(self.loss_type)} loss types "
+                f"{self.loss_type}; give one weight per loss type"
+            )
+        return self
+
+
 class DistributedSection(Section):
     procs_per_node: int = Field(1, gt=0)
     """Worker processes per node (one per GPU on GPU machines)."""
@@ -428,6 +455,7 @@ class Recipe(Section):
     data: DataSection
     peft: PeftSection = PeftSection()
     train: TrainSection = TrainSection()
+    preference: PreferenceSection = PreferenceSection()
     distributed: DistributedSection = DistributedSection()
     eval: EvalSection = EvalSection()
     merge: MergeSection = MergeSection()
@@ -437,18 +465,28 @@ class Recipe(Section):
 
     @model_validator(mode="after")
     def _objective_takes_the_data(self):
-        for problem in objectives.problems(self.train.objective, self.data.format):
+        goal, used = self.train.objective, self.preference.model_fields_set
+        for problem in objectives.problems(goal, self.data.format, used, self.peft.method):
             raise ValueError(problem)
+        if self.train.objective_spec.reference_forward and self.peft.lora_init in methods.MOVES_THE_BASE:
+            raise ValueError(
+                f"peft.lora_init: {self.peft.lora_init} moves part of the base weights into the adapter, so the adapter "
+                f'disabled (train.objective = "{goal}"\'s reference) is no longer the base; use "default" or "gaussian"'
+            )
         return self
 
     def world_size(self) -> int:
         return self.distributed.nodes * self.distributed.procs_per_node
 
     def to_dict(self) -> dict[str, Any]:
-        """The resolved recipe; [peft] lists only the keys of its method (others would be refused)."""
+        """The resolved recipe; [peft] and [preference] list only the keys of its method and objective
+        (others would be refused)."""
         resolved = self.model_dump(mode="json", exclude_none=True)
         resolved["peft"] = {
             key: value for key, value in resolved["peft"].items() if key == "method" or key in self.peft.spec.keys
+        }
+        resolved["preference"] = {
+            key: value for key, value in resolved["preference"].items() if key in self.train.objective_spec.keys
         }
         return resolved
 

@@ -360,6 +360,11 @@ def row_tokens(row: dict) -> int:
     return 2 * len(row["prompt_ids"]) + len(row["chosen_ids"]) + len(row["rejected_ids"])
 
 
+def sequence_ids(row: dict) -> list[int]:
+    """The token ids of a row as one sequence (a pair: its prompt and chosen answer)."""
+    return row["input_ids"] if "input_ids" in row else row["prompt_ids"] + row["chosen_ids"]
+
+
 def learns_nothing(row: dict) -> bool:
     """Truncation left it no trained token (a pair: no token of one of its answers)."""
     if "labels" in row:

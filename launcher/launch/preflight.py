@@ -83,9 +83,6 @@ def compatibility_problems(recipe: Recipe, stage: int, model_type: str | None) -
         )
     if checkpointing and not quirks.gradient_checkpointing_works:
         warnings.append(f"train.gradient_checkpointing: {model_type}'s code ignores it, so it saves no memory")
-    goal = recipe.train.objective_spec
-    if goal.not_built:
-        errors.append(f'train.objective: "{goal.name}" is not supported yet: {goal.not_built}; train with "sft"')
     return errors, warnings
 
 
@@ -235,7 +232,8 @@ def memory_estimate(recipe: Recipe, model, adapter: int, stage: int, offload: bo
     weight). Activations per layer follow Korthikanti et al. (sequence × batch × hidden × 34
     bytes in 16-bit, plus attention scores where eager attention keeps them: over the whole packed
     row when packed), two 16-bit tensors per layer with gradient checkpointing, doubled in fp32;
-    plus the fp32 logits.
+    plus the fp32 logits. A preference pair is two sequences; the reference forward (no gradients)
+    adds its fp32 logits.
     """
 
     size = BYTES[recipe.model.dtype]
@@ -256,7 +254,8 @@ def memory_estimate(recipe: Recipe, model, adapter: int, stage: int, offload: bo
     hidden = hidden_size(config) or 0
     layers = config_value(config, quirks_for(config_value(config, "model_type")).layers_key) or 0
     heads = config_value(config, "num_attention_heads") or config_value(config, "decoder_attention_heads") or 1
-    tokens = recipe.train.micro_batch_size * recipe.data.max_length
+    goal = recipe.train.objective_spec
+    tokens = recipe.train.micro_batch_size * recipe.data.max_length * goal.sequences
     kind = config_value(config, "model_type")
     span = tokens if choose_batching(recipe)[0] == "packed" else recipe.data.max_length  # what one token attends over
     scale = 2 if recipe.model.dtype == "fp32" else 1
@@ -268,7 +267,7 @@ def memory_estimate(recipe: Recipe, model, adapter: int, stage: int, offload: bo
         per_layer = tokens * hidden * 34 + (5 * heads * tokens * span if materialised else 0)
         activations = layers * per_layer
     vocab = config_value(config, "vocab_size") or 0
-    activations = activations * scale + tokens * vocab * 4 * 2
+    activations = activations * scale + tokens * vocab * 4 * (3 if goal.reference_forward else 2)
     return {
         "weights": weights,
         "adapter": adapter * size,

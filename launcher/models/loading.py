@@ -165,9 +165,16 @@ def quantization_config(recipe: Recipe):
 
 
 def load_training_model(recipe: Recipe, total_steps: int, device, attention: str | None = None):
-    """The base model (quantized when the method says so; with `attention` as its attention
-    implementation when given) with a fresh adapter from [peft]."""
-    from peft import get_peft_model, prepare_model_for_kbit_training
+    """The base model with a fresh adapter from [peft] (the SFT trainer's; TRL's trainers attach it)."""
+    from peft import get_peft_model
+
+    return get_peft_model(load_training_base(recipe, device, attention), recipe.peft.spec.build_config(recipe, total_steps))
+
+
+def load_training_base(recipe: Recipe, device, attention: str | None = None):
+    """The base model to train an adapter on: quantized when the method says so (and prepared for it),
+    with `attention` as its attention implementation when given."""
+    from peft import prepare_model_for_kbit_training
 
     quantized = quantization_config(recipe)
     extra = {"attn_implementation": attention} if attention else {}
@@ -178,7 +185,7 @@ def load_training_model(recipe: Recipe, total_steps: int, device, attention: str
             use_gradient_checkpointing=recipe.train.gradient_checkpointing,
             gradient_checkpointing_kwargs={"use_reentrant": False},
         )
-    return get_peft_model(model, recipe.peft.spec.build_config(recipe, total_steps))
+    return model
 
 
 def planned_steps(recipe: Recipe, examples: int) -> int:

@@ -17,6 +17,7 @@ example of each micro-batch, the seeds' way.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 from launcher.data.examples import IGNORE_INDEX
@@ -37,15 +38,12 @@ def packed_batch(features: list[dict]) -> dict:
 
 
 class SampleLoggingCollator:
-    """Lays out a micro-batch (packed, or padded like DataCollatorForSeq2Seq) and appends its sample
-    indices to a per-rank log, so the data order (and what a resume skipped or repeated) can be
-    checked afterwards."""
+    """Appends a micro-batch's sample indices to a per-rank log, so the data order (and what a resume
+    skipped or repeated) can be checked afterwards, then lays it out with `lay_out` (the objective's:
+    packed or padded examples, padded preference pairs)."""
 
-    def __init__(self, tokenizer, log_path: Path, attempt: int, layout: str = "padded"):
-        from transformers import DataCollatorForSeq2Seq
-
-        self.pad = DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=IGNORE_INDEX)
-        self.log_path, self.attempt, self.layout = log_path, attempt, layout
+    def __init__(self, lay_out: Callable[[list[dict]], dict], log_path: Path, attempt: int):
+        self.lay_out, self.log_path, self.attempt = lay_out, log_path, attempt
 
     def __call__(self, features: list[dict]) -> dict:
         ids = [f.pop("index") for f in features]
@@ -53,4 +51,4 @@ class SampleLoggingCollator:
             feature.pop("length", None)  # the grouped sampler's column, not a model input
         with open(self.log_path, "a") as handle:
             handle.write(json.dumps({"attempt": self.attempt, "ids": ids}) + "\n")
-        return packed_batch(features) if self.layout == "packed" else self.pad(features)
+        return self.lay_out(features)

@@ -74,6 +74,8 @@ def packing_refusal(recipe: Recipe) -> tuple[str, str] | None:
     """None when this model and method can pack; else ("refused" | "unverified", why)."""
     if recipe.peft.spec.prompt_learning:
         return "refused", f"{recipe.peft.method} puts its virtual tokens before each row, not each example"
+    if not recipe.train.objective_spec.packs:
+        return "refused", f'train.objective = "{recipe.train.objective}" pads its pairs (TRL has no packed preference batches)'
     verdict = recipe_verdict(recipe)
     if verdict.packs:
         return None

@@ -21,8 +21,8 @@ from launcher.config.hardware import resolve_device
 from launcher.config.knobs import resolve_knobs
 from launcher.config.methods import MOVES_THE_BASE
 from launcher.config.recipe import Recipe
-from launcher.data.examples import build_train_dataset
-from launcher.models.loading import load_tokenizer, load_training_model, planned_steps, quiet_libraries_for
+from launcher.data.examples import build_train_dataset, sequence_ids
+from launcher.models.loading import load_tokenizer, load_training_base, planned_steps, quiet_libraries_for
 from launcher.rundir import lifecycle
 from launcher.rundir.checkpoints import (
     SET_ASIDE,
@@ -35,6 +35,7 @@ from launcher.rundir.checkpoints import (
 )
 from launcher.rundir.runs import RunDir, publish, stage_record, staging_for
 from launcher.tracking.trackers import recipe_logger, trackers, tracking_environment
+from launcher.train import trainers
 from launcher.train.batching import SampleLoggingCollator
 from launcher.train.buildlocks import use_environment_extension_cache, watch_build_locks
 from launcher.train.packing import choose_batching
@@ -96,11 +97,11 @@ def redirect_output(log_path: Path) -> None:
 
 
 def training_arguments(recipe: Recipe, run: RunDir, layout: str, knobs):
-    """The Trainer's arguments: the recipe's [train], the batching layout and the device's knobs."""
-    from transformers import TrainingArguments
-
+    """The trainer's arguments: the recipe's [train], the batching layout and the device's knobs, in the
+    objective's arguments class with its own settings."""
+    arguments, objective = trainers.entry(recipe).arguments(recipe)
     t, device = recipe.train, resolve_device(recipe.distributed.device)
-    return TrainingArguments(
+    return arguments(
         output_dir=str(run.checkpoints),
         deepspeed=str(run.deepspeed_config),
         per_device_train_batch_size=t.micro_batch_size,
@@ -133,16 +134,19 @@ def training_arguments(recipe: Recipe, run: RunDir, layout: str, knobs):
         run_name=run.root.name,
         project=recipe.name,  # Trackio's project (W&B's and MLflow's come from their environment: tracking.py)
         disable_tqdm=True,
+        **objective,
     )
 
 
-def metrics_logger(run: RunDir, attempt: int, efficiency: tuple[int, float, float | None] = (1, 0.0, None)):
-    """A Trainer callback writing one JSON row per logged step to logs/train_metrics.jsonl (rank 0);
-    `efficiency` = (world size, FLOPs per token, one device's peak FLOP/s) for the row's MFU."""
+def metrics_logger(run: RunDir, attempt: int, logged: tuple[str, ...] = ()):
+    """A Trainer callback writing one JSON row per logged step to logs/train_metrics.jsonl (rank 0), with
+    the objective's own `logged` metrics (a DPO run's rewards); its `efficiency` = (world size, FLOPs per
+    token, one device's peak FLOP/s), set once the model is built, gives the row's MFU."""
     from transformers import TrainerCallback
 
     class MetricsLogger(TrainerCallback):
         last = (0.0, 0)  # (time, tokens seen) at the previous row
+        efficiency: tuple[int, float, float | None] = (1, 0.0, None)
 
         def on_train_begin(self, args, state, control, **kwargs):
             self.last = (time.time(), state.num_input_tokens_seen)
@@ -168,10 +172,10 @@ def metrics_logger(run: RunDir, attempt: int, efficiency: tuple[int, float, floa
                 "grad_norm": logs.get("grad_norm"),
                 "tokens_seen": tokens,
                 "tokens_per_second": speed,
-                "mfu": mfu(speed, *efficiency),
+                "mfu": mfu(speed, *self.efficiency),
                 "time": clock,
                 "attempt": attempt,
-            }
+            } | {key: logs[key] for key in logged if key in logs}
             with open(run.metrics_log, "a") as handle:
                 handle.write(json.dumps(row) + "\n")
 
@@ -213,24 +217,30 @@ def train(recipe: Recipe, run: RunDir, rank: int, records: list[dict]) -> bool:
     set_seed(recipe.train.seed)
     local = int(os.environ.get("LOCAL_RANK", "0"))
     place = f"cuda:{local}" if device == "cuda" else "cpu"
-    model = load_training_model(recipe, planned_steps(recipe, len(dataset)), place, knobs.attention)
-    efficiency = (recipe.world_size(), flops_per_token(model), None)
+    base = load_training_base(recipe, place, knobs.attention)
+    guard = checkpoint_guard(run.checkpoints, recipe.train.save_total_limit, stop, pause_at=run.pause_step())
+    logger = metrics_logger(run, attempt, recipe.train.objective_spec.logged)
+    objective = trainers.entry(recipe)
+    trainer = objective.build(
+        recipe,
+        base,
+        recipe.peft.spec.build_config(recipe, planned_steps(recipe, len(dataset))),
+        args,
+        tokenizer,
+        dataset,
+        SampleLoggingCollator(objective.collator(recipe, tokenizer, layout), run.logs / f"samples_rank{rank}.jsonl", attempt),
+        [logger, guard, recipe_logger(recipe, run)],
+    )
+    model = trainer.model  # the base with its adapter
+    logger.efficiency = (recipe.world_size(), flops_per_token(model), None)
     if rank == 0:
         trainable, total = model.get_nb_trainable_parameters()
         print(f"trainable parameters {trainable} of {total}")
         peak, source = peak_flops(place, model.dtype)
-        efficiency = (recipe.world_size(), efficiency[1], peak)
-        print(f"MFU counts {efficiency[1]:.3g} FLOPs per token against {peak or 0:.3g} FLOP/s per device ({source})")
+        logger.efficiency = (recipe.world_size(), logger.efficiency[1], peak)
+        print(f"MFU counts {logger.efficiency[1]:.3g} FLOPs per token against {peak or 0:.3g} FLOP/s per device ({source})")
         if recipe.peft.lora_init in MOVES_THE_BASE and not run.initial_adapter.exists():
             save_initial_adapter(model, run)
-    guard = checkpoint_guard(run.checkpoints, recipe.train.save_total_limit, stop, pause_at=run.pause_step())
-    trainer = trainer_class(recipe)(
-        model=model,
-        args=args,
-        train_dataset=dataset,
-        data_collator=SampleLoggingCollator(tokenizer, run.logs / f"samples_rank{rank}.jsonl", attempt, layout),
-        callbacks=[metrics_logger(run, attempt, efficiency), guard, recipe_logger(recipe, run)],
-    )
     if recipe.peft.spec.training_callback:  # AdaLoRA's rank allocator
         trainer.add_callback(recipe.peft.spec.training_callback(trainer))
     resume = resume_point(run, rank)
@@ -250,34 +260,6 @@ def train(recipe: Recipe, run: RunDir, rank: int, records: list[dict]) -> bool:
     return True
 
 
-def trainer_class(recipe: Recipe):
-    """HF Trainer; with LoRA+ (peft.lora_plus_ratio), one whose optimizer gives B that multiple of A's
-    learning rate (peft's create_loraplus_optimizer; DeepSpeed then wraps it)."""
-    import torch
-    from transformers import Trainer
-
-    ratio = recipe.peft.lora_plus_ratio
-    if not ratio:
-        return Trainer
-
-    class LoraPlusTrainer(Trainer):
-        def create_optimizer(self, model=None):
-            from peft.optimizers import create_loraplus_optimizer
-
-            if self.optimizer is None:
-                self.optimizer = create_loraplus_optimizer(
-                    self.model,
-                    optimizer_cls=torch.optim.AdamW,
-                    lr=self.args.learning_rate,
-                    loraplus_lr_ratio=ratio,
-                    weight_decay=self.args.weight_decay,
-                    fused=self.args.optim == "adamw_torch_fused",
-                )
-            return self.optimizer
-
-    return LoraPlusTrainer
-
-
 def save_initial_adapter(model, run: RunDir) -> None:
     """PiSSA / OLoRA moved part of each base weight into the adapter's start: saved once (rank 0,
     first attempt), so the final adapter can be converted to one for the original base."""
@@ -290,13 +272,14 @@ def save_initial_adapter(model, run: RunDir) -> None:
 
 
 def trained_probe(trainer, dataset, tokenizer) -> dict:
-    """Logits of the trained model (eval mode) on the first two training examples, saved with the
+    """Logits of the trained model (eval mode) on the first two training examples (a pair: its prompt and
+    chosen answer), saved with the
     adapter so that anyone can check a reloaded adapter reproduces the model that was trained.
     A forward of every rank: under ZeRO-3 it gathers the weights."""
     import torch
     from transformers import DataCollatorForSeq2Seq
 
-    rows = [{k: dataset[i][k] for k in ("input_ids", "labels")} for i in range(min(2, len(dataset)))]
+    rows = [{"input_ids": sequence_ids(dataset[i])} for i in range(min(2, len(dataset)))]
     batch = DataCollatorForSeq2Seq(tokenizer, padding=True)(rows)
     model = trainer.model
     model.eval()

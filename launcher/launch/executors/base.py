@@ -153,4 +153,5 @@ def task_threads(tasks_on_node: int) -> int:
 
 
 # What every task's environment holds besides the distributed variables (both executors).
-TASK_ENVIRONMENT = {"PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false"}
+# TRL's trainers ping the hub for telemetry when made: on offline nodes that would hang or warn per rank.
+TASK_ENVIRONMENT = {"PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false", "HF_HUB_DISABLE_TELEMETRY": "1"}
