@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import signal
 from statistics import mean
 
 import pytest
-from conftest import REPO, run_launch
+from conftest import REPO, batches, run_launch, start_launch, tiny_recipe_text, wait_for_rows, write_recipe
 
 from launcher.adapters.merge import validate_adapter
 from launcher.config.objectives import REWARD_METRICS
@@ -40,3 +42,38 @@ def test_the_dpo_quickstart_learns_the_preference_against_the_disabled_adapter(t
         assert any("adapter: with HF, reproduces the trained model" in log.read_text() for log in reproduced)
         metrics = json.loads((run.eval / "metrics.json").read_text())
         assert metrics["systems"]["adapter"]["exact_match"] > metrics["systems"]["base"]["exact_match"]
+
+
+STEPS = 80
+
+
+def dpo_args(tmp_path, assets, run_dir) -> list:
+    """The tests' tiny recipe on the parity pairs, as a DPO run (fp32: equal numbers after a resume)."""
+    text = tiny_recipe_text(assets).replace(
+        f'train_file = "{assets["train_file"]}"', f'train_file = "{assets["preferences"]}"\nformat = "preference"'
+    )
+    text = text.replace("[train]\n", '[train]\nobjective = "dpo"\n')
+    recipe = write_recipe(tmp_path, text, "dpo.toml")
+    sets = [f"train.max_steps={STEPS}", "train.save_steps=40", "merge.enabled=false", "eval.enabled=false"]
+    return [recipe, "--run-dir", run_dir, "--executor", "local"] + [x for s in sets for x in ("--set", s)]
+
+
+def test_a_stopped_dpo_run_resumes_with_the_losses_rewards_and_order_of_an_uninterrupted_one(tmp_path, tiny_assets):
+    straight = RunDir(tmp_path / "straight")
+    assert run_launch(*dpo_args(tmp_path, tiny_assets, straight.root)).returncode == 0
+    run = RunDir(tmp_path / "stopped")
+    launch = start_launch(*dpo_args(tmp_path, tiny_assets, run.root), start_new_session=True)
+    wait_for_rows(run, 5)
+    os.kill(launch.pid, signal.SIGINT)  # Ctrl-C: the ranks get the stop signal, save at their next step and end
+    output, _ = launch.communicate(timeout=180)
+    assert "stopped; newest complete checkpoint: checkpoint-" in output and "Traceback" not in output, output
+    saved = max(int(p.name.split("-")[1]) for p in run.checkpoints.glob("checkpoint-*"))
+    assert 5 <= saved < STEPS
+    again = run_launch(*dpo_args(tmp_path, tiny_assets, run.root))
+    assert again.returncode == 0, again.stdout + again.stderr
+    want, got = straight.metrics.rows(), run.metrics.rows()
+    assert [r["step"] for r in got] == list(range(1, STEPS + 1))
+    for key in ("loss", *REWARD_METRICS):
+        assert max(abs(w[key] - g[key]) for w, g in zip(want, got)) == 0.0, key
+    for rank in (0, 1):
+        assert batches(run, rank, attempt=2) == batches(straight, rank)[saved:]

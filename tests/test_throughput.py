@@ -32,3 +32,17 @@ def test_the_peaks_are_the_datasheets_for_gpus_and_measured_once_for_this_cpu(tm
     measured, source = peak_flops("cpu", torch.float32)
     assert 1e8 < measured < 1e14 and source.startswith("measured: 1024x1024 float32 matmul")
     assert peak_flops("cpu", torch.float32) == (measured, source) and len(list((tmp_path / "peak").iterdir())) == 1
+
+
+def test_measuring_the_peak_leaves_the_global_rng_alone():
+    """Rank 0 measures a CPU's peak once per machine: drawing from the global RNG there shifted rank 0's
+    seeded data order against the other ranks' (and against a run on a machine that had measured)."""
+    import torch
+
+    from launcher.train.throughput import measured_matmul_flops
+
+    torch.manual_seed(1)
+    want = torch.rand(3)
+    torch.manual_seed(1)
+    measured_matmul_flops(torch.float32, tries=1)
+    assert torch.equal(torch.rand(3), want)

@@ -218,6 +218,9 @@ def train(recipe: Recipe, run: RunDir, rank: int, records: list[dict]) -> bool:
     local = int(os.environ.get("LOCAL_RANK", "0"))
     place = f"cuda:{local}" if device == "cuda" else "cpu"
     base = load_training_base(recipe, place, knobs.attention)
+    # Before the trainer, which seeds the RNG its sampler draws from: measuring a CPU's peak draws random
+    # numbers (on rank 0, once per machine), which would shift rank 0's data order against the others'.
+    peak, source = peak_flops(place, base.dtype) if rank == 0 else (None, "")
     guard = checkpoint_guard(run.checkpoints, recipe.train.save_total_limit, stop, pause_at=run.pause_step())
     logger = metrics_logger(run, attempt, recipe.train.objective_spec.logged)
     objective = trainers.entry(recipe)
@@ -232,12 +235,10 @@ def train(recipe: Recipe, run: RunDir, rank: int, records: list[dict]) -> bool:
         [logger, guard, recipe_logger(recipe, run)],
     )
     model = trainer.model  # the base with its adapter
-    logger.efficiency = (recipe.world_size(), flops_per_token(model), None)
+    logger.efficiency = (recipe.world_size(), flops_per_token(model), peak)
     if rank == 0:
         trainable, total = model.get_nb_trainable_parameters()
         print(f"trainable parameters {trainable} of {total}")
-        peak, source = peak_flops(place, model.dtype)
-        logger.efficiency = (recipe.world_size(), logger.efficiency[1], peak)
         print(f"MFU counts {logger.efficiency[1]:.3g} FLOPs per token against {peak or 0:.3g} FLOP/s per device ({source})")
         if recipe.peft.lora_init in MOVES_THE_BASE and not run.initial_adapter.exists():
             save_initial_adapter(model, run)
