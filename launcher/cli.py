@@ -39,7 +39,7 @@ from launcher.launch.executors.factory import NAMES as EXECUTOR_NAMES
 from launcher.launch.executors.factory import choose_executor, job_of, make_executor, queues_jobs
 from launcher.launch.pipeline import describe_dry_run, execute, metrics_table, prepare, run_dir_in_use, run_evaluation
 from launcher.launch.preflight import gpu_request_warning, run_preflight
-from launcher.launch.progress import percent
+from launcher.launch.progress import percent, rewards
 from launcher.launch.render import render_deepspeed, zero_stage
 from launcher.launch.serving import serve_run
 from launcher.launch.sweeping import cancel_sweep, finish_report, run_sweep, status_table, sweep_rows, sweep_summary
@@ -585,6 +585,7 @@ def describe_run(run) -> str:
     progress = f"step {step['step']}/{step['max_steps']}, loss {step['loss']:.4f}" if step else "no steps yet"
     if step:
         progress += f", {step['tokens_per_second']:.0f} tok/s, MFU {percent(step.get('mfu'))}"
+        progress += f", {rewards(step)}" if rewards(step) else ""
     lines = [f"{run.root}: {manifest.state}, {progress}"]
     if manifest.state == "failed" and manifest.failure:
         lines.append(f"  failed: {manifest.failure}")

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import signal
 from statistics import mean
 
@@ -38,10 +39,21 @@ def test_the_dpo_quickstart_learns_the_preference_against_the_disabled_adapter(t
     assert "valid" in validate_adapter(run.adapter, trained=True)  # its probe: the gathered adapter is the trained one
     assert (run.merged / "model.safetensors").exists()
     if zero == "zero2":
+        assert "reward acc " in result.stdout  # the progress line
+        assert re.search(
+            r"completed, step 60/60, loss [\d.]+, .* reward acc [\d.]+ margin", run_launch("status", run.root).stdout
+        )
         reproduced = (run.logs / "local").glob("eval-*_0.log")
         assert any("adapter: with HF, reproduces the trained model" in log.read_text() for log in reproduced)
-        metrics = json.loads((run.eval / "metrics.json").read_text())
-        assert metrics["systems"]["adapter"]["exact_match"] > metrics["systems"]["base"]["exact_match"]
+        systems = json.loads((run.eval / "metrics.json").read_text())["systems"]
+        base, adapter = systems["base"], systems["adapter"]
+        assert adapter["exact_match"] > base["exact_match"]
+        # Held-out pairs (never trained on): the base ranks the answers about as a coin would; against it, the
+        # adapter's implicit rewards prefer the chosen answer on at least 9 pairs in 10.
+        assert 0.3 <= base["preference_accuracy"] <= 0.7 and "reward_accuracy" not in base
+        assert adapter["reward_accuracy"] >= 0.9 and adapter["reward_margin"] > 1.0 and adapter["preference_accuracy"] > 0.8
+        table = result.stdout[result.stdout.index("evaluation on ") :].splitlines()[1].split()
+        assert table[-4:] == ["pref", "reward", "margin", "tok/s"], table
 
 
 STEPS = 80

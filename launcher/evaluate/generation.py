@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import json
 from contextlib import nullcontext
+from dataclasses import replace
 from pathlib import Path
 
 from launcher.config.quirks import quirks_for
@@ -48,10 +49,15 @@ def selected(model, system: System):
 def evaluate_examples(
     model, tokenizer, examples: list[Example], recipe: Recipe, answer: bool = True
 ) -> tuple[list[dict], str | None]:
-    """Per example: the reference's summed loss and token count, and (when there is a prompt to
+    """Per example: the reference's summed loss and token count (a preference pair's: the chosen answer's,
+    and the rejected one's summed loss), and (when there is a prompt to
     answer, and `answer`) the generated text and how many tokens it took. Generation that fails
     leaves the losses standing: the second value says why there are no answers (None when there are)."""
     rows = [dict(zip(("loss_sum", "loss_tokens"), pair)) for pair in reference_losses(model, tokenizer, examples, recipe)]
+    if all(e.rejected is not None for e in examples):  # preference pairs: the rejected answer's loss too
+        dispreferred = [replace(e, response=e.rejected) for e in examples]
+        for row, (total, _) in zip(rows, reference_losses(model, tokenizer, dispreferred, recipe)):
+            row["rejected_loss_sum"] = total
     answers, failure = [("", 0)] * len(rows), None
     if answer and all(e.prompt for e in examples):
         try:

@@ -60,8 +60,11 @@ def header_lines(plan: EvalPlan) -> list[str]:
     return lines
 
 
+PREFERENCE_METRICS = ("preference_accuracy", "reward_accuracy", "reward_margin")
+
+
 def metric_names(result: EvalResults) -> list[str]:
-    preferred = ["exact_match", "bleu4", "rouge1", "rouge2", "rougeL", "loss", "perplexity"]
+    preferred = ["exact_match", "bleu4", "rouge1", "rouge2", "rougeL", "loss", "perplexity", *PREFERENCE_METRICS]
     return [n for n in preferred if any(n in values for values in result.systems.values())]
 
 
@@ -98,6 +101,13 @@ def metric_notes(result: EvalResults) -> list[str]:
     notes.insert(0, f"metrics convention {convention.name} ({convention.why}): {text}; 0-100 scale")
     if any("exact_match" in v for v in result.systems.values()):
         notes.append("exact match: share of answers equal to the reference (0-1), surrounding spaces ignored")
+    if any("preference_accuracy" in v for v in result.systems.values()):
+        notes.append(
+            "on the held-out preference pairs (the reference is the chosen answer): preference_accuracy, the share "
+            "where the system finds the chosen answer likelier than the rejected one; reward_accuracy and "
+            "reward_margin, an adapter's implicit rewards against the base as DPO counts them (beta x log-probability "
+            "added to each answer): the share where the chosen answer gains more, and the mean difference"
+        )
     fast = [system for system, speed in result.speed.items() if "vllm" in speed.backend]
     if fast:
         slow = [system for system in result.speed if system not in fast]

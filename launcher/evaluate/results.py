@@ -9,6 +9,7 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from launcher.config.recipe import PreferenceSection
 from launcher.data.examples import Example
 from launcher.evaluate.benchmarks import collect as collect_benchmarks
 from launcher.evaluate.plan import unfinished
@@ -64,12 +65,36 @@ def collect(folder: EvalDir, plan: EvalPlan, system: str) -> Answers:
     return found
 
 
+def own_preference(rows: list[dict]) -> dict[str, float]:
+    """On preference pairs: how often the system itself finds the chosen answer likelier than the rejected."""
+    if not rows or "rejected_loss_sum" not in rows[0]:
+        return {}
+    return {"preference_accuracy": sum(r["loss_sum"] < r["rejected_loss_sum"] for r in rows) / len(rows)}
+
+
+def preference_scores(rows: list[dict], base_rows: list[dict] | None, plan: EvalPlan) -> dict[str, float]:
+    """On held-out preference pairs, an adapter's implicit rewards against its reference, the base (as DPO
+    counts them: beta x the log-probability the adapter adds to an answer): the share of pairs whose
+    chosen answer gains more than the rejected one (reward accuracy) and the mean difference (margin)."""
+    scores = own_preference(rows)
+    if not scores or base_rows is None:
+        return scores
+    beta = PreferenceSection.model_validate(plan.recipe.get("preference", {})).beta
+    margins = [
+        beta * ((b["loss_sum"] - r["loss_sum"]) - (b["rejected_loss_sum"] - r["rejected_loss_sum"]))
+        for r, b in zip(rows, base_rows)
+    ]
+    return scores | {"reward_accuracy": sum(m > 0 for m in margins) / len(margins), "reward_margin": sum(margins) / len(margins)}
+
+
 def write_results(folder: EvalDir, plan: EvalPlan) -> EvalResults:
 
     examples = [Example(**row) for row in folder.example_rows()]
     references = [e.response for e in examples]
     convention, why = resolve_convention(plan.recipe["eval"].get("metrics_convention", "auto"), references)
     predictions, metrics, speed, failed = {}, {}, {}, {}
+    base = next((s.name for s in plan.systems if s.adapter is None), None)  # the reference of every adapter
+    base_rows = collect(folder, plan, base).rows if base else None
     for system in (s.name for s in plan.systems):
         found = collect(folder, plan, system)
         predictions[system] = [r["prediction"] for r in found.rows]
@@ -79,6 +104,7 @@ def write_results(folder: EvalDir, plan: EvalPlan) -> EvalResults:
             failed[system] = found.generation_failed
         elif all(e.prompt for e in examples):
             metrics[system] |= text_scores(predictions[system], references, convention)
+        metrics[system] |= preference_scores(found.rows, base_rows, plan) if system != base else own_preference(found.rows)
         speed[system] = SystemSpeed(
             generated_tokens=found.new_tokens,
             shard_seconds=round(found.seconds, 2),

@@ -427,13 +427,23 @@ def next_commands(run: RunDir) -> list[str]:
     return commands + [f"PeftModel.from_pretrained(base, '{run.adapter}')"]
 
 
-SHORT_HEADERS = {"exact_match": "exact", "perplexity": "ppl", "generated tok/s": "tok/s"}  # the report keeps the long ones
+SHORT_HEADERS = {
+    "exact_match": "exact",
+    "perplexity": "ppl",
+    "generated tok/s": "tok/s",
+    "preference_accuracy": "pref",
+    "reward_accuracy": "reward",
+    "reward_margin": "margin",
+}  # the report keeps the long ones
 
 
 def metrics_table(result: EvalResults) -> Table:
     """The end-of-run table, whole in an 80-column terminal and in a log file: short headers, light
-    borders, and a cell too wide folded onto a second line rather than cut to "…"."""
+    borders, a metric that reads n/a for every system left out (the notes below say why; the report
+    keeps it), and a cell too wide folded onto a second line rather than cut to "…"."""
     rows = table_rows(result)
+    readable = [i for i in range(len(rows[0])) if any(row[i] != "n/a" for row in rows[1:])]  # all n/a: the notes say why
+    rows = [[row[i] for i in readable] for row in rows]
     table = Table(
         title=f"evaluation on {result.examples} examples ({result.data})",
         box=box.SIMPLE_HEAD,

@@ -46,11 +46,12 @@ def follow_training(run: RunDir, job_state: Callable[[], str | None], console: C
         TextColumn("loss {task.fields[loss]}"),
         TextColumn("{task.fields[speed]} tok/s"),
         TextColumn("MFU {task.fields[mfu]}"),
+        TextColumn("{task.fields[rewards]}"),
         TextColumn("ETA"),
         TimeRemainingColumn(),
     ]
     with Progress(*columns, console=console, transient=False) as bar:
-        task = bar.add_task("starting", total=None, loss="-", speed="-", mfu="-")
+        task = bar.add_task("starting", total=None, loss="-", speed="-", mfu="-", rewards="")
         while True:
             state = job_state()
             bar.update(task, description="training" if last and state == "running" else state or "ended")
@@ -64,10 +65,18 @@ def follow_training(run: RunDir, job_state: Callable[[], str | None], console: C
                     loss=f"{row['loss']:.4f}",
                     speed=f"{row['tokens_per_second']:.0f}",
                     mfu=percent(row.get("mfu")),
+                    rewards=rewards(row),
                 )
             if state is None:
                 return last
             time.sleep(poll_s)
+
+
+def rewards(row: dict) -> str:
+    """A preference run's step in words: its batch reward accuracy and margin ("" for other runs)."""
+    if "rewards/accuracies" not in row:
+        return ""
+    return f"reward acc {row['rewards/accuracies']:.2f} margin {row['rewards/margins']:.2f}"
 
 
 def percent(fraction: float | None) -> str:
