@@ -20,10 +20,12 @@ from launcher.rundir.runs import RunDir
 pytestmark = pytest.mark.e2e  # real processes end to end: the full tier
 
 
-@pytest.mark.parametrize("zero", ["zero2", "zero3"])
-def test_the_dpo_quickstart_learns_the_preference_against_the_disabled_adapter(tmp_path, zero):
+@pytest.mark.parametrize(("zero", "method"), [("zero2", "lora"), ("zero3", "qlora")])
+def test_the_dpo_quickstart_learns_the_preference_against_the_disabled_adapter(tmp_path, zero, method):
+    """LoRA under ZeRO-2 end to end with its evaluation; QLoRA (real bitsandbytes) under ZeRO-3 to the merge."""
     run = RunDir(tmp_path / "dpo")
-    sets = ["model.dtype=fp32", f"distributed.deepspeed={zero}"] + (["eval.enabled=false"] if zero == "zero3" else [])
+    sets = ["model.dtype=fp32", f"distributed.deepspeed={zero}", f"peft.method={method}"]
+    sets += ["eval.enabled=false"] if zero == "zero3" else []
     result = run_launch(REPO / "recipes" / "quickstart-dpo.toml", "--run-dir", run.root, *[x for s in sets for x in ("--set", s)])
     assert result.returncode == 0, result.stdout + result.stderr
     rows = run.metrics.rows()
