@@ -107,6 +107,15 @@ def start_launch(*args, python=sys.executable, **popen) -> subprocess.Popen:
 
 # ---------------------------------------------------------------- shared by the test modules
 
+
+def dpo_recipe_text(assets: dict[str, Path]) -> str:
+    """The tests' tiny recipe as a DPO run on the parity pairs (the right answer chosen)."""
+    text = tiny_recipe_text(assets).replace(
+        f'train_file = "{assets["train_file"]}"', f'train_file = "{assets["preferences"]}"\nformat = "preference"'
+    )
+    return text.replace("[train]\n", '[train]\nobjective = "dpo"\n')
+
+
 SIZES = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128, vocab_size=256)
 """A tiny model of any architecture: these sizes, plus its config class's own extras."""
 GOLDEN = REPO / "tests" / "golden"

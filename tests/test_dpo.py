@@ -11,7 +11,7 @@ import signal
 from statistics import mean
 
 import pytest
-from conftest import REPO, batches, run_launch, start_launch, tiny_recipe_text, wait_for_rows, write_recipe
+from conftest import REPO, batches, dpo_recipe_text, run_launch, start_launch, wait_for_rows, write_recipe
 
 from launcher.adapters.merge import validate_adapter
 from launcher.config.objectives import REWARD_METRICS
@@ -63,11 +63,7 @@ STEPS = 80
 
 def dpo_args(tmp_path, assets, run_dir) -> list:
     """The tests' tiny recipe on the parity pairs, as a DPO run (fp32: equal numbers after a resume)."""
-    text = tiny_recipe_text(assets).replace(
-        f'train_file = "{assets["train_file"]}"', f'train_file = "{assets["preferences"]}"\nformat = "preference"'
-    )
-    text = text.replace("[train]\n", '[train]\nobjective = "dpo"\n')
-    recipe = write_recipe(tmp_path, text, "dpo.toml")
+    recipe = write_recipe(tmp_path, dpo_recipe_text(assets), "dpo.toml")
     sets = [f"train.max_steps={STEPS}", "train.save_steps=40", "merge.enabled=false", "eval.enabled=false"]
     return [recipe, "--run-dir", run_dir, "--executor", "local"] + [x for s in sets for x in ("--set", s)]
 

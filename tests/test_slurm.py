@@ -22,6 +22,7 @@ from conftest import (
     GOLDEN,
     REPO,
     assert_matches_golden,
+    dpo_recipe_text,
     free_port,
     in_vllm_env,
     lines_until,
@@ -212,6 +213,25 @@ def test_a_two_node_run_whose_master_port_is_taken_meets_on_a_derived_one_and_tr
     assert f"master n1:{taken}" in rank0 and f"rendezvous: ports [{taken}] are in use on n1; listening on " in rank0
     assert f"rendezvous: port {taken} on n1 is held by something that is not a store: passed over" in rank1
     assert "topology: 2 nodes, 2 ranks, backend gloo" in rank0 and len(losses(run.root)) == 12
+
+
+def test_a_dpo_run_on_two_nodes_matches_a_local_one(dev_cluster, tmp_path, tiny_assets):
+    """DPO (TRL's trainer inside the worker) across two SLURM nodes: its ranks meet, train with the
+    reference forward on each, log rewards, and the losses equal a local 2-rank run's (fp32)."""
+    recipe = write_recipe(tmp_path, dpo_recipe_text(tiny_assets), "dpo.toml")
+    sets = [x for s in ("merge.enabled=false", "eval.enabled=false") for x in ("--set", s)]
+    slurm = run_launch(
+        recipe, "--run-dir", tmp_path / "slurm", "--nodes", "2", "--procs-per-node", "1", "--profile", "dev", *sets
+    )
+    assert slurm.returncode == 0, slurm.stdout + slurm.stderr
+    run = RunDir(tmp_path / "slurm")
+    assert "topology: 2 nodes, 2 ranks, backend gloo; n1: ranks [0], n2: ranks [1]" in run.rank_log(0).read_text()
+    assert all("rewards/accuracies" in row for row in run.metrics.rows()) and "valid" in validate_adapter(run.adapter)
+    local = run_launch(recipe, "--run-dir", tmp_path / "local", "--executor", "local", *sets)
+    assert local.returncode == 0, local.stdout + local.stderr
+    on_slurm, on_local = losses(tmp_path / "slurm"), losses(tmp_path / "local")
+    assert len(on_slurm) == len(on_local) == 12
+    assert max(abs(a - b) / abs(b) for a, b in zip(on_slurm, on_local)) <= 1e-4
 
 
 def test_the_transnormer_seed_recipe_on_two_nodes(dev_cluster, tmp_path):
