@@ -165,6 +165,9 @@ def test_two_nodes_train_and_match_a_local_run(dev_cluster, tmp_path, tiny_asset
     assert max(abs(a - b) / abs(b) for a, b in zip(on_slurm, on_local)) <= 1e-4
 
 
+TWO_NODES = ("--nodes", "2", "--procs-per-node", "1", "--profile", "dev")  # one rank on each dev-cluster node
+
+
 def submitits_master_port(job_id: str) -> int:
     """The MASTER_PORT submitit derives for a job (helpers.TorchDistributedEnvironment)."""
     return random.Random(job_id).randint(20000, 60000)
@@ -190,18 +193,7 @@ def test_a_two_node_run_whose_master_port_is_taken_meets_on_a_derived_one_and_tr
         recipe = write_recipe(tmp_path, tiny_recipe_text(tiny_assets))
         run = RunDir(tmp_path / "run")
         sets = ["merge.enabled=false", "eval.enabled=false"]
-        result = run_launch(
-            recipe,
-            "--run-dir",
-            run.root,
-            "--nodes",
-            "2",
-            "--procs-per-node",
-            "1",
-            "--profile",
-            "dev",
-            *[x for s in sets for x in ("--set", s)],
-        )
+        result = run_launch(recipe, "--run-dir", run.root, *TWO_NODES, *[x for s in sets for x in ("--set", s)])
         assert result.returncode == 0, result.stdout + result.stderr
     finally:
         for sock in held.values():
