@@ -54,6 +54,11 @@ def test_the_dpo_quickstart_learns_the_preference_against_the_disabled_adapter(t
         # adapter's implicit rewards prefer the chosen answer on at least 9 pairs in 10.
         assert 0.3 <= base["preference_accuracy"] <= 0.7 and "reward_accuracy" not in base
         assert adapter["reward_accuracy"] >= 0.9 and adapter["reward_margin"] > 1.0 and adapter["preference_accuracy"] > 0.8
+        from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+        board = EventAccumulator(str(next((run.root / "tensorboard").rglob("events*")).parent))
+        board.Reload()
+        assert len(board.Scalars("train/rewards/accuracies")) == 60 and board.Scalars("eval/reward_accuracy")
         table = result.stdout[result.stdout.index("evaluation on ") :].splitlines()[1].split()
         assert table[-4:] == ["pref", "reward", "margin", "tok/s"], table
 
