@@ -115,6 +115,24 @@ def evaluations(runs):
     return found
 
 
+@pytest.mark.e2e
+@needs_vllm_env
+@pytest.mark.xdist_group("vllm")
+def test_vllm_evaluates_answers_longer_than_it_generates(runs):
+    """References of 25 words scored from 3 generated tokens: the adapter check's prompt + answer rows
+    are longer than prompt + max_new_tokens, and the engine's context covers them."""
+    lora, _ = runs
+    folder = lora.root.parent
+    rows = [{"instruction": "Is this number even or odd?", "input": str(n), "output": " ".join(["even"] * 25)} for n in range(24)]
+    (folder / "long.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    out = folder / "eval-long"
+    done = in_vllm_env(
+        "-m", "launcher.cli", "eval", lora.root, "--data", folder / "long.jsonl", "--out", out, "--set", "eval.backend=vllm"
+    )
+    assert done.returncode == 0 and "Traceback" not in done.stdout + done.stderr, done.stdout + done.stderr
+    assert json.loads((out / "metrics.json").read_text())["speed"]["adapter"]["backend"] == "vllm"
+
+
 LORA_SYSTEMS = ("lora/checkpoint-5", "lora/checkpoint-10", "lora/checkpoint-12", "lora/adapter")
 
 

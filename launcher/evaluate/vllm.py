@@ -109,7 +109,9 @@ def kv_cache_plan(recipe, prompts: list[list[int]], device: str) -> KVCache:
 
     m = recipe.model
     dtype_bytes = torch.tensor([], dtype=torch_dtype(recipe)).element_size()
-    longest = max(map(len, prompts)) + recipe.eval.max_new_tokens
+    # The answers: each prompt and its new tokens. The adapter check: one token after prefixes of prompt +
+    # reference rows (and of the saved probe's training rows), each at most data.max_length long.
+    longest = max(max(map(len, prompts)) + recipe.eval.max_new_tokens, recipe.data.max_length)
     return kv_cache_size(config_json(m.name_or_path, m.revision), dtype_bytes, longest, len(prompts), free_memory(device))
 
 
