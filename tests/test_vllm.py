@@ -201,6 +201,21 @@ def test_what_vllm_cannot_serve_is_said_in_one_line_and_answered_by_hf(evaluatio
     assert "([], {'base': \"vLLM's CPU attention has no kernel for head size 16 (it has 32, 64," in done.stdout
 
 
+@pytest.mark.e2e
+@needs_vllm_env
+def test_launch_serve_refuses_what_vllm_cannot_serve_before_anything_is_submitted(tiny_assets, tmp_path):
+    """The usual tiny model has head size 16, which vLLM's CPU kernels lack: one line, exit 2, no job."""
+    recipe = write_recipe(tmp_path, tiny_recipe_text(tiny_assets))
+    run = tmp_path / "run"
+    assert run_launch(recipe, "--run-dir", run, "--dry-run").returncode == 0  # the run dir, without training
+    (run / "adapter").mkdir()
+    done = in_vllm_env("-m", "launcher.cli", "serve", run)
+    errors = [line for line in done.stderr.splitlines() if line.startswith("error:")]  # (vLLM's import prints a notice)
+    assert done.returncode == 2 and len(errors) == 1 and "Traceback" not in done.stdout + done.stderr, done.stderr
+    assert "launch serve: vLLM's CPU attention has no kernel for head size 16" in done.stderr
+    assert not (run / "logs" / "serve").exists() and "server" not in json.loads((run / "manifest.json").read_text())
+
+
 @contextmanager
 def impostor_on(port: int):
     """Another process's server on `port` answering like another run's vLLM (nothing when the port is

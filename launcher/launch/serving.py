@@ -9,6 +9,7 @@ from dataclasses import replace
 
 from rich.console import Console
 
+from launcher.config.hardware import resolve_device
 from launcher.config.recipe import minutes
 from launcher.errors import UserError
 from launcher.launch.executors.base import Job
@@ -17,7 +18,7 @@ from launcher.launch.jobs import ServeJob
 from launcher.launch.pipeline import stage_resources
 from launcher.launch.progress import print_tail
 from launcher.rundir.runs import RunDir, ServerRecord
-from launcher.serve.server import pick_port, request_example
+from launcher.serve.server import pick_port, refuse_what_vllm_cannot_serve, request_example
 
 NO_VLLM = (
     "launch serve: vllm is not installed in this environment; build the vLLM environment with requirements/vllm-env "
@@ -41,8 +42,10 @@ def serve_run(
     check_serveable(run, port)
     executor = make_executor(executor_name, recipe, run.logs / "serve")
     host = host or ("0.0.0.0" if executor.on_other_machines else "127.0.0.1")
-    if port is not None and not executor.on_other_machines:
-        pick_port(host, port)  # refused here, before the job, when another process holds it on this machine
+    if not executor.on_other_machines:  # refused here, before the job: it would run on this machine
+        refuse_what_vllm_cannot_serve(recipe, resolve_device(recipe.distributed.device))
+        if port is not None:
+            pick_port(host, port)  # another process holds it
     resources = replace(stage_resources(recipe, "eval"), name=f"{recipe.name}-serve", stage="serve", tasks_per_node=1)
     resources = replace(resources, time_minutes=minutes(time_limit)) if time_limit else resources
     run.clear_server()  # a server killed with SIGKILL could not remove its record

@@ -131,14 +131,20 @@ def end(server: subprocess.Popen) -> None:
             return
 
 
+def refuse_what_vllm_cannot_serve(recipe: Recipe, device: str) -> None:
+    """One line when vLLM cannot serve the run's model on `device` (an architecture, a CPU head size, a
+    KV cache that does not fit)."""
+    refusal = engine_refusal(recipe, device, [[0] * recipe.data.max_length])
+    if refusal:
+        raise UserError(f"launch serve: {refusal}; it cannot serve this run (launch eval answers with HF)")
+
+
 def serve(run: RunDir, host: str, port: int | None, device: str) -> int:
     """Run the server until a signal ends this task (or the server ends on its own). `port` None: the
     first free of DEFAULT_PORT and ports the OS picks; a port another process takes while vLLM starts
     (between the choice and vLLM's bind) is given up for another, PORT_TRIES times in all."""
     recipe = run.load_recipe()
-    refusal = engine_refusal(recipe, device, [[0] * recipe.data.max_length])
-    if refusal:
-        raise UserError(f"launch serve: {refusal}; it cannot serve this run (launch eval answers with HF)")
+    refuse_what_vllm_cannot_serve(recipe, device)
     modules, refused = lora_modules(run)
     for line in refused:
         print(line, flush=True)
