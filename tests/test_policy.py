@@ -345,3 +345,21 @@ def test_compiled_extensions_are_cached_per_python_environment(tmp_path, monkeyp
     assert folders[0].parent == folders[1].parent == Path(get_default_build_root())  # under torch's own root
     monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path / "mine"))
     assert buildlocks.use_environment_extension_cache() == tmp_path / "mine"
+
+
+def test_a_run_of_an_earlier_version_resumes_and_an_objective_change_is_one_line(tmp_path, tiny_assets):
+    """A run dir written before train.objective and [preference] existed holds neither: at their
+    defaults they are no change (an upgrade never strands a run); a DPO run's beta cannot change."""
+    recipe = load_recipe(write_recipe(tmp_path, tiny_recipe_text(tiny_assets)))
+    today = recipe.to_dict()
+    earlier = {name: table for name, table in today.items() if name != "preference"}
+    earlier["train"] = {key: value for key, value in today["train"].items() if key != "objective"}
+    assert reconcile(earlier, today, tmp_path) == []
+    with pytest.raises(UserError) as refused:
+        reconcile({"preference": {"beta": 0.1}}, {"preference": {"beta": 0.2}}, tmp_path)
+    assert refused.value.lines == [
+        f"preference.beta: 0.1 -> 0.2 cannot change when resuming {tmp_path} (the steps already taken followed the old "
+        "objective); restore it, or start a new run with --run-dir"
+    ]
+    with pytest.raises(UserError):  # a key that is not at its default is a change, even if the old recipe lacks it
+        reconcile(earlier, today | {"train": today["train"] | {"objective": "dpo"}}, tmp_path)

@@ -496,6 +496,27 @@ class Recipe(Section):
         return hashlib.sha256(canonical.encode()).hexdigest()[:16]
 
 
+def with_new_defaults(old: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:
+    """A resolved recipe written by an earlier version, given the keys of `new` (today's resolved recipe)
+    it lacks where they hold their defaults (an SFT run of before train.objective existed is an sft run),
+    so that comparing the two shows only what really changed."""
+    filled = copy.deepcopy(old)
+    for name, table in new.items():
+        if not isinstance(table, dict) or not isinstance(filled.setdefault(name, {}), dict):
+            continue
+        fields = getattr(Recipe.model_fields.get(name), "annotation", None)
+        for key, value in table.items():
+            field = getattr(fields, "model_fields", {}).get(key)
+            if key not in filled[name] and field is not None and not field.is_required() and value == _json_default(field):
+                filled[name][key] = value
+    return filled
+
+
+def _json_default(field) -> Any:
+    default = field.get_default(call_default_factory=True)
+    return default.model_dump(mode="json") if isinstance(default, BaseModel) else default
+
+
 def reference_rows() -> list[tuple[str, str, str]]:
     """(key, default, meaning) for every recipe key: the README's recipe reference is made from this."""
     rows = []

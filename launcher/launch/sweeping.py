@@ -17,7 +17,7 @@ from rich import box
 from rich.console import Console
 from rich.table import Table
 
-from launcher.config.recipe import Recipe, load_recipe, read_recipe_tables, read_toml
+from launcher.config.recipe import Recipe, load_recipe, read_recipe_tables, read_toml, with_new_defaults
 from launcher.config.sweep import CONFIRM_ABOVE, SweepSection, Variant, expand, flatten, parse_grid_flags, parse_sweep
 from launcher.data.examples import read_training_set
 from launcher.errors import UserError
@@ -126,10 +126,18 @@ def at(planned: list[Planned], root: Path) -> list[Planned]:
 def refuse_changed_runs(planned: list[Planned]) -> None:
     """A variant's run dir that holds a run of another recipe is never touched: the sweep's recipe changed."""
     changed = [p for p in planned if p.run.manifest_path.is_file() and p.run.manifest().recipe_hash != p.recipe.fingerprint()]
+    changed = [
+        p for p in changed if any(differences(with_new_defaults(read_toml(p.run.recipe), p.recipe.to_dict()), p.recipe.to_dict()))
+    ]
     if not changed:
-        return
+        return  # (a hash that differs only by keys a newer launcher added, at their defaults, is the same recipe)
     first = changed[0]
-    keys = [key for key, _, _ in differences(read_toml(first.run.recipe), first.recipe.to_dict())]
+    keys = [
+        key
+        for key, _, _ in differences(
+            with_new_defaults(read_toml(first.run.recipe), first.recipe.to_dict()), first.recipe.to_dict()
+        )
+    ]
     others = f" (and {len(changed) - 1} more variants)" if len(changed) > 1 else ""
     raise UserError(
         f"variant {first.variant.name}{others}: {first.run.root} was trained with another recipe "

@@ -20,7 +20,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 
-from launcher.config.recipe import Recipe, read_toml, validate_recipe
+from launcher.config.recipe import Recipe, read_toml, validate_recipe, with_new_defaults
 from launcher.errors import UserError
 from launcher.rundir.evaldir import EvalDir
 from launcher.rundir.files import fsync_tree, write_atomic
@@ -635,13 +635,14 @@ WHY_NOT = {
     "distributed.": "the ZeRO checkpoint is sharded for the recorded ranks and stage",
     "data.": "the data order and position would no longer match the checkpoint",
     "train.": "the optimizer, schedule or data order in the checkpoint were made with the old value",
+    "preference.": "the steps already taken followed the old objective",
     "name": "it names the run",
 }
 
 
 def reconcile(old: dict, new: dict, where: Path) -> list[str]:
     """Which keys changed since the run's recipe; refuse those a resume cannot honour."""
-    changed = [(key, a, b) for key, a, b in differences(old, new)]
+    changed = [(key, a, b) for key, a, b in differences(with_new_defaults(old, new), new)]
     refused = [(k, a, b) for k, a, b in changed if not k.startswith(RESUMABLE) and k not in RESUMABLE]
     if refused:
         raise UserError(
