@@ -20,6 +20,7 @@
 export OMP_NUM_THREADS="${SLURM_CPUS_PER_TASK:-1}"
 export PYTHONUNBUFFERED=1
 export TOKENIZERS_PARALLELISM=false
+export HF_HUB_DISABLE_TELEMETRY=1
 export EVIL='$(touch pwned); `touch pwned` '"'"'single'"'"' "double" $HOME \'
 
 # command
