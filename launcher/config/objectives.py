@@ -4,7 +4,7 @@ metrics its trainer logs.
 
 Recipe validation asks which data formats and [preference] keys an objective takes; pre-flight and the
 batching choice ask whether it packs and which PEFT methods it trains; the worker asks for its trainer
-(launch.train.trainers, keyed by the same name) and which logged metrics go into each metrics row.
+(launcher/train/trainers.py, keyed by the same name) and which logged metrics go into each metrics row.
 Nothing outside this module and the trainers' table tests an objective's name: adding one is an entry
 in each plus its tests.
 """

@@ -93,10 +93,10 @@ def write_results(folder: EvalDir, plan: EvalPlan) -> EvalResults:
     references = [e.response for e in examples]
     convention, why = resolve_convention(plan.recipe["eval"].get("metrics_convention", "auto"), references)
     predictions, metrics, speed, failed = {}, {}, {}, {}
+    collected = {s.name: collect(folder, plan, s.name) for s in plan.systems}  # each system's shards read once
     base = next((s.name for s in plan.systems if s.adapter is None), None)  # the reference of every adapter
-    base_rows = collect(folder, plan, base).rows if base else None
-    for system in (s.name for s in plan.systems):
-        found = collect(folder, plan, system)
+    base_rows = collected[base].rows if base else None
+    for system, found in collected.items():
         predictions[system] = [r["prediction"] for r in found.rows]
         loss = sum(r["loss_sum"] for r in found.rows) / max(sum(r["loss_tokens"] for r in found.rows), 1)
         metrics[system] = {"loss": loss, "perplexity": math.exp(min(loss, 50.0))}
