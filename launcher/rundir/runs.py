@@ -25,7 +25,7 @@ from launcher.errors import UserError
 from launcher.rundir.evaldir import EvalDir
 from launcher.rundir.files import fsync_tree, write_atomic
 
-TRACKED_PACKAGES = ("torch", "transformers", "peft", "deepspeed", "accelerate", "datasets")
+TRACKED_PACKAGES = ("torch", "transformers", "peft", "trl", "deepspeed", "accelerate", "datasets")
 
 
 class State(StrEnum):
